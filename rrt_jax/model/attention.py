@@ -1,0 +1,66 @@
+"""Multi-head attention with GQA/MQA, partial rotary, per-depth LoRA and an optional KV cache."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rrt_jax.config import ModelConfig
+from rrt_jax.model.layers import apply_rotary, dtype_of
+from rrt_jax.model.lora import LoraDense, LoraSpec
+
+KVCache = dict[str, jax.Array]  # {'k', 'v'}: [batch, max_len, kv_heads, head_dim] for one depth position.
+
+
+def causal_mask(positions_BxS: jax.Array, segment_ids_BxS: jax.Array | None) -> jax.Array:
+  """[B, S, S] mask for a full sequence: causal by position, and within the same packed segment."""
+  mask = positions_BxS[:, :, None] >= positions_BxS[:, None, :]
+  if segment_ids_BxS is not None:
+    mask &= segment_ids_BxS[:, :, None] == segment_ids_BxS[:, None, :]
+  return mask
+
+
+def cache_mask(positions_BxS: jax.Array, max_len: int) -> jax.Array:
+  """[B, S, T] mask over cache slots: a query sees every slot at or before its own position."""
+  return jnp.arange(max_len)[None, None, :] <= positions_BxS[:, :, None]
+
+
+def write_cache(cache_BxTxHxD: jax.Array, new_BxSxHxD: jax.Array, start_B: jax.Array) -> jax.Array:
+  """Writes each row's new keys/values at its own start position (rows may be at different positions)."""
+  write = lambda c, u, s: jax.lax.dynamic_update_slice(c, u.astype(c.dtype), (s, 0, 0))  # noqa: E731
+  return jax.vmap(write)(cache_BxTxHxD, new_BxSxHxD, start_B)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+  lora: dict[str, LoraSpec]
+
+  @nn.compact
+  def __call__(self, x_BxSxD: jax.Array, positions_BxS: jax.Array, mask_BxSxT: jax.Array,
+               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    cfg = self.cfg
+    b, s, _ = x_BxSxD.shape
+    h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    dense = lambda name, features, axes: LoraDense(  # noqa: E731
+        features, axes, use_bias=cfg.attn_bias, lora=self.lora[name], dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype, name=name)
+    q = dense('q', h * hd, ('embed', 'heads'))(x_BxSxD).reshape(b, s, h, hd)
+    k = dense('k', kvh * hd, ('embed', 'kv'))(x_BxSxD).reshape(b, s, kvh, hd)
+    v = dense('v', kvh * hd, ('embed', 'kv'))(x_BxSxD).reshape(b, s, kvh, hd)
+    q = apply_rotary(q, positions_BxS, cfg.rope_theta, cfg.rotary_dim)
+    k = apply_rotary(k, positions_BxS, cfg.rope_theta, cfg.rotary_dim)
+
+    new_cache = None
+    if cache is not None:
+      start = positions_BxS[:, 0]
+      new_cache = {'k': write_cache(cache['k'], k, start), 'v': write_cache(cache['v'], v, start)}
+      k, v = new_cache['k'].astype(q.dtype), new_cache['v'].astype(q.dtype)
+
+    q = q.reshape(b, s, kvh, h // kvh, hd)
+    logits = jnp.einsum('bsngd,btnd->bngst', q, k, preferred_element_type=jnp.float32)
+    logits = logits * (hd ** -0.5)
+    logits = jnp.where(mask_BxSxT[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dtype_of(cfg.dtype))
+    out = jnp.einsum('bngst,btnd->bsngd', probs, v).reshape(b, s, h * hd)
+    return dense('o', cfg.d_model, ('heads', 'embed'))(out), new_cache

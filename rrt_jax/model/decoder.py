@@ -1,0 +1,251 @@
+"""The decoder: embed -> recursive stack (B loops over K shared layers) -> final norm -> head.
+
+One module runs the vanilla model (B = 1, no LoRA), the recursive model and the relaxed model, for training,
+scoring and KV-cached decoding.
+
+Variables (the same paths for CYCLE and SEQUENCE; see `layer_tree`):
+  params/stack/block/layer/...   shared layers, leading axis K (no loop axis: broadcast over loops).
+  lora/stack/block/layer/...     per-(loop, layer) LoRA and vector deltas, leading axes [B, K].
+KV cache (an explicit pytree, not a collection): {'k', 'v'} of [B, K, batch, max_len, kv_heads, head_dim],
+one slot per depth position, so loops never overwrite each other.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rrt_jax.config import LORA_TARGETS, VANILLA, Looping, ModelConfig, RecursionConfig, lora_rank_for
+from rrt_jax.model.attention import Attention, KVCache, cache_mask, causal_mask
+from rrt_jax.model.layers import LORA, Embed, Norm, activation, dtype_of
+from rrt_jax.model.lora import LoraDense, LoraSpec
+
+REMAT_POLICIES = {
+    'full': None,  # Save nothing, recompute the layer.
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def target_dims(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+  """(d_in, d_out) of every LoRA-able projection of one layer."""
+  q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  dims = {'q': (cfg.d_model, q_dim), 'k': (cfg.d_model, kv_dim), 'v': (cfg.d_model, kv_dim),
+          'o': (q_dim, cfg.d_model), 'up': (cfg.d_model, cfg.mlp_dim), 'down': (cfg.mlp_dim, cfg.d_model)}
+  if cfg.has_gate:
+    dims['gate'] = (cfg.d_model, cfg.mlp_dim)
+  return dims
+
+
+def lora_specs(cfg: ModelConfig, rec: RecursionConfig) -> dict[str, LoraSpec]:
+  """Per-target LoRA spec: rank capped at min(d_in, d_out), scale alpha / rank."""
+  relax_bias = rec.has_lora and rec.relax_vectors
+  specs = {}
+  for name in LORA_TARGETS:
+    dims = target_dims(cfg).get(name)
+    if dims is None:
+      continue
+    rank = lora_rank_for(rec, *dims) if rec.has_lora and name in rec.lora_targets else None
+    specs[name] = LoraSpec(rank, rec.lora_scale(rank) if rank else 1.0, relax_bias)
+  return specs
+
+
+class Mlp(nn.Module):
+  cfg: ModelConfig
+  lora: dict[str, LoraSpec]
+
+  @nn.compact
+  def __call__(self, x_BxSxD: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    dense = lambda name, features, axes: LoraDense(  # noqa: E731
+        features, axes, use_bias=cfg.mlp_bias, lora=self.lora[name], dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype, name=name)
+    act = activation(cfg.mlp)
+    up = dense('up', cfg.mlp_dim, ('embed', 'mlp'))(x_BxSxD)
+    if cfg.has_gate:  # GLU: act(gate(x)) * up(x).
+      hidden = act(dense('gate', cfg.mlp_dim, ('embed', 'mlp'))(x_BxSxD)) * up
+    else:
+      hidden = act(up)
+    return dense('down', cfg.d_model, ('mlp', 'embed'))(hidden)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm transformer layer; sequential or parallel (GPT-NeoX) residual. Scan-friendly signature."""
+
+  cfg: ModelConfig
+  rec: RecursionConfig
+
+  @nn.compact
+  def __call__(self, h_BxSxD: jax.Array, cache: KVCache | None, positions_BxS: jax.Array,
+               mask_BxSxT: jax.Array) -> tuple[jax.Array, KVCache | None]:
+    cfg, rec = self.cfg, self.rec
+    specs = lora_specs(cfg, rec)
+    norm = functools.partial(Norm, cfg.norm, cfg.norm_eps, rec.has_lora and rec.relax_vectors, cfg.dtype,
+                             cfg.param_dtype)
+    attn_out, new_cache = Attention(cfg, specs, name='attn')(
+        norm(name='attn_norm')(h_BxSxD), positions_BxS, mask_BxSxT, cache)
+    mlp = Mlp(cfg, specs, name='mlp')
+    if cfg.parallel_residual:
+      h = h_BxSxD + attn_out + mlp(norm(name='mlp_norm')(h_BxSxD))
+    else:
+      h = h_BxSxD + attn_out
+      h = h + mlp(norm(name='mlp_norm')(h))
+    return h.astype(dtype_of(cfg.dtype)), new_cache
+
+
+def _maybe_remat(layer_cls: type[nn.Module], policy: str) -> type[nn.Module]:
+  if policy == 'none':
+    return layer_cls
+  # prevent_cse=False is safe and faster under scan (the scan already blocks CSE across iterations).
+  return nn.remat(layer_cls, policy=REMAT_POLICIES[policy], prevent_cse=False)
+
+
+_BROADCAST_ARGS = (0, nn.broadcast, nn.broadcast)  # (cache slice, positions, mask)
+
+
+class CycleLoop(nn.Module):
+  """One CYCLE loop: the K shared layers in order (params scanned over K, one LoRA per layer)."""
+
+  cfg: ModelConfig
+  rec: RecursionConfig
+
+  @nn.compact
+  def __call__(self, h_BxSxD, cache_K, positions_BxS, mask_BxSxT):
+    layers = nn.scan(
+        _maybe_remat(DecoderLayer, self.cfg.remat), variable_axes={'params': 0, LORA: 0},
+        split_rngs={'params': True, LORA: True}, in_axes=_BROADCAST_ARGS,
+        length=self.rec.shared_layers(self.cfg.num_layers), metadata_params={nn.PARTITION_NAME: 'layers'})
+    h, new_cache = layers(self.cfg, self.rec, name='layer')(h_BxSxD, cache_K, positions_BxS, mask_BxSxT)
+    return h, (h, new_cache)  # Emit the loop's final hidden state: every loop is an exit.
+
+
+class SequenceRepeat(nn.Module):
+  """One SEQUENCE group: a shared layer applied B times in a row (params broadcast, one LoRA per repeat)."""
+
+  cfg: ModelConfig
+  rec: RecursionConfig
+
+  @nn.compact
+  def __call__(self, h_BxSxD, cache_B, positions_BxS, mask_BxSxT):
+    repeats = nn.scan(
+        _maybe_remat(DecoderLayer, self.cfg.remat), variable_broadcast='params', variable_axes={LORA: 0},
+        split_rngs={'params': False, LORA: True}, in_axes=_BROADCAST_ARGS, length=self.rec.loops,
+        metadata_params={nn.PARTITION_NAME: 'loops'})
+    return repeats(self.cfg, self.rec, name='layer')(h_BxSxD, cache_B, positions_BxS, mask_BxSxT)
+
+
+class RecursiveStack(nn.Module):
+  """B loops over K shared layers. Returns ([E, batch, S, D] exit hidden states, new cache).
+
+  CYCLE: outer scan over loops with the shared params broadcast and LoRA scanned; E = B exits.
+  SEQUENCE: outer scan over shared layers, inner scan over repeats; E = 1 (only the last depth is complete).
+  Both store LoRA and cache with leading axes [B, K] (loop, layer).
+  """
+
+  cfg: ModelConfig
+  rec: RecursionConfig
+
+  @nn.compact
+  def __call__(self, h_BxSxD, cache, positions_BxS, mask_BxSxT):
+    cfg, rec = self.cfg, self.rec
+    if rec.looping == Looping.CYCLE:
+      loops = nn.scan(
+          CycleLoop, variable_broadcast='params', variable_axes={LORA: 0},
+          split_rngs={'params': False, LORA: True}, in_axes=_BROADCAST_ARGS, length=rec.loops,
+          metadata_params={nn.PARTITION_NAME: 'loops'})
+      _, (hidden_ExBxSxD, new_cache) = loops(cfg, rec, name='block')(h_BxSxD, cache, positions_BxS,
+                                                                     mask_BxSxT)
+      return hidden_ExBxSxD, new_cache
+    groups = nn.scan(
+        SequenceRepeat, variable_axes={'params': 0, LORA: 1}, split_rngs={'params': True, LORA: True},
+        in_axes=(1, nn.broadcast, nn.broadcast), out_axes=1, length=rec.shared_layers(cfg.num_layers),
+        metadata_params={nn.PARTITION_NAME: 'layers'})
+    h, new_cache = groups(cfg, rec, name='block')(h_BxSxD, cache, positions_BxS, mask_BxSxT)
+    return h[None], new_cache
+
+
+class Decoder(nn.Module):
+  """Decoder LM of any family; recursive and relaxed by `rec`.
+
+  __call__(tokens) -> (logits, cache): logits [batch, S, V] of the last exit, or [E, batch, S, V] with
+  all_exits=True (E = B for CYCLE). With a cache, `positions` are required and the new tokens are written
+  at them; the returned cache replaces the old one.
+  """
+
+  cfg: ModelConfig
+  rec: RecursionConfig = VANILLA
+
+  def setup(self):
+    cfg = self.cfg
+    self.rec.shared_layers(cfg.num_layers)  # Fails early, naming valid loop counts.
+    self.embedder = Embed(cfg.vocab_size, cfg.d_model, cfg.embed_scale, cfg.dtype, cfg.param_dtype)
+    self.stack = RecursiveStack(cfg, self.rec)
+    self.final_norm = Norm(cfg.norm, cfg.norm_eps, False, cfg.dtype, cfg.param_dtype)
+    if not cfg.tie_embeddings:
+      init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ('embed', 'vocab'))
+      self.lm_head = self.param('lm_head', init, (cfg.d_model, cfg.vocab_size), dtype_of(cfg.param_dtype))
+
+  def __call__(self, tokens_BxS: jax.Array, positions_BxS: jax.Array | None = None,
+               segment_ids_BxS: jax.Array | None = None, cache: KVCache | None = None,
+               all_exits: bool = False) -> tuple[jax.Array, KVCache | None]:
+    hidden, new_cache = self.hidden_states(tokens_BxS, positions_BxS, segment_ids_BxS, cache)
+    return self.logits(hidden if all_exits else hidden[-1]), new_cache
+
+  def hidden_states(self, tokens_BxS, positions_BxS=None, segment_ids_BxS=None, cache=None):
+    """Embeds and runs the stack: ([E, batch, S, D] exit hidden states before the final norm, cache)."""
+    batch, seq = tokens_BxS.shape
+    if cache is None:
+      if positions_BxS is None:
+        positions_BxS = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+      mask = causal_mask(positions_BxS, segment_ids_BxS)
+    else:
+      if positions_BxS is None:
+        raise ValueError('Decoding with a cache needs positions_BxS: where each row\'s tokens are written.')
+      if segment_ids_BxS is not None:
+        raise ValueError('segment_ids are for packed training sequences; decode one sequence per row.')
+      mask = cache_mask(positions_BxS, cache['k'].shape[3])
+    return self.stack(self.embedder(tokens_BxS), cache, positions_BxS, mask)
+
+  def logits(self, hidden_xD: jax.Array) -> jax.Array:
+    """The shared exit head: final norm then LM head, fp32 logits. Any loop's hidden state can go in."""
+    x = self.final_norm(hidden_xD)
+    if self.cfg.tie_embeddings:
+      out = self.embedder.attend(x)
+    else:
+      dtype = dtype_of(self.cfg.dtype)
+      out = jnp.einsum('...d,dv->...v', x.astype(dtype), self.lm_head.astype(dtype))
+    return out.astype(jnp.float32)
+
+
+
+def layer_tree(collection: dict) -> dict:
+  """The per-layer subtree of a 'params' or 'lora' collection."""
+  return collection['stack']['block']['layer']
+
+
+def init_cache(cfg: ModelConfig, rec: RecursionConfig, batch: int, max_len: int,
+               dtype: str | None = None) -> KVCache:
+  """Zero KV cache with one slot per depth position: [B, K, batch, max_len, kv_heads, head_dim]."""
+  shape = (rec.loops, rec.shared_layers(cfg.num_layers), batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  dt = dtype_of(dtype or cfg.dtype)
+  return {'k': jnp.zeros(shape, dt), 'v': jnp.zeros(shape, dt)}
+
+
+def init_variables(cfg: ModelConfig, rec: RecursionConfig, rng: jax.Array, seq_len: int = 8) -> dict:
+  """Random variables {'params', 'lora'?}, unboxed (plain arrays)."""
+  model = Decoder(cfg, rec)
+  p_rng, l_rng = jax.random.split(rng)
+  tokens = jnp.zeros((1, seq_len), jnp.int32)
+  variables = model.init({'params': p_rng, LORA: l_rng}, tokens)
+  return nn.meta.unbox(variables)
+
+
+def logical_axes(cfg: ModelConfig, rec: RecursionConfig) -> dict:
+  """Logical axis names of every variable, as PartitionSpecs of logical names (for sharding rules)."""
+  model = Decoder(cfg, rec)
+  shapes = jax.eval_shape(lambda: model.init({'params': jax.random.key(0), LORA: jax.random.key(1)},
+                                             jnp.zeros((1, 8), jnp.int32)))
+  return nn.get_partition_spec(shapes)

@@ -1,0 +1,103 @@
+"""Building blocks shared by every family: norms, rotary embeddings, activations, embedding.
+
+Norms always compute in fp32. A norm created with `relax=True` carries a per-(loop, layer) delta on its
+scale (and bias) in the 'lora' collection, so full-rank relaxation can reproduce untied norm weights.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+LORA = 'lora'  # Collection of per-(loop, layer) relaxation variables.
+
+
+def dtype_of(name: str) -> jnp.dtype:
+  return jnp.dtype(name)
+
+
+class Norm(nn.Module):
+  """RMSNorm (w or 1 + w scale) or LayerNorm with bias, over the last axis, computed in fp32."""
+
+  kind: str  # 'rms' | 'rms_one_plus' | 'layer'
+  eps: float
+  relax: bool = False
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+
+  @nn.compact
+  def __call__(self, x_BxSxD: jax.Array) -> jax.Array:
+    d = x_BxSxD.shape[-1]
+    scale_init = nn.initializers.zeros if self.kind == 'rms_one_plus' else nn.initializers.ones
+    scale = self.param('scale', nn.with_logical_partitioning(scale_init, ('norm',)), (d,),
+                       dtype_of(self.param_dtype))
+    scale = scale.astype(jnp.float32) + self._delta('scale_delta', d)
+    x = x_BxSxD.astype(jnp.float32)
+    if self.kind == 'layer':
+      x = x - jnp.mean(x, axis=-1, keepdims=True)
+      y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+      bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('norm',)), (d,),
+                        dtype_of(self.param_dtype))
+      y = y * scale + bias.astype(jnp.float32) + self._delta('bias_delta', d)
+    else:
+      y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+      y = y * (1.0 + scale if self.kind == 'rms_one_plus' else scale)
+    return y.astype(dtype_of(self.dtype))
+
+  def _delta(self, name: str, d: int) -> jax.Array | float:
+    if not self.relax:
+      return 0.0
+    init = nn.with_logical_partitioning(nn.initializers.zeros, ('norm',))
+    var = self.variable(LORA, name, init, None, (d,), dtype_of(self.param_dtype))
+    return var.value.astype(jnp.float32)
+
+
+def apply_rotary(x_BxSxHxD: jax.Array, positions_BxS: jax.Array, theta: float,
+                 rotary_dim: int) -> jax.Array:
+  """Rotate-half RoPE (HF convention) on the first `rotary_dim` dims of each head, in fp32."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
+  freqs = positions_BxS[..., None].astype(jnp.float32) * inv_freq  # [B, S, rotary_dim / 2]
+  angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, S, 1, rotary_dim]
+  x = x_BxSxHxD.astype(jnp.float32)
+  x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+  x1, x2 = jnp.split(x_rot, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  out = x_rot * jnp.cos(angles) + rotated * jnp.sin(angles)
+  return jnp.concatenate([out, x_pass], axis=-1).astype(x_BxSxHxD.dtype)
+
+
+def activation(name: str):
+  """The MLP non-linearity of each MLP kind."""
+  return {
+      'swiglu': jax.nn.silu,
+      'geglu': lambda x: jax.nn.gelu(x, approximate=True),  # Gemma: gelu_pytorch_tanh.
+      'gelu': lambda x: jax.nn.gelu(x, approximate=False),  # GPT-NeoX: exact erf GELU.
+  }[name]
+
+
+class Embed(nn.Module):
+  """Token embedding; `attend` is the tied LM head."""
+
+  vocab_size: int
+  features: int
+  scale_by_sqrt_dim: bool = False
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+
+  def setup(self):
+    init = nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ('vocab', 'embed'))
+    self.embedding = self.param('embedding', init, (self.vocab_size, self.features),
+                                dtype_of(self.param_dtype))
+
+  def __call__(self, tokens_BxS: jax.Array) -> jax.Array:
+    dtype = dtype_of(self.dtype)
+    x = jnp.take(self.embedding, tokens_BxS, axis=0).astype(dtype)
+    if self.scale_by_sqrt_dim:
+      # HF Gemma rounds the normaliser to the compute dtype before multiplying.
+      x = x * jnp.asarray(self.features ** 0.5, dtype)
+    return x
+
+  def attend(self, x_BxSxD: jax.Array) -> jax.Array:
+    dtype = dtype_of(self.dtype)
+    return jnp.einsum('...d,vd->...v', x_BxSxD.astype(dtype), self.embedding.astype(dtype))

@@ -1,0 +1,67 @@
+"""Dense layer with a shared kernel and an optional per-(loop, layer) low-rank delta.
+
+    y = x @ W (+ b + b_delta) + scale * (x @ A) @ B,   scale = alpha / r
+
+W and b live in 'params' (shared across loops); A [d_in, r], B [r, d_out] and b_delta live in the 'lora'
+collection, which the recursive stack scans over loops so each depth position has its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rrt_jax.model.layers import LORA, dtype_of
+
+# PEFT's LoRA A init (kaiming_uniform with a = sqrt(5)): U(-1/sqrt(d_in), 1/sqrt(d_in)).
+lora_a_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+  """LoRA of one projection: its capped rank and output scale; rank None = no LoRA."""
+
+  rank: int | None = None
+  scale: float = 1.0
+  relax_bias: bool = False
+
+
+class LoraDense(nn.Module):
+  """x @ W + b with a per-depth LoRA; `axes` are the logical names of (d_in, d_out)."""
+
+  features: int
+  axes: tuple[str, str]
+  use_bias: bool = False
+  lora: LoraSpec = LoraSpec()
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d_in = x.shape[-1]
+    dtype, param_dtype = dtype_of(self.dtype), dtype_of(self.param_dtype)
+    kernel = self.param('kernel', nn.with_logical_partitioning(nn.initializers.lecun_normal(), self.axes),
+                        (d_in, self.features), param_dtype)
+    x = x.astype(dtype)
+    y = jnp.einsum('...i,io->...o', x, kernel.astype(dtype))
+    if self.use_bias:
+      bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
+                        (self.features,), param_dtype)
+      if self.lora.relax_bias:
+        init = nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:])
+        bias = bias + self.variable(LORA, 'bias_delta', init, None, (self.features,), param_dtype).value
+      y = y + bias.astype(dtype)
+    if self.lora.rank:
+      r = self.lora.rank
+      a_init = nn.with_logical_partitioning(lora_a_init, (self.axes[0], 'lora_rank'))
+      # The rng is drawn lazily: at apply time the variable exists and no 'lora' rng is needed.
+      a = self.variable(LORA, 'a', lambda: a_init(self.make_rng(LORA), (d_in, r), param_dtype)).value
+      b = self.variable(LORA, 'b', nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                ('lora_rank', self.axes[1])),
+                        None, (r, self.features), param_dtype).value
+      delta = jnp.einsum('...r,ro->...o', jnp.einsum('...i,ir->...r', x, a.astype(dtype)), b.astype(dtype))
+      y = y + jnp.asarray(self.lora.scale, dtype) * delta
+    return y
