@@ -16,11 +16,10 @@ import zlib
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 from flax import traverse_util
 
 from rrt_jax.config import InitMethod, LoraInit, ModelConfig, NormInit, RecursionConfig
-from rrt_jax.model import Decoder, layer_tree, lora_specs
+from rrt_jax.model import layer_tree, lora_specs, variable_shapes
 from rrt_jax.model.layers import LORA
 from rrt_jax.model.lora import lora_a_init
 
@@ -102,12 +101,6 @@ def svd_lora(residual_IxO: np.ndarray, rank: int, scale: float) -> tuple[np.ndar
   return a.astype(np.float32), b.astype(np.float32)
 
 
-def _lora_template(cfg: ModelConfig, rec: RecursionConfig) -> dict:
-  shapes = jax.eval_shape(lambda: Decoder(cfg, rec).init(
-      {'params': jax.random.key(0), LORA: jax.random.key(1)}, jnp.zeros((1, 2), jnp.int32)))
-  return layer_tree(nn.meta.unbox(shapes)[LORA])
-
-
 def relax(vanilla_layers: dict, shared: dict, cfg: ModelConfig, rec: RecursionConfig,
           progress: bool = False) -> dict:
   """Per-(loop, layer) LoRA and vector deltas [B, K, ...] (the 'lora' layer subtree)."""
@@ -115,7 +108,7 @@ def relax(vanilla_layers: dict, shared: dict, cfg: ModelConfig, rec: RecursionCo
   specs = lora_specs(cfg, rec)
   flat_vanilla = traverse_util.flatten_dict(vanilla_layers)
   flat_shared = traverse_util.flatten_dict(shared)
-  template = traverse_util.flatten_dict(_lora_template(cfg, rec))
+  template = traverse_util.flatten_dict(layer_tree(variable_shapes(cfg, rec)[LORA]))
   out = {path: np.zeros(t.shape, np.float32) for path, t in template.items()}
   rng = jax.random.key(rec.seed)
   depths = range(num_layers)

