@@ -35,7 +35,7 @@ def variable_shapes(cfg: ModelConfig, rec: RecursionConfig) -> dict:
 
 def init_variables(cfg: ModelConfig, rec: RecursionConfig, rng: jax.Array) -> dict:
   """Random variables {'params', 'lora'?} as plain arrays."""
-  return nn.meta.unbox(_init_fn(cfg, rec)(rng))
+  return nn.meta.unbox(jax.jit(_init_fn(cfg, rec))(rng))
 
 
 def logical_axes(cfg: ModelConfig, rec: RecursionConfig) -> dict:
@@ -56,14 +56,14 @@ def check_variables(variables: dict, cfg: ModelConfig, rec: RecursionConfig, sou
   want = traverse_util.flatten_dict(variable_shapes(cfg, rec))
   got = traverse_util.flatten_dict(jax.tree.map(jnp.shape, dict(variables),
                                                 is_leaf=lambda x: hasattr(x, 'shape')))
-  problems = [f'missing {"/".join(p)}' for p in want if p not in got]
+  problems = [f'{"/".join(p)} has shape {tuple(got[p])}, expected {tuple(want[p].shape)}'
+              for p in want if p in got and tuple(got[p]) != tuple(want[p].shape)]
+  problems += [f'missing {"/".join(p)}' for p in want if p not in got]
   problems += [f'unexpected {"/".join(p)}' for p in got if p not in want]
-  problems += [f'{"/".join(p)} has shape {tuple(got[p])}, expected {tuple(want[p].shape)}'
-               for p in want if p in got and tuple(got[p]) != tuple(want[p].shape)]
   if problems:
     raise ValueError(f'{source} do not match the config ({cfg.family}, {cfg.num_layers} layers, '
                      f'loops={rec.loops}, lora_rank={rec.lora_rank}): ' + '; '.join(problems[:6]) +
-                     ('; ...' if len(problems) > 6 else '') +
+                     (f'; and {len(problems) - 6} more' if len(problems) > 6 else '') +
                      '. Load them with the config they were saved with, or convert them with to_recursive.')
 
 
