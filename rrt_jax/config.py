@@ -16,7 +16,7 @@ MLPS = ('swiglu', 'geglu', 'gelu')
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
 
 
-class Looping(str, enum.Enum):
+class Looping(enum.StrEnum):
   """How the B loops visit the K shared layers (Takase & Kiyono, 2021).
 
   CYCLE: depth position l = b*K + k uses shared layer k (1..K, 1..K, ...); each loop ends in a complete
@@ -28,7 +28,7 @@ class Looping(str, enum.Enum):
   SEQUENCE = 'sequence'
 
 
-class InitMethod(str, enum.Enum):
+class InitMethod(enum.StrEnum):
   """How the K shared layers are initialised from the L pretrained ones (paper section 2.1)."""
 
   STEPWISE = 'stepwise'  # Fixed-start: layers 0, B, 2B, ... (the paper's example).
@@ -39,7 +39,7 @@ class InitMethod(str, enum.Enum):
   RANDOM = 'random'  # K layers drawn at random (seeded), kept in depth order.
 
 
-class NormInit(str, enum.Enum):
+class NormInit(enum.StrEnum):
   """How shared norm weights are initialised (paper appendix F.1(b)); 'auto' = avg for Average else choice."""
 
   AUTO = 'auto'
@@ -48,7 +48,7 @@ class NormInit(str, enum.Enum):
   ZERO = 'zero'  # The norm's identity: w = 0 for Gemma's (1 + w), w = 1 otherwise; biases 0.
 
 
-class LoraInit(str, enum.Enum):
+class LoraInit(enum.StrEnum):
   SVD = 'svd'  # Truncated SVD of (original - shared) per depth position: exact at full rank.
   ZERO = 'zero'  # Standard LoRA: A random, B zero, so the relaxed model starts as the recursive one.
 

@@ -1,0 +1,1 @@
+"""Real text from installed packages: corpus fetching and extraction, tokenization, TFDS + grain."""
