@@ -83,5 +83,6 @@ def test_hf_reader_on_resaved_smollm2(ours, hf_model, tmp_path, shard_size):
   assert (tmp_path / 'model.safetensors.index.json').exists() == bool(shard_size)
   cfg, variables = load_hf(str(tmp_path))
   gguf_cfg, gguf_vars = ours
-  assert cfg.replace(max_seq_len=0) == gguf_cfg.replace(max_seq_len=0)
+  assert cfg.replace(max_seq_len=0, norm_eps=0) == gguf_cfg.replace(max_seq_len=0, norm_eps=0)
+  assert abs(cfg.norm_eps - gguf_cfg.norm_eps) < 1e-12  # transformers keeps GGUF's float32 1e-5.
   jax.tree.map(np.testing.assert_array_equal, variables, gguf_vars)

@@ -59,6 +59,7 @@ def config_from_gguf(reader, **overrides) -> ModelConfig:
   if arch != 'llama':
     raise ValueError(f'GGUF architecture {arch!r} is not supported: rrt_jax reads llama GGUF files.')
   p = lambda key, default=None: _field(reader, f'llama.{key}', default)  # noqa: E731
+  f32 = lambda x: float(f'{float(x):.7g}')  # noqa: E731  (GGUF stores float32: 1e-5 reads 9.9999997e-06)
   heads = int(p('attention.head_count'))
   d_model = int(p('embedding_length'))
   has_output = any(t.name == 'output.weight' for t in reader.tensors)
@@ -67,8 +68,8 @@ def config_from_gguf(reader, **overrides) -> ModelConfig:
       num_layers=int(p('block_count')), d_model=d_model, num_heads=heads,
       num_kv_heads=int(p('attention.head_count_kv', heads)), head_dim=d_model // heads,
       mlp_dim=int(p('feed_forward_length')), max_seq_len=int(p('context_length', 2048)),
-      norm='rms', norm_eps=float(p('attention.layer_norm_rms_epsilon', 1e-5)), mlp='swiglu',
-      rope_theta=float(p('rope.freq_base', 10_000.0)), tie_embeddings=not has_output)
+      norm='rms', norm_eps=f32(p('attention.layer_norm_rms_epsilon', 1e-5)), mlp='swiglu',
+      rope_theta=f32(p('rope.freq_base', 10_000.0)), tie_embeddings=not has_output)
   return cfg.replace(**overrides) if overrides else cfg
 
 
