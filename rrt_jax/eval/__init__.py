@@ -1,0 +1,1 @@
+"""Evaluation: perplexity at every loop exit (and few-shot scoring)."""

@@ -1,0 +1,83 @@
+"""Perplexity at the exit of every loop, over sliding windows, counting each token exactly once."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rrt_jax.model import Decoder
+
+
+@dataclasses.dataclass(frozen=True)
+class Windows:
+  """Model inputs [N, window] and a 0/1 mask [N, window] of the positions whose next token is scored."""
+
+  inputs: np.ndarray
+  targets: np.ndarray
+  mask: np.ndarray
+
+  @property
+  def num_tokens(self) -> int:
+    return int(self.mask.sum())
+
+
+def sliding_windows(ids: Sequence[int], window: int, stride: int | None = None, pad_id: int = 0) -> Windows:
+  """Windows of `window` tokens every `stride` tokens; each window scores only the tokens no earlier window
+  scored, so every token after the first is predicted once, with up to window - stride tokens of context."""
+  stride = stride or window
+  if not 0 < stride <= window:
+    raise ValueError(f'stride must be in 1..window ({window}), got {stride}.')
+  ids = np.asarray(ids, np.int32)
+  if ids.size < 2:
+    raise ValueError('Perplexity needs at least 2 tokens.')
+  inputs, targets, masks = [], [], []
+  scored_up_to = 0  # Index (into targets = ids[1:]) up to which tokens are already scored.
+  start = 0
+  while scored_up_to < ids.size - 1:
+    chunk = ids[start:start + window + 1]
+    n = chunk.size - 1
+    inp = np.full(window, pad_id, np.int32)
+    tgt = np.full(window, pad_id, np.int32)
+    inp[:n], tgt[:n] = chunk[:-1], chunk[1:]
+    mask = np.zeros(window, np.float32)
+    mask[scored_up_to - start:n] = 1.0
+    inputs.append(inp)
+    targets.append(tgt)
+    masks.append(mask)
+    scored_up_to = start + n
+    start += stride
+  return Windows(np.stack(inputs), np.stack(targets), np.stack(masks))
+
+
+def _nll_fn(model: Decoder):
+  @jax.jit
+  def nll(variables, inputs, targets, mask):
+    logits, _ = model.apply(variables, inputs, all_exits=True)  # [E, b, s, V]
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    token_nll = -jnp.take_along_axis(logp, targets[None, ..., None], axis=-1)[..., 0]
+    return jnp.sum(token_nll * mask[None], axis=(1, 2))  # [E]
+  return nll
+
+
+def per_loop_perplexity(model: Decoder, variables: dict, windows: Windows, batch_size: int = 1,
+                        progress: bool = False) -> list[float]:
+  """Perplexity of every exit (one per loop under CYCLE) over all scored tokens (no padding in the mean)."""
+  nll = _nll_fn(model)
+  pad = -len(windows.inputs) % batch_size  # Fully masked windows keep every batch the same shape.
+  pad_rows = lambda x: np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])  # noqa: E731
+  windows = Windows(pad_rows(windows.inputs), pad_rows(windows.targets), pad_rows(windows.mask))
+  total = None
+  starts = range(0, len(windows.inputs), batch_size)
+  if progress:
+    from tqdm import tqdm
+    starts = tqdm(starts, desc='perplexity', unit='batch', leave=False)
+  for i in starts:
+    sl = slice(i, i + batch_size)
+    out = np.asarray(nll(variables, windows.inputs[sl], windows.targets[sl], windows.mask[sl]), np.float64)
+    total = out if total is None else total + out
+  return [math.exp(x / windows.num_tokens) for x in total]
