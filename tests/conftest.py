@@ -5,6 +5,7 @@ import pytest
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+os.environ.setdefault('HF_HUB_OFFLINE', '1')  # Nothing is downloaded: every checkpoint is built locally.
 
 FAMILIES = ('gemma', 'llama', 'gpt_neox')
 
