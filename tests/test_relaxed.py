@@ -112,3 +112,19 @@ def test_unroll_reference_agrees_with_conversion(originals):
   merged = unroll(to_recursive(variables, cfg, rec), 'cycle', 3, lora_alpha=5.0)
   for path, w in traverse_util.flatten_dict(variables['params']).items():
     np.testing.assert_allclose(traverse_util.flatten_dict(merged['params'])[path], w, atol=2e-5)
+
+
+def test_norm_init_methods(originals):
+  """avg averages the tied norms, choice takes the source layer's, zero is the norm's identity."""
+  for family, identity in (('gemma', 0.0), ('llama', 1.0)):
+    cfg, variables, _ = originals[family]
+    scale = np.asarray(variables['params']['stack']['block']['layer']['attn_norm']['scale'])  # [6, d]
+
+    def shared(norm_init, init, cfg=cfg, variables=variables):
+      rec = RecursionConfig(loops=3, init=init, norm_init=norm_init)
+      return np.asarray(to_recursive(variables, cfg, rec)['params']['stack']['block']['layer']['attn_norm']['scale'])
+    np.testing.assert_allclose(shared('avg', 'stepwise'), [scale[[0, 2, 4]].mean(0), scale[[1, 3, 5]].mean(0)],
+                               rtol=1e-6)
+    np.testing.assert_array_equal(shared('choice', 'stepwise'), scale[[0, 3]])  # Stepwise: layers 0, B.
+    np.testing.assert_array_equal(shared('auto', 'stepwise'), scale[[0, 3]])
+    np.testing.assert_array_equal(shared('zero', 'average'), np.full((2, scale.shape[1]), identity))

@@ -1,0 +1,75 @@
+"""Saving and loading any of our models as an Orbax checkpoint with its configs alongside.
+
+  rrt_jax.save('/tmp/ckpt', cfg, rec, variables)
+  model, variables = rrt_jax.load('/tmp/ckpt')      # model is a Decoder carrying cfg and rec
+
+Layout: <path>/model_config.json (ModelConfig + RecursionConfig) and <path>/variables (Orbax PyTree).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from rrt_jax.config import ModelConfig, RecursionConfig
+from rrt_jax.model import Decoder, check_variables, variable_shapes
+
+CONFIG_FILE = 'model_config.json'
+VARIABLES_DIR = 'variables'
+
+
+def configs_to_json(cfg: ModelConfig, rec: RecursionConfig) -> dict:
+  rec_dict = dataclasses.asdict(rec)
+  for key in ('looping', 'init', 'norm_init', 'lora_init'):
+    rec_dict[key] = getattr(rec, key).value
+  rec_dict['lora_targets'] = list(rec.lora_targets)
+  return {'model': dataclasses.asdict(cfg), 'recursion': rec_dict}
+
+
+def configs_from_json(data: dict) -> tuple[ModelConfig, RecursionConfig]:
+  return ModelConfig(**data['model']), RecursionConfig(**data['recursion'])
+
+
+def save(path: str, cfg: ModelConfig, rec: RecursionConfig, variables: dict) -> str:
+  """Writes the variables (Orbax) and configs (JSON) under `path`; returns the absolute path."""
+  path = os.path.abspath(path)
+  check_variables(variables, cfg, rec, 'variables to save')
+  os.makedirs(path, exist_ok=True)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(path, VARIABLES_DIR), variables, force=True)
+    ckptr.wait_until_finished()
+  with open(os.path.join(path, CONFIG_FILE), 'w') as f:  # Written last: its presence marks a complete save.
+    json.dump(configs_to_json(cfg, rec), f, indent=2)
+  return path
+
+
+def load(path: str, shardings=None) -> tuple[Decoder, dict]:
+  """(Decoder(cfg, rec), variables) from a checkpoint written by `save` (or by training).
+
+  shardings: optional pytree of jax.sharding.Sharding matching the variables, to restore onto a mesh.
+  """
+  path = os.path.abspath(path)
+  config_path = os.path.join(path, CONFIG_FILE)
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f'{config_path} is missing: {path} is not a complete rrt_jax checkpoint '
+                            '(an interrupted save, or a different directory).')
+  with open(config_path) as f:
+    cfg, rec = configs_from_json(json.load(f))
+  shapes = variable_shapes(cfg, rec)
+  if shardings is not None:
+    shapes = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+  else:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      variables = ckptr.restore(os.path.join(path, VARIABLES_DIR), shapes)
+  except Exception as e:  # Orbax raises several types for missing/corrupt/mismatched data.
+    raise ValueError(f'Could not restore {path}/{VARIABLES_DIR} for {cfg.family} with loops={rec.loops}, '
+                     f'lora_rank={rec.lora_rank}: {e}') from e
+  check_variables(variables, cfg, rec, f'checkpoint {path}')
+  return Decoder(cfg, rec), variables
