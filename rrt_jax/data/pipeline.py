@@ -95,5 +95,8 @@ def lm_dataset(source, tokenizer, config: PipelineConfig, eos_id: int, max_seq_l
   out = packed.map(to_model_inputs).batch(config.batch_size, drop_remainder=False)
   out = out.map(PadBatch(config.batch_size))
   if config.worker_count > 0:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside absl.app use their defaults.
+      flags.FLAGS.mark_as_parsed()
     out = out.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count))
   return out
