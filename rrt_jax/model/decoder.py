@@ -106,6 +106,19 @@ def _maybe_remat(layer_cls: type[nn.Module], policy: str) -> type[nn.Module]:
 _BROADCAST_ARGS = (0, nn.broadcast, nn.broadcast)  # (cache slice, positions, mask)
 
 
+def _scan(target, length: int, axis_name: str, params_scanned: bool, lora_axis: int = 0,
+          in_axes=_BROADCAST_ARGS, out_axes=0):
+  """nn.scan over shared layers (params scanned, axis K) or over loops (params broadcast); LoRA is always
+  scanned, on `lora_axis`, so each (loop, layer) has its own. `axis_name` is the new axis's logical name."""
+  if params_scanned:
+    variables = dict(variable_axes={'params': 0, LORA: lora_axis}, split_rngs={'params': True, LORA: True})
+  else:
+    variables = dict(variable_broadcast='params', variable_axes={LORA: lora_axis},
+                     split_rngs={'params': False, LORA: True})
+  return nn.scan(target, in_axes=in_axes, out_axes=out_axes, length=length,
+                 metadata_params={nn.PARTITION_NAME: axis_name}, **variables)
+
+
 class CycleLoop(nn.Module):
   """One CYCLE loop: the K shared layers in order (params scanned over K, one LoRA per layer)."""
 
@@ -114,10 +127,8 @@ class CycleLoop(nn.Module):
 
   @nn.compact
   def __call__(self, h_BxSxD, cache_K, positions_BxS, mask_BxSxT):
-    layers = nn.scan(
-        _maybe_remat(DecoderLayer, self.cfg.remat), variable_axes={'params': 0, LORA: 0},
-        split_rngs={'params': True, LORA: True}, in_axes=_BROADCAST_ARGS,
-        length=self.rec.shared_layers(self.cfg.num_layers), metadata_params={nn.PARTITION_NAME: 'layers'})
+    layers = _scan(_maybe_remat(DecoderLayer, self.cfg.remat), self.rec.shared_layers(self.cfg.num_layers),
+                   'layers', params_scanned=True)
     h, new_cache = layers(self.cfg, self.rec, name='layer')(h_BxSxD, cache_K, positions_BxS, mask_BxSxT)
     return h, (h, new_cache)  # Emit the loop's final hidden state: every loop is an exit.
 
@@ -130,10 +141,7 @@ class SequenceRepeat(nn.Module):
 
   @nn.compact
   def __call__(self, h_BxSxD, cache_B, positions_BxS, mask_BxSxT):
-    repeats = nn.scan(
-        _maybe_remat(DecoderLayer, self.cfg.remat), variable_broadcast='params', variable_axes={LORA: 0},
-        split_rngs={'params': False, LORA: True}, in_axes=_BROADCAST_ARGS, length=self.rec.loops,
-        metadata_params={nn.PARTITION_NAME: 'loops'})
+    repeats = _scan(_maybe_remat(DecoderLayer, self.cfg.remat), self.rec.loops, 'loops', params_scanned=False)
     return repeats(self.cfg, self.rec, name='layer')(h_BxSxD, cache_B, positions_BxS, mask_BxSxT)
 
 
@@ -152,17 +160,12 @@ class RecursiveStack(nn.Module):
   def __call__(self, h_BxSxD, cache, positions_BxS, mask_BxSxT):
     cfg, rec = self.cfg, self.rec
     if rec.looping == Looping.CYCLE:
-      loops = nn.scan(
-          CycleLoop, variable_broadcast='params', variable_axes={LORA: 0},
-          split_rngs={'params': False, LORA: True}, in_axes=_BROADCAST_ARGS, length=rec.loops,
-          metadata_params={nn.PARTITION_NAME: 'loops'})
+      loops = _scan(CycleLoop, rec.loops, 'loops', params_scanned=False)
       _, (hidden_ExBxSxD, new_cache) = loops(cfg, rec, name='block')(h_BxSxD, cache, positions_BxS,
                                                                      mask_BxSxT)
       return hidden_ExBxSxD, new_cache
-    groups = nn.scan(
-        SequenceRepeat, variable_axes={'params': 0, LORA: 1}, split_rngs={'params': True, LORA: True},
-        in_axes=(1, nn.broadcast, nn.broadcast), out_axes=1, length=rec.shared_layers(cfg.num_layers),
-        metadata_params={nn.PARTITION_NAME: 'layers'})
+    groups = _scan(SequenceRepeat, rec.shared_layers(cfg.num_layers), 'layers', params_scanned=True, lora_axis=1,
+                   in_axes=(1, nn.broadcast, nn.broadcast), out_axes=1)
     h, new_cache = groups(cfg, rec, name='block')(h_BxSxD, cache, positions_BxS, mask_BxSxT)
     return h[None], new_cache
 
