@@ -42,3 +42,17 @@ def test_checkpoint_of_another_architecture_is_rejected(tiny_hf):
   llama_cfg, _ = load_hf(tiny_hf['llama'][0])
   with pytest.raises(ValueError, match='another architecture'):
     load_hf(tiny_hf['gpt_neox'][0], config=llama_cfg)
+
+
+def test_leaves_are_placed_with_the_given_sharding(tiny_hf):
+  import jax
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+  from rrt_jax.convert.hf import param_shapes
+  cfg, _ = load_hf(tiny_hf['llama'][0])
+  mesh = Mesh(np.array(jax.devices()[:1]), ('fsdp',))
+  shardings = {path: NamedSharding(mesh, PartitionSpec('fsdp') if len(s.shape) == 3 else PartitionSpec())
+               for path, s in param_shapes(cfg).items()}
+  _, variables = load_hf(tiny_hf['llama'][0], shardings=shardings)
+  kernel = variables['params']['stack']['block']['layer']['attn']['q']['kernel']
+  assert kernel.sharding == shardings[('stack', 'block', 'layer', 'attn', 'q', 'kernel')]
