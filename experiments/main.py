@@ -92,7 +92,7 @@ def main(argv):
   reference_logits, _ = jax.jit(Decoder(cfg).apply)(vanilla, probe)
   rows = []
   for name, rec in variants:
-    variables, convert_s = _timed(f'converted: {name}', to_recursive, vanilla, cfg, rec)
+    variables, convert_s = _timed(f'converted: {name}', to_recursive, vanilla, cfg, rec, progress=True)
     model = Decoder(cfg, rec)
     logits, _ = jax.jit(model.apply)(variables, probe)
     max_delta = float(jnp.max(jnp.abs(logits - reference_logits)))
