@@ -53,9 +53,14 @@ def _plot(rows: list[dict], path: str) -> None:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(6, 4))
+  loops = max(len(row['perplexity_per_loop']) for row in rows)
   for row in rows:
     ppl = row['perplexity_per_loop']
-    ax.plot(range(1, len(ppl) + 1), ppl, marker='o', label=row['model'])
+    if len(ppl) == 1:  # The vanilla model has one exit, after its full depth: a reference line.
+      ax.axhline(ppl[0], linestyle='--', color='gray', label=f'{row["model"]} (full depth)')
+    else:
+      ax.plot(range(1, len(ppl) + 1), ppl, marker='o', label=row['model'])
+  ax.set_xticks(range(1, loops + 1))
   ax.set_xlabel('exit after loop')
   ax.set_ylabel('perplexity (log scale)')
   ax.set_yscale('log')
