@@ -1,0 +1,75 @@
+"""Uptraining losses: CE, knowledge distillation (forward KL) and early-exit weighting over loops.
+
+Shapes: logits [E, B, S, V] (one row per loop exit), targets [B, S], mask [B, S] (1 = scored).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+EARLY_EXIT_SCHEMES = ('none', 'aggressive', 'weighted')
+KD_TARGETS = ('teacher', 'last_loop')
+
+
+def exit_weights(num_exits: int, scheme: str, alpha: float = 0.1) -> jnp.ndarray:
+  """Loss weight of each loop exit.
+
+  none: only the last loop (weight 1). aggressive (paper's Agg(alpha)): last loop 1, the others alpha.
+  weighted (CALM-style): w_b = b / sum_j j, proportional to depth.
+  """
+  if scheme not in EARLY_EXIT_SCHEMES:
+    raise ValueError(f'Unknown early-exit scheme {scheme!r}: choose one of {EARLY_EXIT_SCHEMES}.')
+  if scheme == 'none':
+    return jnp.zeros(num_exits).at[-1].set(1.0)
+  if scheme == 'aggressive':
+    return jnp.full(num_exits, alpha).at[-1].set(1.0)
+  depth = jnp.arange(1, num_exits + 1, dtype=jnp.float32)
+  return depth / depth.sum()
+
+
+def masked_mean(x_ExBxS: jax.Array, mask_BxS: jax.Array) -> jax.Array:
+  """Mean over scored tokens, per exit: [E]."""
+  return jnp.sum(x_ExBxS * mask_BxS, axis=(-2, -1)) / jnp.maximum(jnp.sum(mask_BxS), 1.0)
+
+
+def cross_entropy(logits_ExBxSxV: jax.Array, targets_BxS: jax.Array) -> jax.Array:
+  """Per-token CE [E, B, S] in fp32."""
+  logp = jax.nn.log_softmax(logits_ExBxSxV.astype(jnp.float32))
+  return -jnp.take_along_axis(logp, jnp.broadcast_to(targets_BxS, logp.shape[:-1])[..., None], axis=-1)[..., 0]
+
+
+def forward_kl(student_ExBxSxV: jax.Array, teacher_xBxSxV: jax.Array, temperature: float = 1.0) -> jax.Array:
+  """Per-token KL(teacher || student) [E, B, S] on temperature-softened distributions, scaled by T^2 so its
+  gradient magnitude does not shrink with T (Hinton et al.). The teacher gets no gradient."""
+  t = jax.lax.stop_gradient(teacher_xBxSxV.astype(jnp.float32)) / temperature
+  s = student_ExBxSxV.astype(jnp.float32) / temperature
+  teacher_logp = jax.nn.log_softmax(t)
+  kl = jnp.sum(jnp.exp(teacher_logp) * (teacher_logp - jax.nn.log_softmax(s)), axis=-1)
+  return kl * temperature ** 2
+
+
+def uptraining_loss(student_ExBxSxV: jax.Array, targets_BxS: jax.Array, mask_BxS: jax.Array,
+                    teacher_BxSxV: jax.Array | None, *, ce_weight: float = 1.0, kd_weight: float = 0.0,
+                    temperature: float = 1.0, early_exit: str = 'none', exit_alpha: float = 0.1,
+                    kd_target: str = 'teacher') -> tuple[jax.Array, dict]:
+  """sum_b w_b (ce_weight * CE_b + kd_weight * KD_b); returns (loss, metrics with per-loop CE and KD)."""
+  if kd_target not in KD_TARGETS:
+    raise ValueError(f'Unknown KD target {kd_target!r}: choose one of {KD_TARGETS}.')
+  num_exits = student_ExBxSxV.shape[0]
+  weights = exit_weights(num_exits, early_exit, exit_alpha)
+  ce = masked_mean(cross_entropy(student_ExBxSxV, targets_BxS), mask_BxS)
+  metrics = {'ce_per_loop': ce, 'exit_weights': weights}
+  per_loop = ce_weight * ce
+  if kd_weight:
+    if teacher_BxSxV is None:
+      raise ValueError('kd_weight > 0 needs teacher logits.')
+    kd = masked_mean(forward_kl(student_ExBxSxV, teacher_BxSxV[None], temperature), mask_BxS)
+    if kd_target == 'last_loop' and num_exits > 1:
+      # Intermediate loops distil from the model's own last loop (no gradient into it); the last loop
+      # still distils from the teacher.
+      self_kd = masked_mean(forward_kl(student_ExBxSxV[:-1], student_ExBxSxV[-1:], temperature), mask_BxS)
+      kd = jnp.concatenate([self_kd, kd[-1:]])
+    metrics['kd_per_loop'] = kd
+    per_loop = per_loop + kd_weight * kd
+  return jnp.sum(weights * per_loop), metrics
