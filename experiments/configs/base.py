@@ -1,0 +1,91 @@
+"""Defaults shared by every experiment config. Each config file's get_config(variant) starts from these."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.source = 'smollm2'  # 'smollm2' (packaged GGUF) | 'hf' (model.path) | 'random' (model.preset)
+  c.model.path = ''
+  c.model.preset = 'smollm2_135m'
+  c.model.dtype = 'float32'  # Compute dtype: 'bfloat16' on accelerators.
+  c.model.remat = 'none'  # none | full | dots | dots_no_batch
+
+  c.recursion = ml_collections.ConfigDict()
+  c.recursion.loops = 3
+  c.recursion.looping = 'cycle'
+  c.recursion.init = 'average'
+  c.recursion.norm_init = 'auto'
+  c.recursion.lora_rank = 64  # 0 = plain recursive model (no LoRA).
+  c.recursion.lora_alpha = 0.0  # 0 = alpha equal to the rank (scale 1).
+  c.recursion.lora_targets = 'q,k,v,o,gate,up,down'
+  c.recursion.lora_init = 'svd'
+  c.recursion.relax_vectors = True
+
+  c.data = ml_collections.ConfigDict()
+  c.data.split = 'train'
+  c.data.seq_len = 256
+  c.data.global_batch = 8
+  c.data.worker_count = 0
+  c.data.seed = 0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 100
+  c.train.lr = 3e-4
+  c.train.warmup_steps = 10
+  c.train.decay = 'cosine'
+  c.train.end_lr_ratio = 0.1
+  c.train.weight_decay = 0.1
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.clip_norm = 1.0
+  c.train.grad_accum = 1
+  c.train.freeze_shared = False
+  c.train.seed = 0
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.ce_weight = 1.0
+  c.loss.kd_weight = 1.0
+  c.loss.temperature = 1.0
+  c.loss.early_exit = 'aggressive'  # none | aggressive | weighted
+  c.loss.exit_alpha = 0.1
+  c.loss.kd_target = 'teacher'  # teacher | last_loop
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 50
+  c.checkpoint.keep = 3
+  c.checkpoint.async_save = True
+
+  c.log_every = 10
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator = ''  # host:port; empty = single process (or the platform's auto-detection).
+  c.distributed.num_processes = 1
+  c.distributed.process_id = 0
+  c.distributed.local_device_count = 0  # > 0: emulate this many CPU devices per process (tests).
+  return c
+
+
+def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+  """Variant strings like 'b2_r128_average': bN = loops, rN = LoRA rank (r0 = none), and an init name."""
+  for token in filter(None, (variant or '').split('_')):
+    if token[0] == 'b' and token[1:].isdigit():
+      c.recursion.loops = int(token[1:])
+    elif token[0] == 'r' and token[1:].isdigit():
+      c.recursion.lora_rank = int(token[1:])
+    elif token in ('stepwise', 'average', 'lower', 'upper', 'random', 'ends'):
+      c.recursion.init = 'stepwise_ends' if token == 'ends' else token
+    elif token in ('zero', 'svd'):
+      c.recursion.lora_init = token
+    else:
+      raise ValueError(f'Unknown variant token {token!r} in {variant!r}: use bN (loops), rN (rank), an init '
+                       '(stepwise, ends, average, lower, upper, random) or a LoRA init (svd, zero).')
+  return c

@@ -1,0 +1,17 @@
+"""SmolLM2-135M (the packaged GGUF) -> Relaxed Recursive, KD uptraining on the Debian docs.
+
+  python -m experiments.train --config=experiments/configs/smollm2.py:b3_r64_average --workdir=workdir/smollm2
+"""
+
+from experiments.configs.base import apply_variant, base_config
+
+
+def get_config(variant: str = 'b3_r64_average'):
+  c = base_config()
+  c.model.source = 'smollm2'
+  c.data.seq_len = 256
+  c.data.global_batch = 8
+  c.train.steps = 200
+  c.train.lr = 3e-4
+  c.train.warmup_steps = 20
+  return apply_variant(c, variant)

@@ -1,0 +1,68 @@
+"""Orbax CheckpointManager for training: state (params, optimizer state, step) + grain iterator state.
+
+Saves asynchronously every N steps and on demand (SIGTERM). Restores onto any mesh (the target shardings come
+from the caller). A checkpoint that fails to restore (corrupt or partial) is reported and the previous good one
+is used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from rrt_jax.checkpoint import CONFIG_FILE, configs_to_json
+from rrt_jax.config import ModelConfig, RecursionConfig
+
+log = logging.getLogger(__name__)
+
+
+class TrainCheckpoints:
+  """Checkpoints under <workdir>/checkpoints/<step>/{state, data}; model configs in <workdir>/model_config.json."""
+
+  def __init__(self, workdir: str, every_steps: int, keep: int = 3, async_save: bool = True):
+    self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    self.every_steps = every_steps
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                           create=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'data'))
+
+  def write_configs(self, workdir: str, cfg: ModelConfig, rec: RecursionConfig) -> None:
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
+        json.dump(configs_to_json(cfg, rec), f, indent=2)
+
+  def save(self, step: int, state, data_state: dict | None, force: bool = False) -> bool:
+    if not force and (self.every_steps <= 0 or step % self.every_steps):
+      return False
+    if step in self.manager.all_steps():  # Already saved (e.g. the periodic save at the final step).
+      return False
+    args = {'state': ocp.args.StandardSave(state)}
+    args['data'] = ocp.args.JsonSave(data_state or {})
+    saved = self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+    if saved:
+      log.info('checkpoint saved at step %d', step)
+    return saved
+
+  def restore_latest(self, abstract_state) -> tuple[int, object, dict] | None:
+    """(step, state, data_state) of the newest checkpoint that restores; None if there is none."""
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+      except Exception as e:  # Orbax raises several types for missing or corrupt files.
+        log.error('checkpoint at step %d could not be restored (%s: %s); trying the previous one', step,
+                  type(e).__name__, str(e)[:300])
+        continue
+      return step, restored.state, dict(restored.data or {})
+    return None
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

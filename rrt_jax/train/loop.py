@@ -1,0 +1,226 @@
+"""The uptraining loop: load + convert, shard, train with KD and early-exit losses, log, checkpoint, resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from rrt_jax import presets
+from rrt_jax.config import ModelConfig, RecursionConfig
+from rrt_jax.convert import to_recursive
+from rrt_jax.model import Decoder, init_variables
+from rrt_jax.train import flops
+from rrt_jax.train.checkpointing import TrainCheckpoints
+from rrt_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from rrt_jax.train.sharding import global_batch, make_mesh, replicated, variable_shardings
+from rrt_jax.train.step import LossConfig, init_state, make_train_step
+
+log = logging.getLogger(__name__)
+EOS_ID = 2  # SmolLM2's end-of-sequence token; the tokenizer of every config.
+
+
+def recursion_config(c: ml_collections.ConfigDict) -> RecursionConfig:
+  r = c.recursion
+  return RecursionConfig(loops=r.loops, looping=r.looping, init=r.init, norm_init=r.norm_init,
+                         lora_rank=r.lora_rank or None, lora_alpha=r.lora_alpha or None,
+                         lora_targets=r.lora_targets, lora_init=r.lora_init, relax_vectors=r.relax_vectors,
+                         seed=c.train.seed)
+
+
+def load_original(c: ml_collections.ConfigDict, vocab_size: int) -> tuple[ModelConfig, dict]:
+  """The original (teacher) model: the packaged SmolLM2, an HF checkpoint, or a random preset."""
+  m = c.model
+  if m.source == 'smollm2':
+    from rrt_jax.convert.gguf import load_gguf
+    cfg, variables = load_gguf()
+  elif m.source == 'hf':
+    if not m.path:
+      raise ValueError('model.source=hf needs --config.model.path=/path/to/hf_checkpoint_dir.')
+    from rrt_jax.convert.hf import load_hf
+    cfg, variables = load_hf(m.path)
+  elif m.source == 'random':
+    cfg = presets.get(m.preset)
+    cfg = cfg.replace(vocab_size=max(cfg.vocab_size, vocab_size))
+    variables = jax.tree.map(np.asarray, init_variables(cfg, RecursionConfig(), jax.random.key(c.train.seed)))
+  else:
+    raise ValueError(f'Unknown model.source {m.source!r}: choose smollm2, hf or random.')
+  return cfg.replace(dtype=m.dtype, remat=m.remat), variables
+
+
+def init_distributed(c: ml_collections.ConfigDict) -> None:
+  d = c.distributed
+  if d.coordinator:
+    jax.distributed.initialize(coordinator_address=d.coordinator, num_processes=d.num_processes,
+                               process_id=d.process_id)
+
+
+class MetricsWriter:
+  """JSONL log and TensorBoard event files (process 0 only)."""
+
+  def __init__(self, workdir: str):
+    self.enabled = jax.process_index() == 0
+    if self.enabled:
+      from tensorboardX import SummaryWriter
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')  # noqa: SIM115
+      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step: int, scalars: dict) -> None:
+    if not self.enabled:
+      return
+    self._jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
+    self._jsonl.flush()
+    for k, v in scalars.items():
+      self._tb.add_scalar(k, v, step)
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop saves a checkpoint and stops at the next step boundary."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    log.warning('SIGTERM received: saving a checkpoint and stopping')
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def _scalars(metrics: dict) -> dict:
+  out = {}
+  for k, v in jax.device_get(metrics).items():
+    v = np.asarray(v)
+    if v.ndim == 0:
+      out[k] = float(v)
+    else:
+      out.update({f'{k}/loop{i + 1}': float(x) for i, x in enumerate(v)})
+  return out
+
+
+def train(c: ml_collections.ConfigDict, workdir: str, source=None, tokenizer=None,
+          stop_after: int | None = None) -> list[dict]:
+  """Runs uptraining; returns the logged metrics. `source`/`tokenizer` override the TFDS split and SmolLM2
+  tokenizer (tests); `stop_after` stops (with a checkpoint) after that many steps of this run."""
+  from rrt_jax.data.pipeline import PipelineConfig, lm_dataset
+  init_distributed(c)
+  os.makedirs(workdir, exist_ok=True)
+  if tokenizer is None:
+    from rrt_jax.convert.gguf import load_tokenizer
+    tokenizer = load_tokenizer()
+  if source is None:
+    from rrt_jax.data.tfds_builder import text_source
+    source = text_source(c.data.split)
+
+  mesh = make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+  cfg, vanilla = load_original(c, tokenizer.get_vocab_size())
+  rec = recursion_config(c)
+  log.info('model %s, %s; mesh %s', cfg.family, rec, dict(mesh.shape))
+
+  # Conversion runs on host arrays; each leaf is then placed with its sharding (no full copy on one device).
+  student_vars = jax.device_put(to_recursive(vanilla, cfg, rec), variable_shardings(cfg, rec, mesh))
+  use_teacher = c.loss.kd_weight > 0
+  teacher_vars = jax.device_put(vanilla, variable_shardings(cfg, RecursionConfig(), mesh)) if use_teacher else None
+  del vanilla
+
+  schedule = learning_rate_schedule(c.train.lr, c.train.steps, c.train.warmup_steps, c.train.decay,
+                                    c.train.end_lr_ratio)
+  tx = make_optimizer(schedule, b1=c.train.b1, b2=c.train.b2, weight_decay=c.train.weight_decay,
+                      clip_norm=c.train.clip_norm, freeze_shared=c.train.freeze_shared)
+  # Optimizer moments are zeros_like(variables): sharding propagation gives them the variables' shardings.
+  state = jax.jit(lambda v: init_state(v, tx))(student_vars)
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  del student_vars
+
+  loss_cfg = LossConfig(c.loss.ce_weight, c.loss.kd_weight, c.loss.temperature, c.loss.early_exit,
+                        c.loss.exit_alpha, c.loss.kd_target)
+  teacher = Decoder(cfg) if use_teacher else None
+  step_fn = jax.jit(make_train_step(Decoder(cfg, rec), teacher, tx, loss_cfg, c.train.grad_accum),
+                    donate_argnums=(0,), out_shardings=(state_shardings, replicated(mesh)))
+
+  if c.data.global_batch % jax.process_count():
+    raise ValueError(f'data.global_batch={c.data.global_batch} must divide over {jax.process_count()} hosts.')
+  if c.data.global_batch % c.train.grad_accum:
+    raise ValueError(f'data.global_batch={c.data.global_batch} must be a multiple of train.grad_accum.')
+  pipe = lm_dataset(source, tokenizer, PipelineConfig(c.data.seq_len, c.data.global_batch // jax.process_count(),
+                                                      seed=c.data.seed, worker_count=c.data.worker_count),
+                    eos_id=EOS_ID, max_seq_len=cfg.max_seq_len)
+  data_iter = iter(pipe)
+
+  ckpts = TrainCheckpoints(workdir, c.checkpoint.every_steps, c.checkpoint.keep, c.checkpoint.async_save)
+  ckpts.write_configs(workdir, cfg, rec)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
+  restored = ckpts.restore_latest(abstract)
+  if restored is not None:
+    start_step, state, data_state = restored
+    data_iter.set_state(data_state)
+    log.info('resumed from step %d', start_step)
+
+  flops_per_token = flops.train_flops_per_token(cfg, rec, c.data.seq_len, exits=rec.loops,
+                                                teacher=cfg if use_teacher else None)
+  peak = flops.measured_matmul_peak(cfg.dtype) * jax.device_count()
+  writer = MetricsWriter(workdir)
+  preemption = _Preemption()
+  history, last_good = [], int(state.step)
+  first = int(state.step)
+  end = c.train.steps if stop_after is None else min(c.train.steps, first + stop_after)
+  try:
+    from tqdm import tqdm
+    bar = tqdm(range(first, end), initial=first, total=c.train.steps, unit='step',
+               disable=jax.process_index() != 0, dynamic_ncols=True)
+    t0, timed_from = time.perf_counter(), first
+    for step in bar:
+      batch = global_batch(next(data_iter), mesh)
+      state, metrics = step_fn(state, teacher_vars, batch)
+      done = step + 1
+      if done == first + 1:
+        jax.block_until_ready(state)
+        t0, timed_from = time.perf_counter(), done
+      if done % c.log_every == 0 or done == end:
+        scalars = _scalars(metrics)
+        if not math.isfinite(scalars['loss']):
+          ckpts.wait()
+          raise FloatingPointError(
+              f'loss is {scalars["loss"]} at step {done}: stopping. The last good checkpoint is step '
+              f'{last_good} in {ckpts.directory}; lower train.lr or raise train.warmup_steps and resume.')
+        scalars.pop('tokens')
+        jax.block_until_ready(state)
+        now = time.perf_counter()
+        # Throughput since the previous log, excluding the first step of the run (compilation).
+        timed_steps = done - max(timed_from, first + 1)
+        tokens_per_s = timed_steps * c.data.global_batch * c.data.seq_len / (now - t0) if timed_steps else 0.0
+        t0, timed_from = now, done
+        scalars.update(lr=float(schedule(done)), tokens_per_s=tokens_per_s,
+                       mfu=tokens_per_s * flops_per_token / peak)
+        scalars = {k: v for k, v in scalars.items() if not k.startswith('exit_weights')}
+        writer.write(done, scalars)
+        history.append({'step': done, **scalars})
+        bar.set_postfix(loss=f'{scalars["loss"]:.3f}', tok_s=f'{tokens_per_s:,.0f}', mfu=f'{scalars["mfu"]:.1%}')
+      if ckpts.save(done, state, data_iter.get_state()):
+        last_good = done
+      if preemption.requested:
+        ckpts.save(done, state, data_iter.get_state(), force=True)
+        break
+    else:
+      ckpts.save(end, state, data_iter.get_state(), force=True)
+  finally:
+    preemption.restore()
+    ckpts.close()
+    writer.close()
+  return history
