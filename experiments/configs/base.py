@@ -28,6 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.split = 'train'
+  c.data.tokenizer = 'smollm2'  # smollm2 | bytes (tiny from-scratch models)
   c.data.seq_len = 256
   c.data.global_batch = 8
   c.data.worker_count = 0

@@ -12,6 +12,7 @@ The iterator's state (`get_state` / `set_state`) is checkpointable. Documents ar
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 
 import grain
@@ -100,3 +101,35 @@ def lm_dataset(source, tokenizer, config: PipelineConfig, eos_id: int, max_seq_l
       flags.FLAGS.mark_as_parsed()
     out = out.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count))
   return out
+
+
+def _fix_tuples(state):
+  """grain's ConcatThenSplit state holds (start, end) tuples under 'remainder_slices' that JSON turns into
+  lists, and its set_state then misreads them; restore them as tuples."""
+  if isinstance(state, dict):
+    return {k: ({f: tuple(v) for f, v in val.items()} if k == 'remainder_slices' else _fix_tuples(val))
+            for k, val in state.items()}
+  return state
+
+
+class CheckpointableIterator:
+  """A grain iterator whose state is JSON bytes that round-trip exactly (for Orbax via grain's handler)."""
+
+  def __init__(self, iterator):
+    self._it = iterator
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    return next(self._it)
+
+  def get_state(self) -> bytes:
+    return json.dumps(self._it.get_state()).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self._it.set_state(_fix_tuples(json.loads(state)))
+
+  def start_prefetch(self) -> None:
+    if hasattr(self._it, 'start_prefetch'):
+      self._it.start_prefetch()

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -35,29 +36,30 @@ class TrainCheckpoints:
       with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
         json.dump(configs_to_json(cfg, rec), f, indent=2)
 
-  def save(self, step: int, state, data_state: dict | None, force: bool = False) -> bool:
+  def save(self, step: int, state, data_iterator, force: bool = False) -> bool:
     if not force and (self.every_steps <= 0 or step % self.every_steps):
       return False
     if step in self.manager.all_steps():  # Already saved (e.g. the periodic save at the final step).
       return False
-    args = {'state': ocp.args.StandardSave(state)}
-    args['data'] = ocp.args.JsonSave(data_state or {})
-    saved = self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+    # grain's handler writes one state file per process, so every host resumes its own shard.
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator))
+    saved = self.manager.save(step, args=args, force=force)
     if saved:
       log.info('checkpoint saved at step %d', step)
     return saved
 
-  def restore_latest(self, abstract_state) -> tuple[int, object, dict] | None:
-    """(step, state, data_state) of the newest checkpoint that restores; None if there is none."""
+  def restore_latest(self, abstract_state, data_iterator) -> tuple[int, object] | None:
+    """(step, state) of the newest checkpoint that restores (data_iterator is set to its state in place);
+    None if there is none."""
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)))
       except Exception as e:  # Orbax raises several types for missing or corrupt files.
         log.error('checkpoint at step %d could not be restored (%s: %s); trying the previous one', step,
                   type(e).__name__, str(e)[:300])
         continue
-      return step, restored.state, dict(restored.data or {})
+      return step, restored.state
     return None
 
   def wait(self) -> None:

@@ -24,7 +24,7 @@ from rrt_jax.train.sharding import global_batch, make_mesh, replicated, variable
 from rrt_jax.train.step import LossConfig, init_state, make_train_step
 
 log = logging.getLogger(__name__)
-EOS_ID = 2  # SmolLM2's end-of-sequence token; the tokenizer of every config.
+EOS_ID = 2  # End of sequence for both tokenizers (SmolLM2's <|im_end|>, ByteTokenizer's 2).
 
 
 def recursion_config(c: ml_collections.ConfigDict) -> RecursionConfig:
@@ -47,12 +47,21 @@ def load_original(c: ml_collections.ConfigDict, vocab_size: int) -> tuple[ModelC
     from rrt_jax.convert.hf import load_hf
     cfg, variables = load_hf(m.path)
   elif m.source == 'random':
-    cfg = presets.get(m.preset)
-    cfg = cfg.replace(vocab_size=max(cfg.vocab_size, vocab_size))
+    cfg = presets.get(m.preset).replace(vocab_size=vocab_size)
     variables = jax.tree.map(np.asarray, init_variables(cfg, RecursionConfig(), jax.random.key(c.train.seed)))
   else:
     raise ValueError(f'Unknown model.source {m.source!r}: choose smollm2, hf or random.')
   return cfg.replace(dtype=m.dtype, remat=m.remat), variables
+
+
+def make_tokenizer(name: str):
+  if name == 'smollm2':
+    from rrt_jax.convert.gguf import load_tokenizer
+    return load_tokenizer()
+  if name == 'bytes':
+    from rrt_jax.data.byte_tokenizer import ByteTokenizer
+    return ByteTokenizer()
+  raise ValueError(f'Unknown data.tokenizer {name!r}: choose smollm2 or bytes.')
 
 
 def init_distributed(c: ml_collections.ConfigDict) -> None:
@@ -118,12 +127,11 @@ def train(c: ml_collections.ConfigDict, workdir: str, source=None, tokenizer=Non
           stop_after: int | None = None) -> list[dict]:
   """Runs uptraining; returns the logged metrics. `source`/`tokenizer` override the TFDS split and SmolLM2
   tokenizer (tests); `stop_after` stops (with a checkpoint) after that many steps of this run."""
-  from rrt_jax.data.pipeline import PipelineConfig, lm_dataset
+  from rrt_jax.data.pipeline import CheckpointableIterator, PipelineConfig, lm_dataset
   init_distributed(c)
   os.makedirs(workdir, exist_ok=True)
   if tokenizer is None:
-    from rrt_jax.convert.gguf import load_tokenizer
-    tokenizer = load_tokenizer()
+    tokenizer = make_tokenizer(c.data.tokenizer)
   if source is None:
     from rrt_jax.data.tfds_builder import text_source
     source = text_source(c.data.split)
@@ -161,15 +169,14 @@ def train(c: ml_collections.ConfigDict, workdir: str, source=None, tokenizer=Non
   pipe = lm_dataset(source, tokenizer, PipelineConfig(c.data.seq_len, c.data.global_batch // jax.process_count(),
                                                       seed=c.data.seed, worker_count=c.data.worker_count),
                     eos_id=EOS_ID, max_seq_len=cfg.max_seq_len)
-  data_iter = iter(pipe)
+  data_iter = CheckpointableIterator(iter(pipe))
 
   ckpts = TrainCheckpoints(workdir, c.checkpoint.every_steps, c.checkpoint.keep, c.checkpoint.async_save)
   ckpts.write_configs(workdir, cfg, rec)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
-  restored = ckpts.restore_latest(abstract)
+  restored = ckpts.restore_latest(abstract, data_iter)
   if restored is not None:
-    start_step, state, data_state = restored
-    data_iter.set_state(data_state)
+    start_step, state = restored
     log.info('resumed from step %d', start_step)
 
   flops_per_token = flops.train_flops_per_token(cfg, rec, c.data.seq_len, exits=rec.loops,
@@ -212,13 +219,13 @@ def train(c: ml_collections.ConfigDict, workdir: str, source=None, tokenizer=Non
         writer.write(done, scalars)
         history.append({'step': done, **scalars})
         bar.set_postfix(loss=f'{scalars["loss"]:.3f}', tok_s=f'{tokens_per_s:,.0f}', mfu=f'{scalars["mfu"]:.1%}')
-      if ckpts.save(done, state, data_iter.get_state()):
+      if ckpts.save(done, state, data_iter):
         last_good = done
       if preemption.requested:
-        ckpts.save(done, state, data_iter.get_state(), force=True)
+        ckpts.save(done, state, data_iter, force=True)
         break
     else:
-      ckpts.save(end, state, data_iter.get_state(), force=True)
+      ckpts.save(end, state, data_iter, force=True)
   finally:
     preemption.restore()
     ckpts.close()
