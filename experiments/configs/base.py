@@ -32,6 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.seq_len = 256
   c.data.global_batch = 8
   c.data.worker_count = 0
+  c.data.shards = 0  # Virtual data shards (0 = one per process); fixed shards make runs host-count independent.
   c.data.seed = 0
 
   c.train = ml_collections.ConfigDict()
@@ -71,7 +72,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed.coordinator = ''  # host:port; empty = single process (or the platform's auto-detection).
   c.distributed.num_processes = 1
   c.distributed.process_id = 0
-  c.distributed.local_device_count = 0  # > 0: emulate this many CPU devices per process (tests).
   return c
 
 

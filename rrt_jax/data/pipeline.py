@@ -113,23 +113,33 @@ def _fix_tuples(state):
 
 
 class CheckpointableIterator:
-  """A grain iterator whose state is JSON bytes that round-trip exactly (for Orbax via grain's handler)."""
+  """Iterators over one or more data shards, concatenated row-wise into one batch per step, with a JSON
+  (bytes) state that round-trips exactly (for Orbax, through grain's per-process checkpoint handler)."""
 
-  def __init__(self, iterator):
-    self._it = iterator
+  def __init__(self, iterators):
+    self._its = list(iterators) if isinstance(iterators, list | tuple) else [iterators]
 
   def __iter__(self):
     return self
 
   def __next__(self):
-    return next(self._it)
+    batches = [next(it) for it in self._its]
+    if len(batches) == 1:
+      return batches[0]
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
   def get_state(self) -> bytes:
-    return json.dumps(self._it.get_state()).encode()
+    return json.dumps([it.get_state() for it in self._its]).encode()
 
   def set_state(self, state: bytes) -> None:
-    self._it.set_state(_fix_tuples(json.loads(state)))
+    states = json.loads(state)
+    if len(states) != len(self._its):
+      raise ValueError(f'The checkpoint holds {len(states)} data shard states for this process, the pipeline '
+                       f'has {len(self._its)}: keep data.shards and the process count the run started with.')
+    for it, st in zip(self._its, states, strict=True):
+      it.set_state(_fix_tuples(st))
 
   def start_prefetch(self) -> None:
-    if hasattr(self._it, 'start_prefetch'):
-      self._it.start_prefetch()
+    for it in self._its:
+      if hasattr(it, 'start_prefetch'):
+        it.start_prefetch()

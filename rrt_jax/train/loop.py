@@ -67,6 +67,8 @@ def make_tokenizer(name: str):
 def init_distributed(c: ml_collections.ConfigDict) -> None:
   d = c.distributed
   if d.coordinator:
+    if os.environ.get('JAX_PLATFORMS') == 'cpu':  # (Asking jax for its backend here would initialise it.)
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # Cross-process CPU collectives.
     jax.distributed.initialize(coordinator_address=d.coordinator, num_processes=d.num_processes,
                                process_id=d.process_id)
 
@@ -123,11 +125,30 @@ def _scalars(metrics: dict) -> dict:
   return out
 
 
+def data_iterators(c: ml_collections.ConfigDict, source, tokenizer, max_seq_len: int) -> list:
+  """This process's iterators: data.shards virtual shards (0 = one per process) split over the processes, so
+  the global batch is the same whatever the number of hosts (rows of shard i are rows i*b .. (i+1)*b - 1)."""
+  from rrt_jax.data.pipeline import PipelineConfig, lm_dataset
+  shards = c.data.shards or jax.process_count()
+  if shards % jax.process_count():
+    raise ValueError(f'data.shards={shards} must be a multiple of the {jax.process_count()} processes.')
+  if c.data.global_batch % shards:
+    raise ValueError(f'data.global_batch={c.data.global_batch} must divide over data.shards={shards}.')
+  if c.data.global_batch % c.train.grad_accum:
+    raise ValueError(f'data.global_batch={c.data.global_batch} must be a multiple of train.grad_accum.')
+  per_process = shards // jax.process_count()
+  config = PipelineConfig(c.data.seq_len, c.data.global_batch // shards, seed=c.data.seed,
+                          worker_count=c.data.worker_count)
+  first = jax.process_index() * per_process
+  return [iter(lm_dataset(source, tokenizer, config, eos_id=EOS_ID, max_seq_len=max_seq_len, shard_index=i,
+                          shard_count=shards)) for i in range(first, first + per_process)]
+
+
 def train(c: ml_collections.ConfigDict, workdir: str, source=None, tokenizer=None,
           stop_after: int | None = None) -> list[dict]:
   """Runs uptraining; returns the logged metrics. `source`/`tokenizer` override the TFDS split and SmolLM2
   tokenizer (tests); `stop_after` stops (with a checkpoint) after that many steps of this run."""
-  from rrt_jax.data.pipeline import CheckpointableIterator, PipelineConfig, lm_dataset
+  from rrt_jax.data.pipeline import CheckpointableIterator
   init_distributed(c)
   os.makedirs(workdir, exist_ok=True)
   if tokenizer is None:
@@ -162,14 +183,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, source=None, tokenizer=Non
   step_fn = jax.jit(make_train_step(Decoder(cfg, rec), teacher, tx, loss_cfg, c.train.grad_accum),
                     donate_argnums=(0,), out_shardings=(state_shardings, replicated(mesh)))
 
-  if c.data.global_batch % jax.process_count():
-    raise ValueError(f'data.global_batch={c.data.global_batch} must divide over {jax.process_count()} hosts.')
-  if c.data.global_batch % c.train.grad_accum:
-    raise ValueError(f'data.global_batch={c.data.global_batch} must be a multiple of train.grad_accum.')
-  pipe = lm_dataset(source, tokenizer, PipelineConfig(c.data.seq_len, c.data.global_batch // jax.process_count(),
-                                                      seed=c.data.seed, worker_count=c.data.worker_count),
-                    eos_id=EOS_ID, max_seq_len=cfg.max_seq_len)
-  data_iter = CheckpointableIterator(iter(pipe))
+  data_iter = CheckpointableIterator(data_iterators(c, source, tokenizer, cfg.max_seq_len))
 
   ckpts = TrainCheckpoints(workdir, c.checkpoint.every_steps, c.checkpoint.keep, c.checkpoint.async_save)
   ckpts.write_configs(workdir, cfg, rec)

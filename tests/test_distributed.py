@@ -1,0 +1,64 @@
+"""Multi-device and multi-process training on emulated CPU devices (subprocesses: the device count is fixed
+when jax starts)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from launch.local import commands, launch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--config=experiments/configs/tiny_cpu.py', '--config.log_every=1', '--config.data.split=validation',
+        '--config.data.shards=2', '--config.loss.kd_weight=1.0']
+
+
+def _single_process(workdir, *flags, devices=8):
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+  out = subprocess.run([sys.executable, '-m', 'experiments.train', *TINY, f'--workdir={workdir}', *flags],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return {r['step']: r['loss'] for r in map(json.loads, f)}
+
+
+def test_two_processes_equal_one_process(tmp_path):
+  steps = ['--config.train.steps=3', '--config.mesh.data=2', '--config.mesh.fsdp=4']
+  _single_process(tmp_path / 'one', *steps)
+  results = launch(2, 4, [*TINY, f'--workdir={tmp_path / "two"}', *steps], timeout=600)
+  for r in results:
+    assert r.returncode == 0, r.stderr[-3000:]
+  one, two = _losses(tmp_path / 'one'), _losses(tmp_path / 'two')
+  assert sorted(one) == sorted(two) == [1, 2, 3]
+  np.testing.assert_allclose([two[s] for s in (1, 2, 3)], [one[s] for s in (1, 2, 3)], rtol=1e-5)
+
+
+def test_restore_onto_a_different_mesh(tmp_path):
+  base = ['--config.checkpoint.every_steps=3']
+  _single_process(tmp_path / 'full', *base, '--config.train.steps=5', '--config.mesh.data=2',
+                  '--config.mesh.fsdp=4')
+  _single_process(tmp_path / 'moved', *base, '--config.train.steps=3', '--config.mesh.data=2',
+                  '--config.mesh.fsdp=4')
+  # Same run continued on a mesh of another shape (8-way data parallel, unsharded params).
+  _single_process(tmp_path / 'moved', *base, '--config.train.steps=5', '--config.mesh.data=8',
+                  '--config.mesh.fsdp=1')
+  full, moved = _losses(tmp_path / 'full'), _losses(tmp_path / 'moved')
+  assert sorted(moved) == [1, 2, 3, 4, 5]
+  np.testing.assert_allclose([moved[s] for s in (4, 5)], [full[s] for s in (4, 5)], rtol=1e-5)
+
+
+def test_launcher_dry_run_prints_every_process():
+  out = subprocess.run([sys.executable, '-m', 'launch.local', '--dry_run', '--processes=3', '--port=2222', '--',
+                        '--config=x.py', '--workdir=/w'], cwd=ROOT, capture_output=True, text=True, timeout=60)
+  assert out.returncode == 0, out.stderr
+  lines = out.stdout.strip().splitlines()
+  assert len(lines) == 3
+  for pid, line in enumerate(lines):
+    assert 'XLA_FLAGS=--xla_force_host_platform_device_count=4' in line
+    assert f'--config.distributed.process_id={pid}' in line and '127.0.0.1:2222' in line
+  assert commands(2, 4, 1, 'm', [])[1][1][-1] == '--config.distributed.process_id=1'
