@@ -14,10 +14,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 from experiments.configs import tiny_cpu
-from rrt_jax.convert import to_recursive
 from rrt_jax.data.byte_tokenizer import ByteTokenizer
 from rrt_jax.data.tfds_builder import text_source
-from rrt_jax.train.loop import load_original, recursion_config, train
+from rrt_jax.train.loop import initial_variables, load_original, recursion_config, train
+from rrt_jax.train.sharding import make_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,8 +86,8 @@ def test_nan_loss_stops_with_a_clear_message(real_text, tmp_path):
 def test_freezing_the_shared_weights_trains_only_lora(real_text, tmp_path):
   config = tiny(**{'train.steps': 3, 'train.freeze_shared': True, 'log_every': 3})
   train(config, str(tmp_path), source=real_text, tokenizer=ByteTokenizer())
-  cfg, vanilla = load_original(config, ByteTokenizer().get_vocab_size())
-  initial = to_recursive(vanilla, cfg, recursion_config(config))
+  cfg, _ = load_original(config, ByteTokenizer().get_vocab_size())
+  initial, _ = initial_variables(config, cfg, recursion_config(config), None, make_mesh(), False)
   restored = ocp.StandardCheckpointer().restore(str(tmp_path / 'checkpoints' / '3' / 'state'))
   jax.tree.map(np.testing.assert_array_equal, restored['variables']['params'], jax.device_get(initial['params']))
   changed = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),

@@ -33,9 +33,11 @@ def variable_shapes(cfg: ModelConfig, rec: RecursionConfig) -> dict:
   return nn.meta.unbox(jax.eval_shape(_init_fn(cfg, rec), jax.random.key(0)))
 
 
-def init_variables(cfg: ModelConfig, rec: RecursionConfig, rng: jax.Array) -> dict:
-  """Random variables {'params', 'lora'?} as plain arrays."""
-  return nn.meta.unbox(jax.jit(_init_fn(cfg, rec))(rng))
+def init_variables(cfg: ModelConfig, rec: RecursionConfig, rng: jax.Array, shardings=None) -> dict:
+  """Random variables {'params', 'lora'?} as plain arrays; with `shardings` (a matching pytree of
+  jax.sharding.Sharding) each leaf is created directly in its sharding, never whole on one device."""
+  init = lambda key: nn.meta.unbox(_init_fn(cfg, rec)(key))  # noqa: E731
+  return jax.jit(init, out_shardings=shardings)(rng)
 
 
 def logical_axes(cfg: ModelConfig, rec: RecursionConfig) -> dict:

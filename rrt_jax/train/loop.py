@@ -36,7 +36,8 @@ def recursion_config(c: ml_collections.ConfigDict) -> RecursionConfig:
 
 
 def load_original(c: ml_collections.ConfigDict, vocab_size: int) -> tuple[ModelConfig, dict]:
-  """The original (teacher) model: the packaged SmolLM2, an HF checkpoint, or a random preset."""
+  """The original (teacher) model: the packaged SmolLM2, an HF checkpoint, or a random preset (variables
+  None: random models are initialised directly into their shardings by `initial_variables`)."""
   m = c.model
   if m.source == 'smollm2':
     from rrt_jax.convert.gguf import load_gguf
@@ -47,8 +48,7 @@ def load_original(c: ml_collections.ConfigDict, vocab_size: int) -> tuple[ModelC
     from rrt_jax.convert.hf import load_hf
     cfg, variables = load_hf(m.path)
   elif m.source == 'random':
-    cfg = presets.get(m.preset).replace(vocab_size=vocab_size)
-    variables = jax.tree.map(np.asarray, init_variables(cfg, RecursionConfig(), jax.random.key(c.train.seed)))
+    cfg, variables = presets.get(m.preset).replace(vocab_size=vocab_size), None
   else:
     raise ValueError(f'Unknown model.source {m.source!r}: choose smollm2, hf or random.')
   return cfg.replace(dtype=m.dtype, remat=m.remat), variables
@@ -125,6 +125,22 @@ def _scalars(metrics: dict) -> dict:
   return out
 
 
+def initial_variables(c: ml_collections.ConfigDict, cfg: ModelConfig, rec: RecursionConfig, vanilla: dict | None,
+                      mesh, use_teacher: bool) -> tuple[dict, dict | None]:
+  """(student, teacher) variables placed with their shardings. Pretrained weights are converted on the host
+  and each leaf is placed sharded; random weights are created sharded (no full copy on one device)."""
+  student_shardings = variable_shardings(cfg, rec, mesh)
+  teacher_shardings = variable_shardings(cfg, RecursionConfig(), mesh)
+  if vanilla is None:
+    key = jax.random.key(c.train.seed)
+    student = init_variables(cfg, rec, key, student_shardings)
+    teacher = init_variables(cfg, RecursionConfig(), jax.random.fold_in(key, 1), teacher_shardings)
+  else:
+    student = jax.device_put(to_recursive(vanilla, cfg, rec), student_shardings)
+    teacher = jax.device_put(vanilla, teacher_shardings)
+  return student, teacher if use_teacher else None
+
+
 def data_iterators(c: ml_collections.ConfigDict, source, tokenizer, max_seq_len: int) -> list:
   """This process's iterators: data.shards virtual shards (0 = one per process) split over the processes, so
   the global batch is the same whatever the number of hosts (rows of shard i are rows i*b .. (i+1)*b - 1)."""
@@ -162,10 +178,8 @@ def train(c: ml_collections.ConfigDict, workdir: str, source=None, tokenizer=Non
   rec = recursion_config(c)
   log.info('model %s, %s; mesh %s', cfg.family, rec, dict(mesh.shape))
 
-  # Conversion runs on host arrays; each leaf is then placed with its sharding (no full copy on one device).
-  student_vars = jax.device_put(to_recursive(vanilla, cfg, rec), variable_shardings(cfg, rec, mesh))
   use_teacher = c.loss.kd_weight > 0
-  teacher_vars = jax.device_put(vanilla, variable_shardings(cfg, RecursionConfig(), mesh)) if use_teacher else None
+  student_vars, teacher_vars = initial_variables(c, cfg, rec, vanilla, mesh, use_teacher)
   del vanilla
 
   schedule = learning_rate_schedule(c.train.lr, c.train.steps, c.train.warmup_steps, c.train.decay,
