@@ -38,16 +38,18 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxSxD: jax.Array, positions_BxS: jax.Array, mask_BxSxT: jax.Array,
-               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+               cache: KVCache | None = None, kv_x_BxSxD: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+    """kv_x: input of the K/V projections when it differs from the queries' (early-exit state propagation)."""
     cfg = self.cfg
+    kv_x = x_BxSxD if kv_x_BxSxD is None else kv_x_BxSxD
     b, s, _ = x_BxSxD.shape
     h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     dense = lambda name, features, axes: LoraDense(  # noqa: E731
         features, axes, use_bias=cfg.attn_bias, lora=self.lora[name], dtype=cfg.dtype,
         param_dtype=cfg.param_dtype, name=name)
     q = dense('q', h * hd, ('embed', 'heads'))(x_BxSxD).reshape(b, s, h, hd)
-    k = dense('k', kvh * hd, ('embed', 'kv'))(x_BxSxD).reshape(b, s, kvh, hd)
-    v = dense('v', kvh * hd, ('embed', 'kv'))(x_BxSxD).reshape(b, s, kvh, hd)
+    k = dense('k', kvh * hd, ('embed', 'kv'))(kv_x).reshape(b, s, kvh, hd)
+    v = dense('v', kvh * hd, ('embed', 'kv'))(kv_x).reshape(b, s, kvh, hd)
     q = apply_rotary(q, positions_BxS, cfg.rope_theta, cfg.rotary_dim)
     k = apply_rotary(k, positions_BxS, cfg.rope_theta, cfg.rotary_dim)
 

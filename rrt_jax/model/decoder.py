@@ -80,13 +80,20 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, h_BxSxD: jax.Array, cache: KVCache | None, positions_BxS: jax.Array,
-               mask_BxSxT: jax.Array) -> tuple[jax.Array, KVCache | None]:
+               mask_BxSxT: jax.Array, kv_state=None) -> tuple[jax.Array, KVCache | None]:
+    """kv_state: None, or (state [B, S, D], rows [B] bool): for those rows the K/V written to the cache are
+    computed from `state` (CALM-style propagation of an early-exited token's hidden state)."""
     cfg, rec = self.cfg, self.rec
     specs = lora_specs(cfg, rec)
     norm = functools.partial(Norm, cfg.norm, cfg.norm_eps, rec.has_lora and rec.relax_vectors, cfg.dtype,
                              cfg.param_dtype)
-    attn_out, new_cache = Attention(cfg, specs, name='attn')(
-        norm(name='attn_norm')(h_BxSxD), positions_BxS, mask_BxSxT, cache)
+    attn_norm = norm(name='attn_norm')
+    attn_in = attn_norm(h_BxSxD)
+    kv_in = None
+    if kv_state is not None:
+      state, rows = kv_state
+      kv_in = jnp.where(rows[:, None, None], attn_norm(state), attn_in)
+    attn_out, new_cache = Attention(cfg, specs, name='attn')(attn_in, positions_BxS, mask_BxSxT, cache, kv_in)
     mlp = Mlp(cfg, specs, name='mlp')
     if cfg.parallel_residual:
       h = h_BxSxD + attn_out + mlp(norm(name='mlp_norm')(h_BxSxD))
@@ -103,7 +110,7 @@ def _maybe_remat(layer_cls: type[nn.Module], policy: str) -> type[nn.Module]:
   return nn.remat(layer_cls, policy=REMAT_POLICIES[policy], prevent_cse=False)
 
 
-_BROADCAST_ARGS = (0, nn.broadcast, nn.broadcast)  # (cache slice, positions, mask)
+_BROADCAST_ARGS = (0, nn.broadcast, nn.broadcast, nn.broadcast)  # (cache slice, positions, mask, kv_state)
 
 
 def _scan(target, length: int, axis_name: str, params_scanned: bool, lora_axis: int = 0,
@@ -126,10 +133,10 @@ class CycleLoop(nn.Module):
   rec: RecursionConfig
 
   @nn.compact
-  def __call__(self, h_BxSxD, cache_K, positions_BxS, mask_BxSxT):
+  def __call__(self, h_BxSxD, cache_K, positions_BxS, mask_BxSxT, kv_state=None):
     layers = _scan(_maybe_remat(DecoderLayer, self.cfg.remat), self.rec.shared_layers(self.cfg.num_layers),
                    'layers', params_scanned=True)
-    h, new_cache = layers(self.cfg, self.rec, name='layer')(h_BxSxD, cache_K, positions_BxS, mask_BxSxT)
+    h, new_cache = layers(self.cfg, self.rec, name='layer')(h_BxSxD, cache_K, positions_BxS, mask_BxSxT, kv_state)
     return h, (h, new_cache)  # Emit the loop's final hidden state: every loop is an exit.
 
 
@@ -140,9 +147,9 @@ class SequenceRepeat(nn.Module):
   rec: RecursionConfig
 
   @nn.compact
-  def __call__(self, h_BxSxD, cache_B, positions_BxS, mask_BxSxT):
+  def __call__(self, h_BxSxD, cache_B, positions_BxS, mask_BxSxT, kv_state=None):
     repeats = _scan(_maybe_remat(DecoderLayer, self.cfg.remat), self.rec.loops, 'loops', params_scanned=False)
-    return repeats(self.cfg, self.rec, name='layer')(h_BxSxD, cache_B, positions_BxS, mask_BxSxT)
+    return repeats(self.cfg, self.rec, name='layer')(h_BxSxD, cache_B, positions_BxS, mask_BxSxT, kv_state)
 
 
 class RecursiveStack(nn.Module):
@@ -157,16 +164,16 @@ class RecursiveStack(nn.Module):
   rec: RecursionConfig
 
   @nn.compact
-  def __call__(self, h_BxSxD, cache, positions_BxS, mask_BxSxT):
+  def __call__(self, h_BxSxD, cache, positions_BxS, mask_BxSxT, kv_state=None):
     cfg, rec = self.cfg, self.rec
     if rec.looping == Looping.CYCLE:
       loops = _scan(CycleLoop, rec.loops, 'loops', params_scanned=False)
       _, (hidden_ExBxSxD, new_cache) = loops(cfg, rec, name='block')(h_BxSxD, cache, positions_BxS,
-                                                                     mask_BxSxT)
+                                                                     mask_BxSxT, kv_state)
       return hidden_ExBxSxD, new_cache
     groups = _scan(SequenceRepeat, rec.shared_layers(cfg.num_layers), 'layers', params_scanned=True, lora_axis=1,
-                   in_axes=(1, nn.broadcast, nn.broadcast), out_axes=1)
-    h, new_cache = groups(cfg, rec, name='block')(h_BxSxD, cache, positions_BxS, mask_BxSxT)
+                   in_axes=(1, nn.broadcast, nn.broadcast, nn.broadcast), out_axes=1)
+    h, new_cache = groups(cfg, rec, name='block')(h_BxSxD, cache, positions_BxS, mask_BxSxT, kv_state)
     return h[None], new_cache
 
 
@@ -211,6 +218,14 @@ class Decoder(nn.Module):
         raise ValueError('segment_ids are for packed training sequences; decode one sequence per row.')
       mask = cache_mask(positions_BxS, cache['k'].shape[3])
     return self.stack(self.embedder(tokens_BxS), cache, positions_BxS, mask)
+
+  def embed(self, tokens_BxS: jax.Array) -> jax.Array:
+    return self.embedder(tokens_BxS)
+
+  def decode_stack(self, h_BxSxD: jax.Array, positions_BxS: jax.Array, cache: KVCache, kv_state=None):
+    """Runs the stack on already-embedded inputs against a cache (one loop when rec.loops == 1): the
+    building block of loop-by-loop early-exit decoding."""
+    return self.stack(h_BxSxD, cache, positions_BxS, cache_mask(positions_BxS, cache['k'].shape[3]), kv_state)
 
   def logits(self, hidden_xD: jax.Array) -> jax.Array:
     """The shared exit head: final norm then LM head, fp32 logits. Any loop's hidden state can go in."""

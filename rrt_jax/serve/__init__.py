@@ -1,0 +1,1 @@
+"""Serving: KV-cached generation with per-token early exit."""

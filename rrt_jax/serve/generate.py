@@ -1,0 +1,218 @@
+"""KV-cached generation with confidence-based early exit per token, inside jit.
+
+Prefill runs every loop over the (length-bucketed) prompts. Each decode step then runs the recursive block
+loop by loop: after loop b the shared final norm + head give a confidence; a token whose confidence reaches the
+threshold exits and emits its token from that loop. The (loop, layer) cache entries it skips are filled either
+by propagating its exit hidden state through those layers' K/V projections (kv_fill='propagate', CALM-style)
+or by computing the skipped loops in full (kv_fill='full', the oracle). threshold >= 1 disables exiting, which
+gives exactly the no-exit output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rrt_jax.config import Looping
+from rrt_jax.model import Decoder, init_cache
+
+CONFIDENCES = ('max_prob', 'margin', 'saturation')
+KV_FILLS = ('propagate', 'full')
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  temperature: float = 0.0  # 0 = greedy.
+  top_k: int = 0  # 0 = no top-k filter.
+  top_p: float = 1.0  # 1 = no nucleus filter.
+  seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitConfig:
+  threshold: float = 1.0  # >= 1 never exits early.
+  confidence: str = 'max_prob'  # max softmax prob | top-1 minus top-2 prob | cosine(h_b, h_{b-1})
+  kv_fill: str = 'propagate'
+
+  def __post_init__(self):
+    if self.confidence not in CONFIDENCES:
+      raise ValueError(f'Unknown confidence {self.confidence!r}: choose one of {CONFIDENCES}.')
+    if self.kv_fill not in KV_FILLS:
+      raise ValueError(f'Unknown kv_fill {self.kv_fill!r}: choose one of {KV_FILLS}.')
+
+
+@dataclasses.dataclass
+class Generation:
+  tokens: list[list[int]]  # Generated ids per prompt (stop token excluded).
+  exit_loops: list[list[int]]  # 1-based loop at which each generated token exited.
+
+
+def confidence(kind: str, logits_BxV: jax.Array, h_BxD: jax.Array, h_prev_BxD: jax.Array) -> jax.Array:
+  if kind == 'saturation':
+    cos = jnp.sum(h_BxD * h_prev_BxD, -1) / (jnp.linalg.norm(h_BxD, axis=-1) * jnp.linalg.norm(h_prev_BxD, axis=-1)
+                                             + 1e-6)
+    return cos.astype(jnp.float32)
+  probs = jax.nn.softmax(logits_BxV.astype(jnp.float32), axis=-1)
+  if kind == 'max_prob':
+    return jnp.max(probs, axis=-1)
+  top2 = jax.lax.top_k(probs, 2)[0]
+  return top2[:, 0] - top2[:, 1]
+
+
+def sample(logits_BxV: jax.Array, sampling: SamplingConfig, rng: jax.Array) -> jax.Array:
+  if sampling.temperature <= 0:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  logits = logits_BxV.astype(jnp.float32) / sampling.temperature
+  if sampling.top_k:
+    kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if sampling.top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
+    cutoff_index = jnp.sum(cum < sampling.top_p, axis=-1, keepdims=True)
+    cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+  """Next power of two >= n: prompts of similar length share one compiled prefill."""
+  return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+class Generator:
+  """Jitted prefill and early-exit decode step for one model; reuse it across calls to reuse compilations."""
+
+  def __init__(self, model: Decoder, exit_cfg: ExitConfig = ExitConfig(), sampling: SamplingConfig = SamplingConfig()):
+    if exit_cfg.threshold < 1.0 and model.rec.looping != Looping.CYCLE:
+      raise ValueError('Early exit needs looping=cycle: under SEQUENCE a loop does not end in a full state.')
+    self.model, self.exit_cfg, self.sampling = model, exit_cfg, sampling
+    self.one_loop = Decoder(model.cfg.replace(num_layers=model.rec.shared_layers(model.cfg.num_layers)),
+                            model.rec.replace(loops=1))
+    self.prefill = jax.jit(self._prefill)
+    self.step = jax.jit(self._step, donate_argnums=(3,))
+
+  def _choose(self, per_loop_logits, per_loop_conf, rng):
+    """First loop whose confidence reaches the threshold (else the last) -> (token, 1-based exit loop)."""
+    loops = len(per_loop_logits)
+    exited = jnp.zeros(per_loop_logits[0].shape[0], bool)
+    chosen, exit_loop = per_loop_logits[-1], jnp.full(exited.shape, loops, jnp.int32)
+    for b in range(loops):
+      newly = ~exited & ((per_loop_conf[b] >= self.exit_cfg.threshold) if self.exit_cfg.threshold < 1.0
+                         else jnp.zeros_like(exited))
+      chosen = jnp.where(newly[:, None], per_loop_logits[b], chosen)
+      exit_loop = jnp.where(newly, b + 1, exit_loop)
+      exited |= newly
+    return sample(chosen, self.sampling, rng), exit_loop
+
+  def _prefill(self, variables, tokens_BxS, lengths_B, cache, rng):
+    positions = jnp.broadcast_to(jnp.arange(tokens_BxS.shape[1]), tokens_BxS.shape)
+    hidden, cache = self.model.apply(variables, tokens_BxS, positions, cache=cache,
+                                     method=Decoder.hidden_states)
+    last = jnp.take_along_axis(hidden, (lengths_B - 1)[None, :, None, None], axis=2)[:, :, 0]  # [E, B, D]
+    logits = [self.model.apply(variables, last[b], method=Decoder.logits) for b in range(last.shape[0])]
+    prev = [self.model.apply(variables, tokens_BxS, method=Decoder.embed)[jnp.arange(tokens_BxS.shape[0]),
+                                                                           lengths_B - 1]] + list(last[:-1])
+    conf = [confidence(self.exit_cfg.confidence, logits[b], last[b], prev[b]) for b in range(len(logits))]
+    token, exit_loop = self._choose(logits, conf, rng)
+    return token, exit_loop, cache
+
+  def _loop_variables(self, variables, b):
+    out = {'params': variables['params']}
+    if 'lora' in variables:
+      out['lora'] = jax.tree.map(lambda x: x[b:b + 1], variables['lora'])
+    return out
+
+  def _step(self, variables, tokens_B, positions_B, cache, rng):
+    """One token per row at its own position: loop-by-loop with early exit."""
+    model, rec = self.model, self.model.rec
+    tokens, positions = tokens_B[:, None], positions_B[:, None]
+    h = model.apply(variables, tokens, method=Decoder.embed)
+    exited = jnp.zeros(tokens_B.shape, bool)
+    exit_h = jnp.zeros_like(h)
+    logits_per_loop, conf_per_loop, new_k, new_v = [], [], [], []
+    for b in range(rec.loops):
+      kv_state = (exit_h, exited) if self.exit_cfg.kv_fill == 'propagate' else None
+      loop_cache = {'k': cache['k'][b:b + 1], 'v': cache['v'][b:b + 1]}
+      hidden, loop_cache = self.one_loop.apply(self._loop_variables(variables, b), h, positions, loop_cache,
+                                               kv_state, method=Decoder.decode_stack)
+      h_next = hidden[-1]
+      logits = model.apply(variables, h_next, method=Decoder.logits)[:, -1]
+      conf = confidence(self.exit_cfg.confidence, logits, h_next[:, -1], h[:, -1])
+      if self.exit_cfg.threshold < 1.0:
+        newly = ~exited & (conf >= self.exit_cfg.threshold)
+        exit_h = jnp.where(newly[:, None, None], h_next, exit_h)
+        exited |= newly
+      logits_per_loop.append(logits)
+      conf_per_loop.append(conf)
+      new_k.append(loop_cache['k'])
+      new_v.append(loop_cache['v'])
+      h = h_next
+    token, exit_loop = self._choose(logits_per_loop, conf_per_loop, rng)
+    return token, exit_loop, {'k': jnp.concatenate(new_k), 'v': jnp.concatenate(new_v)}
+
+
+def validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_new_tokens: int,
+                     max_len: int) -> None:
+  """Clear errors for requests the model cannot serve."""
+  if not prompts:
+    raise ValueError('No prompts given.')
+  for i, p in enumerate(prompts):
+    if len(p) == 0:
+      raise ValueError(f'Prompt {i} is empty: give at least one token (e.g. the BOS token).')
+    bad = [t for t in p if not 0 <= int(t) < vocab_size]
+    if bad:
+      raise ValueError(f'Prompt {i} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}.')
+    if len(p) + max_new_tokens > max_len:
+      raise ValueError(f'Prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it needs '
+                       f'{len(p) + max_new_tokens} cache slots but max_len is {max_len}: shorten the prompt, '
+                       'generate fewer tokens or raise max_len.')
+
+
+def generate(model: Decoder, variables: dict, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,
+             sampling: SamplingConfig = SamplingConfig(), exit_cfg: ExitConfig = ExitConfig(),
+             stop_tokens: Sequence[int] = (), max_len: int | None = None,
+             generator: Generator | None = None) -> Generation:
+  """Generates for a batch of prompts of different lengths; see the module docstring."""
+  cfg = model.cfg
+  max_len = max_len or bucket(max(len(p) for p in prompts) + max_new_tokens) if prompts else 0
+  validate_prompts(prompts, cfg.vocab_size, max_new_tokens, min(max_len, cfg.max_seq_len))
+  gen = generator or Generator(model, exit_cfg, sampling)
+  rows = len(prompts)
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  width = bucket(int(lengths.max()))
+  tokens = np.zeros((rows, width), np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, :len(p)] = p
+  cache = init_cache(cfg, model.rec, rows, max(max_len, width))
+  rng = jax.random.key(sampling.seed)
+  token, exit_loop, cache = gen.prefill(variables, jnp.asarray(tokens), jnp.asarray(lengths), cache,
+                                        jax.random.fold_in(rng, 0))
+  out = [[] for _ in range(rows)]
+  exits = [[] for _ in range(rows)]
+  done = np.zeros(rows, bool)
+  positions = lengths.copy()
+  stop = set(int(t) for t in stop_tokens)
+  for step in range(max_new_tokens):
+    token_np, exit_np = np.asarray(token), np.asarray(exit_loop)
+    for i in range(rows):
+      if done[i]:
+        continue
+      if int(token_np[i]) in stop:
+        done[i] = True
+        continue
+      out[i].append(int(token_np[i]))
+      exits[i].append(int(exit_np[i]))
+    if done.all() or step == max_new_tokens - 1:
+      break
+    token, exit_loop, cache = gen.step(variables, token, jnp.asarray(positions), cache,
+                                       jax.random.fold_in(rng, step + 1))
+    positions += 1
+  return Generation(out, exits)
+
+

@@ -1,0 +1,106 @@
+"""Generation: cached early-exit decoding against full recompute; threshold 1.0 is the no-exit output;
+bad requests get clear errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from unroll import perturb
+
+from rrt_jax import Decoder, RecursionConfig, presets
+from rrt_jax.model import init_cache, init_variables
+from rrt_jax.serve.generate import ExitConfig, Generator, SamplingConfig, generate
+
+CFG = presets.TINY_GEMMA
+PROMPTS = [[5, 17, 3], [9, 2, 44, 101, 7, 8, 300], [11]]
+
+
+@pytest.fixture(scope='module')
+def relaxed():
+  rec = RecursionConfig(loops=3, lora_rank=4)
+  variables = jax.tree.map(jnp.asarray, perturb(init_variables(CFG, rec, jax.random.key(0)), 0, 0.05))
+  return Decoder(CFG, rec), variables
+
+
+def reference_greedy(model, variables, prompt, steps, exit_index=-1):
+  """Full recompute every step (no cache); the token is the argmax of exit `exit_index`'s logits. Sequences
+  are right-padded to 16 so one compilation serves every step (causal: padding does not change them)."""
+  forward = jax.jit(lambda v, t: model.apply(v, t, all_exits=True)[0])
+  seq = list(prompt)
+  for _ in range(steps):
+    padded = np.zeros((1, 16), np.int32)
+    padded[0, :len(seq)] = seq
+    logits = forward(variables, jnp.asarray(padded))
+    seq.append(int(jnp.argmax(logits[exit_index, 0, len(seq) - 1])))
+  return seq[len(prompt):]
+
+
+def test_threshold_one_is_the_no_exit_output(relaxed):
+  model, variables = relaxed
+  out = generate(model, variables, PROMPTS, max_new_tokens=6, exit_cfg=ExitConfig(threshold=1.0))
+  for prompt, tokens, exits in zip(PROMPTS, out.tokens, out.exit_loops, strict=True):
+    assert tokens == reference_greedy(model, variables, prompt, 6)
+    assert exits == [3] * 6
+
+
+def test_exit_at_the_first_loop_with_full_kv_is_exit_one_greedy(relaxed):
+  """threshold 0: every token exits after loop 1; with kv_fill='full' the cache is the no-exit cache, so the
+  tokens are the greedy tokens of exit 1 of the full model."""
+  model, variables = relaxed
+  out = generate(model, variables, PROMPTS, max_new_tokens=5, exit_cfg=ExitConfig(threshold=0.0, kv_fill='full'))
+  for prompt, tokens, exits in zip(PROMPTS, out.tokens, out.exit_loops, strict=True):
+    assert tokens == reference_greedy(model, variables, prompt, 5, exit_index=0)
+    assert exits == [1] * 5
+
+
+def test_propagated_kv_comes_from_the_exit_state(relaxed):
+  """All tokens exit after loop 1 (threshold 0). Full mode feeds loop 2 with the loop-1 state, i.e. the exit
+  state, so at (loop 2, layer 1) both modes write the same K/V; deeper skipped entries differ (propagate keeps
+  using the exit state, full mode uses the evolving one); the entries of loop 1 are the same."""
+  model, variables = relaxed
+  prompts = np.array([[5, 17, 3, 9], [9, 2, 44, 101]], np.int32)
+  lengths = jnp.array([4, 4])
+  caches = {}
+  for fill in ('propagate', 'full'):
+    gen = Generator(model, ExitConfig(threshold=0.0, kv_fill=fill))
+    cache = init_cache(CFG, model.rec, 2, 16)
+    token, _, cache = gen.prefill(variables, jnp.asarray(prompts), lengths, cache, jax.random.key(0))
+    _, _, cache = gen.step(variables, token, jnp.asarray([4, 4]), cache, jax.random.key(1))
+    caches[fill] = jax.tree.map(np.asarray, cache)
+  p, f = caches['propagate']['k'], caches['full']['k']  # [B=3, K=2, batch, T, kv_heads, head_dim]
+  np.testing.assert_allclose(p[:, :, :, :4], f[:, :, :, :4], atol=1e-6)  # Prompt: full in both modes.
+  np.testing.assert_allclose(p[0, :, :, 4], f[0, :, :, 4], atol=1e-6)  # Loop 1 ran for real.
+  np.testing.assert_allclose(p[1, 0, :, 4], f[1, 0, :, 4], atol=1e-5)  # Same input: the exit state.
+  assert np.abs(p[1, 1, :, 4] - f[1, 1, :, 4]).max() > 1e-4
+  assert np.abs(p[2, :, :, 4] - f[2, :, :, 4]).max() > 1e-4
+
+
+def test_intermediate_thresholds_mix_exit_loops(relaxed):
+  model, variables = relaxed
+  gen = Generator(model, ExitConfig(threshold=0.02))
+  out = generate(model, variables, PROMPTS, max_new_tokens=8, exit_cfg=ExitConfig(threshold=0.02), generator=gen)
+  loops = {e for row in out.exit_loops for e in row}
+  assert loops <= {1, 2, 3} and len(out.tokens[0]) == 8
+
+
+def test_sampling_and_stop_tokens(relaxed):
+  model, variables = relaxed
+  greedy = generate(model, variables, PROMPTS[:1], max_new_tokens=6)
+  stop = greedy.tokens[0][2]
+  stopped = generate(model, variables, PROMPTS[:1], max_new_tokens=6, stop_tokens=[stop])
+  assert stopped.tokens[0] == greedy.tokens[0][:greedy.tokens[0].index(stop)]
+  a = generate(model, variables, PROMPTS, 6, sampling=SamplingConfig(temperature=1.0, top_k=20, top_p=0.9, seed=1))
+  b = generate(model, variables, PROMPTS, 6, sampling=SamplingConfig(temperature=1.0, top_k=20, top_p=0.9, seed=1))
+  assert a.tokens == b.tokens and all(0 <= t < CFG.vocab_size for row in a.tokens for t in row)
+
+
+def test_bad_requests_are_rejected(relaxed):
+  model, variables = relaxed
+  with pytest.raises(ValueError, match='Prompt 1 is empty'):
+    generate(model, variables, [[1, 2], []], 4)
+  with pytest.raises(ValueError, match='outside the vocabulary'):
+    generate(model, variables, [[1, CFG.vocab_size + 3]], 4)
+  with pytest.raises(ValueError, match='cache slots but max_len'):
+    generate(model, variables, [[1] * 20], 10, max_len=16)
+  with pytest.raises(ValueError, match='Unknown confidence'):
+    ExitConfig(confidence='entropy')
