@@ -6,7 +6,11 @@ r"""The main job on the embedded default: SmolLM2-135M -> Recursive and Relaxed 
 2. Converts it to a Recursive model (B loops, Stepwise) and a Relaxed Recursive model (B loops, Average +
    SVD LoRA of --lora_rank), plus a full-rank relaxed model to check exactness against the original.
 3. Evaluates perplexity at the exit of every loop on held-out text (Jane Austen, from Debian's
-   r-cran-janeaustenr), and prints one summary table; writes results.json, results.md and a plot.
+   r-cran-janeaustenr).
+4. Uptrains the relaxed model with knowledge distillation from the original and early-exit losses on the
+   Debian docs for --uptrain_steps, and evaluates it again.
+5. Generates a few samples with confidence-based early exit, and prints one summary table; writes
+   results.json, results.md and a plot into --workdir.
 """
 
 from __future__ import annotations
@@ -21,11 +25,14 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from rrt_jax import Decoder, RecursionConfig
+from rrt_jax.checkpoint import load_training_checkpoint
 from rrt_jax.convert import to_recursive
 from rrt_jax.convert.gguf import load_gguf, load_tokenizer
 from rrt_jax.data import austen
 from rrt_jax.eval.perplexity import per_loop_perplexity, sliding_windows
 from rrt_jax.model import count_params
+from rrt_jax.serve.generate import ExitConfig, generate
+from rrt_jax.train.loop import train
 from rrt_jax.utils.timing import machine_description
 
 _WORKDIR = flags.DEFINE_string('workdir', 'workdir/main', 'Where results, tables and plots go.')
@@ -35,6 +42,9 @@ _BOOK = flags.DEFINE_string('book', 'Pride And Prejudice', 'Held-out Austen nove
 _EVAL_TOKENS = flags.DEFINE_integer('eval_tokens', 4096, 'Tokens of held-out text to score.')
 _WINDOW = flags.DEFINE_integer('window', 512, 'Perplexity window (tokens).')
 _BATCH = flags.DEFINE_integer('batch', 2, 'Windows per batch.')
+_UPTRAIN_STEPS = flags.DEFINE_integer('uptrain_steps', 30, 'KD uptraining steps of the relaxed model (0 = skip).')
+_EXIT_THRESHOLD = flags.DEFINE_float('exit_threshold', 0.8, 'Early-exit confidence threshold for the samples.')
+PROMPTS = ('The capital of France is', 'def fibonacci(n):', 'It was a cold morning, and Elizabeth')
 
 log = logging.getLogger('rrt_jax.main')
 
@@ -68,6 +78,28 @@ def _plot(rows: list[dict], path: str) -> None:
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
+
+
+def _uptrain(rec: RecursionConfig):
+  """Short KD uptraining of the relaxed model (experiments/configs/smollm2.py with this job's settings)."""
+  from experiments.configs import smollm2
+  c = smollm2.get_config()
+  c.recursion.loops, c.recursion.lora_rank, c.recursion.init = rec.loops, rec.lora_rank, rec.init.value
+  c.train.steps, c.train.warmup_steps, c.train.lr = _UPTRAIN_STEPS.value, max(1, _UPTRAIN_STEPS.value // 10), 3e-4
+  c.data.seq_len, c.data.global_batch = 128, 4
+  c.checkpoint.every_steps, c.log_every = 0, max(1, _UPTRAIN_STEPS.value // 10)
+  workdir = os.path.join(_WORKDIR.value, 'uptrain')
+  train(c, workdir)
+  model, variables, _ = load_training_checkpoint(workdir)
+  return model, variables
+
+
+def _samples(model, variables, tokenizer) -> list[dict]:
+  exit_cfg = ExitConfig(threshold=_EXIT_THRESHOLD.value)
+  prompts = [tokenizer.encode(p).ids for p in PROMPTS]
+  out = generate(model, variables, prompts, max_new_tokens=16, exit_cfg=exit_cfg, stop_tokens=[2])
+  return [{'prompt': p, 'text': tokenizer.decode(t), 'exit_loops': e}
+          for p, t, e in zip(PROMPTS, out.tokens, out.exit_loops, strict=True)]
 
 
 def main(argv):
@@ -109,20 +141,41 @@ def main(argv):
                  'convert_s': convert_s, 'eval_s': eval_s})
     del variables
 
+  relaxed_rec = variants[2][1]
+  if _UPTRAIN_STEPS.value:
+    trained, uptrain_s = _timed(f'KD uptraining of the relaxed model, {_UPTRAIN_STEPS.value} steps', _uptrain,
+                                relaxed_rec)
+    model, variables = trained
+    ppl, eval_s = _timed('perplexity: relaxed after uptraining', per_loop_perplexity, model, variables,
+                         windows, _BATCH.value)
+    count = count_params(cfg, relaxed_rec)
+    rows.append({'model': f'{variants[2][0]} + KD {_UPTRAIN_STEPS.value} steps', 'loops': relaxed_rec.loops,
+                 'lora_rank': relaxed_rec.lora_rank, 'non_embedding_params': count.non_embedding,
+                 'embedding_params': count.embedding, 'perplexity_per_loop': ppl,
+                 'max_abs_logit_delta_vs_original': None, 'convert_s': uptrain_s, 'eval_s': eval_s})
+    samples = _samples(model, variables, tokenizer)
+  else:
+    samples = []
+
   header = '| model | non-emb params | ppl per loop (exit 1 → B) | max abs Δlogit vs original |'
   lines = [header, '|---|---|---|---|']
   for row in rows:
     ppl = ' / '.join(f'{p:.2f}' for p in row['perplexity_per_loop'])
+    delta = row['max_abs_logit_delta_vs_original']
     lines.append(f'| {row["model"]} | {row["non_embedding_params"] / 1e6:.1f} M | {ppl} | '
-                 f'{row["max_abs_logit_delta_vs_original"]:.2e} |')
+                 f'{"—" if delta is None else f"{delta:.2e}"} |')
   table = '\n'.join(lines)
   print('\n' + table, flush=True)
-  exact = rows[-1]['max_abs_logit_delta_vs_original']
+  for sample in samples:
+    print(f'\n[sample, exit threshold {_EXIT_THRESHOLD.value}] {sample["prompt"]!r} -> {sample["text"]!r}\n'
+          f'  exit loop per token: {sample["exit_loops"]}')
+  exact = rows[3]['max_abs_logit_delta_vs_original']
   print(f'\nfull-rank relaxed model reproduces the original: max |Δlogit| = {exact:.2e} '
         f'({"OK" if exact < 1e-3 else "NOT EXACT"})')
   with open(os.path.join(_WORKDIR.value, 'results.json'), 'w') as f:
     json.dump({'machine': machine_description(), 'book': _BOOK.value, 'austen_version': version,
-               'scored_tokens': windows.num_tokens, 'gguf_load_s': load_s, 'rows': rows}, f, indent=2)
+               'scored_tokens': windows.num_tokens, 'gguf_load_s': load_s, 'rows': rows, 'samples': samples}, f,
+              indent=2)
   with open(os.path.join(_WORKDIR.value, 'results.md'), 'w') as f:
     f.write(table + '\n')
   _plot(rows, os.path.join(_WORKDIR.value, 'per_loop_perplexity.png'))

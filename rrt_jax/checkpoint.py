@@ -73,3 +73,25 @@ def load(path: str, shardings=None) -> tuple[Decoder, dict]:
                      f'lora_rank={rec.lora_rank}: {e}') from e
   check_variables(variables, cfg, rec, f'checkpoint {path}')
   return Decoder(cfg, rec), variables
+
+
+def load_training_checkpoint(workdir: str, step: int | None = None) -> tuple[Decoder, dict, int]:
+  """(Decoder(cfg, rec), variables, step) from a training workdir (the latest checkpoint by default)."""
+  workdir = os.path.abspath(workdir)
+  config_path = os.path.join(workdir, CONFIG_FILE)
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  if not os.path.exists(config_path) or not os.path.isdir(ckpt_dir):
+    raise FileNotFoundError(f'{workdir} holds no training run (no {CONFIG_FILE} or checkpoints/).')
+  with open(config_path) as f:
+    cfg, rec = configs_from_json(json.load(f))
+  steps = sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
+  if not steps:
+    raise FileNotFoundError(f'No finished checkpoint in {ckpt_dir}.')
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    raise FileNotFoundError(f'No checkpoint for step {step} in {ckpt_dir}; there are {steps}.')
+  with ocp.StandardCheckpointer() as ckptr:
+    state = ckptr.restore(os.path.join(ckpt_dir, str(step), 'state'))
+  variables = jax.tree.map(jax.numpy.asarray, state['variables'])
+  check_variables(variables, cfg, rec, f'checkpoint {ckpt_dir}/{step}')
+  return Decoder(cfg, rec), variables, step
