@@ -90,3 +90,22 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
       raise ValueError(f'Unknown variant token {token!r} in {variant!r}: use bN (loops), rN (rank), an init '
                        '(stepwise, ends, average, lower, upper, random) or a LoRA init (svd, zero).')
   return c
+
+
+def paper_config(preset: str, variant: str) -> ml_collections.ConfigDict:
+  """The paper's setting for one of its base models (an HF checkpoint given by --config.model.path)."""
+  c = base_config()
+  c.model.source = 'hf'
+  c.model.preset = preset
+  c.model.dtype = 'bfloat16'
+  c.model.remat = 'dots_no_batch'
+  c.data.seq_len = 2048
+  c.data.global_batch = 256
+  c.train.steps = 10_000
+  c.train.lr = 1e-4
+  c.train.warmup_steps = 200
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  c.checkpoint.every_steps = 500
+  c.log_every = 20
+  return apply_variant(c, variant)
