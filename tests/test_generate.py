@@ -104,3 +104,21 @@ def test_bad_requests_are_rejected(relaxed):
     generate(model, variables, [[1] * 20], 10, max_len=16)
   with pytest.raises(ValueError, match='Unknown confidence'):
     ExitConfig(confidence='entropy')
+
+
+def test_cli_generates_from_a_training_workdir(tmp_path):
+  """End to end: train a tiny relaxed model for a few steps, then generate from its workdir with the CLI."""
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  train = [sys.executable, '-m', 'experiments.train', '--config=experiments/configs/tiny_cpu.py',
+           f'--workdir={tmp_path}', '--config.train.steps=3', '--config.data.split=validation']
+  assert subprocess.run(train, cwd=root, capture_output=True, timeout=300).returncode == 0
+  cli = [sys.executable, '-m', 'experiments.generate', f'--workdir={tmp_path}', '--tokenizer=bytes',
+         '--prompt=Hello', '--prompt=The Debian', '--max_new_tokens=5', '--exit_threshold=0.5']
+  out = subprocess.run(cli, cwd=root, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  lines = out.stdout.strip().splitlines()
+  assert lines[0].startswith("'Hello' -> ") and lines[2].startswith("'The Debian' -> ")
+  assert lines[1].startswith('  exit loops: [') and len(eval(lines[1].split(': ', 1)[1])) <= 5
