@@ -34,6 +34,15 @@ def configs_from_json(data: dict) -> tuple[ModelConfig, RecursionConfig]:
   return ModelConfig(**data['model']), RecursionConfig(**data['recursion'])
 
 
+def read_configs(directory: str, missing: str) -> tuple[ModelConfig, RecursionConfig]:
+  """The configs stored beside a checkpoint; `missing` completes the error message when there are none."""
+  config_path = os.path.join(directory, CONFIG_FILE)
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f'{config_path} is missing: {directory} {missing}.')
+  with open(config_path) as f:
+    return configs_from_json(json.load(f))
+
+
 def save(path: str, cfg: ModelConfig, rec: RecursionConfig, variables: dict) -> str:
   """Writes the variables (Orbax) and configs (JSON) under `path`; returns the absolute path."""
   path = os.path.abspath(path)
@@ -53,12 +62,8 @@ def load(path: str, shardings=None) -> tuple[Decoder, dict]:
   shardings: optional pytree of jax.sharding.Sharding matching the variables, to restore onto a mesh.
   """
   path = os.path.abspath(path)
-  config_path = os.path.join(path, CONFIG_FILE)
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f'{config_path} is missing: {path} is not a complete rrt_jax checkpoint '
-                            '(an interrupted save, or a different directory).')
-  with open(config_path) as f:
-    cfg, rec = configs_from_json(json.load(f))
+  cfg, rec = read_configs(path, 'is not a complete rrt_jax checkpoint (an interrupted save, or a different '
+                                'directory)')
   shapes = variable_shapes(cfg, rec)
   if shardings is not None:
     shapes = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
@@ -78,12 +83,10 @@ def load(path: str, shardings=None) -> tuple[Decoder, dict]:
 def load_training_checkpoint(workdir: str, step: int | None = None) -> tuple[Decoder, dict, int]:
   """(Decoder(cfg, rec), variables, step) from a training workdir (the latest checkpoint by default)."""
   workdir = os.path.abspath(workdir)
-  config_path = os.path.join(workdir, CONFIG_FILE)
   ckpt_dir = os.path.join(workdir, 'checkpoints')
-  if not os.path.exists(config_path) or not os.path.isdir(ckpt_dir):
-    raise FileNotFoundError(f'{workdir} holds no training run (no {CONFIG_FILE} or checkpoints/).')
-  with open(config_path) as f:
-    cfg, rec = configs_from_json(json.load(f))
+  cfg, rec = read_configs(workdir, 'holds no training run')
+  if not os.path.isdir(ckpt_dir):
+    raise FileNotFoundError(f'{workdir} holds no training run (no checkpoints/).')
   steps = sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
   if not steps:
     raise FileNotFoundError(f'No finished checkpoint in {ckpt_dir}.')

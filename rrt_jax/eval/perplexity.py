@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rrt_jax.model import Decoder
+from rrt_jax.train.losses import cross_entropy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,9 +59,7 @@ def _nll_fn(model: Decoder):
   @jax.jit
   def nll(variables, inputs, targets, mask):
     logits, _ = model.apply(variables, inputs, all_exits=True)  # [E, b, s, V]
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-    token_nll = -jnp.take_along_axis(logp, targets[None, ..., None], axis=-1)[..., 0]
-    return jnp.sum(token_nll * mask[None], axis=(1, 2))  # [E]
+    return jnp.sum(cross_entropy(logits, targets) * mask[None], axis=(1, 2))  # [E]
   return nll
 
 

@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import optax
 
 from rrt_jax.model import Decoder
+from rrt_jax.train.losses import cross_entropy
 
 
 def next_token_loss(model: Decoder, variables: dict, tokens_BxS1: jax.Array) -> jax.Array:
   """Mean CE of predicting tokens[:, 1:] from tokens[:, :-1] at the last exit."""
   logits, _ = model.apply(variables, tokens_BxS1[:, :-1])
-  logp = jax.nn.log_softmax(logits)
-  return -jnp.mean(jnp.take_along_axis(logp, tokens_BxS1[:, 1:, None], axis=-1))
+  return jnp.mean(cross_entropy(logits[None], tokens_BxS1[:, 1:]))
 
 
 def train_step_fn(model: Decoder, optimizer: optax.GradientTransformation):
