@@ -38,8 +38,10 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxSxD: jax.Array, positions_BxS: jax.Array, mask_BxSxT: jax.Array,
-               cache: KVCache | None = None, kv_x_BxSxD: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
-    """kv_x: input of the K/V projections when it differs from the queries' (early-exit state propagation)."""
+               cache: KVCache | None = None, kv_x_BxSxD: jax.Array | None = None,
+               loop_onehot_BxL: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+    """kv_x: input of the K/V projections when it differs from the queries' (early-exit state propagation).
+    loop_onehot: each row's loop, for multi-LoRA (see lora.py)."""
     cfg = self.cfg
     kv_x = x_BxSxD if kv_x_BxSxD is None else kv_x_BxSxD
     b, s, _ = x_BxSxD.shape
@@ -47,9 +49,10 @@ class Attention(nn.Module):
     dense = lambda name, features, axes: LoraDense(  # noqa: E731
         features, axes, use_bias=cfg.attn_bias, lora=self.lora[name], dtype=cfg.dtype,
         param_dtype=cfg.param_dtype, name=name)
-    q = dense('q', h * hd, ('embed', 'heads'))(x_BxSxD).reshape(b, s, h, hd)
-    k = dense('k', kvh * hd, ('embed', 'kv'))(kv_x).reshape(b, s, kvh, hd)
-    v = dense('v', kvh * hd, ('embed', 'kv'))(kv_x).reshape(b, s, kvh, hd)
+    sel = loop_onehot_BxL
+    q = dense('q', h * hd, ('embed', 'heads'))(x_BxSxD, sel).reshape(b, s, h, hd)
+    k = dense('k', kvh * hd, ('embed', 'kv'))(kv_x, sel).reshape(b, s, kvh, hd)
+    v = dense('v', kvh * hd, ('embed', 'kv'))(kv_x, sel).reshape(b, s, kvh, hd)
     q = apply_rotary(q, positions_BxS, cfg.rope_theta, cfg.rotary_dim)
     k = apply_rotary(k, positions_BxS, cfg.rope_theta, cfg.rotary_dim)
 
@@ -65,4 +68,4 @@ class Attention(nn.Module):
     logits = jnp.where(mask_BxSxT[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(dtype_of(cfg.dtype))
     out = jnp.einsum('bngst,btnd->bsngd', probs, v).reshape(b, s, h * hd)
-    return dense('o', cfg.d_model, ('heads', 'embed'))(out), new_cache
+    return dense('o', cfg.d_model, ('heads', 'embed'))(out, sel), new_cache

@@ -58,18 +58,18 @@ class Mlp(nn.Module):
   lora: dict[str, LoraSpec]
 
   @nn.compact
-  def __call__(self, x_BxSxD: jax.Array) -> jax.Array:
-    cfg = self.cfg
+  def __call__(self, x_BxSxD: jax.Array, loop_onehot_BxL: jax.Array | None = None) -> jax.Array:
+    cfg, sel = self.cfg, loop_onehot_BxL
     dense = lambda name, features, axes: LoraDense(  # noqa: E731
         features, axes, use_bias=cfg.mlp_bias, lora=self.lora[name], dtype=cfg.dtype,
         param_dtype=cfg.param_dtype, name=name)
     act = activation(cfg.mlp)
-    up = dense('up', cfg.mlp_dim, ('embed', 'mlp'))(x_BxSxD)
+    up = dense('up', cfg.mlp_dim, ('embed', 'mlp'))(x_BxSxD, sel)
     if cfg.has_gate:  # GLU: act(gate(x)) * up(x).
-      hidden = act(dense('gate', cfg.mlp_dim, ('embed', 'mlp'))(x_BxSxD)) * up
+      hidden = act(dense('gate', cfg.mlp_dim, ('embed', 'mlp'))(x_BxSxD, sel)) * up
     else:
       hidden = act(up)
-    return dense('down', cfg.d_model, ('mlp', 'embed'))(hidden)
+    return dense('down', cfg.d_model, ('mlp', 'embed'))(hidden, sel)
 
 
 class DecoderLayer(nn.Module):
@@ -80,26 +80,28 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, h_BxSxD: jax.Array, cache: KVCache | None, positions_BxS: jax.Array,
-               mask_BxSxT: jax.Array, kv_state=None) -> tuple[jax.Array, KVCache | None]:
+               mask_BxSxT: jax.Array, kv_state=None, loop_onehot_BxL=None) -> tuple[jax.Array, KVCache | None]:
     """kv_state: None, or (state [B, S, D], rows [B] bool): for those rows the K/V written to the cache are
-    computed from `state` (CALM-style propagation of an early-exited token's hidden state)."""
+    computed from `state` (CALM-style propagation of an early-exited token's hidden state).
+    loop_onehot_BxL: each row's loop when rows sit at different depths (multi-LoRA, see lora.py)."""
     cfg, rec = self.cfg, self.rec
     specs = lora_specs(cfg, rec)
     norm = functools.partial(Norm, cfg.norm, cfg.norm_eps, rec.has_lora and rec.relax_vectors, cfg.dtype,
                              cfg.param_dtype)
     attn_norm = norm(name='attn_norm')
-    attn_in = attn_norm(h_BxSxD)
+    sel = loop_onehot_BxL
+    attn_in = attn_norm(h_BxSxD, sel)
     kv_in = None
     if kv_state is not None:
       state, rows = kv_state
-      kv_in = jnp.where(rows[:, None, None], attn_norm(state), attn_in)
-    attn_out, new_cache = Attention(cfg, specs, name='attn')(attn_in, positions_BxS, mask_BxSxT, cache, kv_in)
+      kv_in = jnp.where(rows[:, None, None], attn_norm(state, sel), attn_in)
+    attn_out, new_cache = Attention(cfg, specs, name='attn')(attn_in, positions_BxS, mask_BxSxT, cache, kv_in, sel)
     mlp = Mlp(cfg, specs, name='mlp')
     if cfg.parallel_residual:
-      h = h_BxSxD + attn_out + mlp(norm(name='mlp_norm')(h_BxSxD))
+      h = h_BxSxD + attn_out + mlp(norm(name='mlp_norm')(h_BxSxD, sel), sel)
     else:
       h = h_BxSxD + attn_out
-      h = h + mlp(norm(name='mlp_norm')(h))
+      h = h + mlp(norm(name='mlp_norm')(h, sel), sel)
     return h.astype(dtype_of(cfg.dtype)), new_cache
 
 
@@ -110,7 +112,8 @@ def _maybe_remat(layer_cls: type[nn.Module], policy: str) -> type[nn.Module]:
   return nn.remat(layer_cls, policy=REMAT_POLICIES[policy], prevent_cse=False)
 
 
-_BROADCAST_ARGS = (0, nn.broadcast, nn.broadcast, nn.broadcast)  # (cache slice, positions, mask, kv_state)
+# (cache slice, positions, mask, kv_state, loop_onehot)
+_BROADCAST_ARGS = (0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast)
 
 
 def _scan(target, length: int, axis_name: str, params_scanned: bool, lora_axis: int = 0,
@@ -133,10 +136,11 @@ class CycleLoop(nn.Module):
   rec: RecursionConfig
 
   @nn.compact
-  def __call__(self, h_BxSxD, cache_K, positions_BxS, mask_BxSxT, kv_state=None):
+  def __call__(self, h_BxSxD, cache_K, positions_BxS, mask_BxSxT, kv_state=None, loop_onehot=None):
     layers = _scan(_maybe_remat(DecoderLayer, self.cfg.remat), self.rec.shared_layers(self.cfg.num_layers),
                    'layers', params_scanned=True)
-    h, new_cache = layers(self.cfg, self.rec, name='layer')(h_BxSxD, cache_K, positions_BxS, mask_BxSxT, kv_state)
+    h, new_cache = layers(self.cfg, self.rec, name='layer')(h_BxSxD, cache_K, positions_BxS, mask_BxSxT, kv_state,
+                                                            loop_onehot)
     return h, (h, new_cache)  # Emit the loop's final hidden state: every loop is an exit.
 
 
@@ -147,9 +151,10 @@ class SequenceRepeat(nn.Module):
   rec: RecursionConfig
 
   @nn.compact
-  def __call__(self, h_BxSxD, cache_B, positions_BxS, mask_BxSxT, kv_state=None):
+  def __call__(self, h_BxSxD, cache_B, positions_BxS, mask_BxSxT, kv_state=None, loop_onehot=None):
     repeats = _scan(_maybe_remat(DecoderLayer, self.cfg.remat), self.rec.loops, 'loops', params_scanned=False)
-    return repeats(self.cfg, self.rec, name='layer')(h_BxSxD, cache_B, positions_BxS, mask_BxSxT, kv_state)
+    return repeats(self.cfg, self.rec, name='layer')(h_BxSxD, cache_B, positions_BxS, mask_BxSxT, kv_state,
+                                                     loop_onehot)
 
 
 class RecursiveStack(nn.Module):
@@ -164,16 +169,16 @@ class RecursiveStack(nn.Module):
   rec: RecursionConfig
 
   @nn.compact
-  def __call__(self, h_BxSxD, cache, positions_BxS, mask_BxSxT, kv_state=None):
+  def __call__(self, h_BxSxD, cache, positions_BxS, mask_BxSxT, kv_state=None, loop_onehot=None):
     cfg, rec = self.cfg, self.rec
     if rec.looping == Looping.CYCLE:
       loops = _scan(CycleLoop, rec.loops, 'loops', params_scanned=False)
       _, (hidden_ExBxSxD, new_cache) = loops(cfg, rec, name='block')(h_BxSxD, cache, positions_BxS,
-                                                                     mask_BxSxT, kv_state)
+                                                                     mask_BxSxT, kv_state, loop_onehot)
       return hidden_ExBxSxD, new_cache
     groups = _scan(SequenceRepeat, rec.shared_layers(cfg.num_layers), 'layers', params_scanned=True, lora_axis=1,
-                   in_axes=(1, nn.broadcast, nn.broadcast, nn.broadcast), out_axes=1)
-    h, new_cache = groups(cfg, rec, name='block')(h_BxSxD, cache, positions_BxS, mask_BxSxT, kv_state)
+                   in_axes=(1,) + _BROADCAST_ARGS[1:], out_axes=1)
+    h, new_cache = groups(cfg, rec, name='block')(h_BxSxD, cache, positions_BxS, mask_BxSxT, kv_state, loop_onehot)
     return h[None], new_cache
 
 
@@ -222,10 +227,13 @@ class Decoder(nn.Module):
   def embed(self, tokens_BxS: jax.Array) -> jax.Array:
     return self.embedder(tokens_BxS)
 
-  def decode_stack(self, h_BxSxD: jax.Array, positions_BxS: jax.Array, cache: KVCache, kv_state=None):
+  def decode_stack(self, h_BxSxD: jax.Array, positions_BxS: jax.Array, cache: KVCache, kv_state=None,
+                   loop_onehot_BxL: jax.Array | None = None):
     """Runs the stack on already-embedded inputs against a cache (one loop when rec.loops == 1): the
-    building block of loop-by-loop early-exit decoding."""
-    return self.stack(h_BxSxD, cache, positions_BxS, cache_mask(positions_BxS, cache['k'].shape[3]), kv_state)
+    building block of loop-by-loop early-exit decoding and of depth-wise batching (rows at different loops:
+    pass their one-hot and LoRA variables holding every loop, see lora.py)."""
+    mask = cache_mask(positions_BxS, cache['k'].shape[3])
+    return self.stack(h_BxSxD, cache, positions_BxS, mask, kv_state, loop_onehot_BxL)
 
   def logits(self, hidden_xD: jax.Array) -> jax.Array:
     """The shared exit head: final norm then LM head, fp32 logits. Any loop's hidden state can go in."""

@@ -1,0 +1,320 @@
+"""Continuous depth-wise batching (CDB): a serving engine whose batch mixes loop depths.
+
+A fixed pool of slots each holds one request: its position, its loop index b and its hidden state. Every
+engine step runs the shared block ONCE over all slots, each at its own loop (relaxed models select each slot's
+LoRA by its loop inside one batched matmul, see model/lora.py), then the shared exit head. A slot whose token
+exits (confidence >= threshold, or b = B) emits it and starts its next token at loop 0 in the next step; a
+finished request frees its slot for the next request in the queue. Exited tokens' skipped (loop, layer) K/V are
+filled by propagating the exit state through those layers' K/V projections (CALM-style, as
+`generate(..., ExitConfig(kv_fill='propagate'))` does), so greedy outputs equal sequential early-exit decoding.
+
+With `depthwise=False` the same engine is continuous sequence-wise batching (CSB, Orca-style): all slots run
+the same loop, a token that exits early leaves an idle slot until the batch's token finishes (or until every
+slot has exited), and new requests join only at token boundaries. The vanilla model (B = 1) runs through it.
+
+Cache layout: [B, K, slots, max_len, kv_heads, head_dim]. A step gathers each slot's [K, max_len] slice at its
+own loop, runs the block on the gathered copy and scatters only the new entries back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import deque
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rrt_jax.config import Looping
+from rrt_jax.model import Decoder, init_cache
+from rrt_jax.model.decoder import lora_specs
+from rrt_jax.model.layers import LORA, Norm, apply_rotary
+from rrt_jax.model.lora import LoraDense
+from rrt_jax.serve.generate import ExitConfig, Generator, SamplingConfig, bucket, confidence, sample, validate_prompts
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  prompt: Sequence[int]
+  max_new_tokens: int
+  arrival: float = 0.0  # Seconds after the engine starts; the engine does not see the request before.
+
+
+@dataclasses.dataclass
+class Completion:
+  tokens: list[int] = dataclasses.field(default_factory=list)  # Generated ids (stop token excluded).
+  exit_loops: list[int] = dataclasses.field(default_factory=list)  # 1-based exit loop of each token.
+  error: str | None = None  # Why the request was rejected (then tokens is empty).
+  arrival: float = 0.0
+  first_token: float | None = None  # Seconds after the engine started.
+  finished: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+  slots: int = 8  # Max batch: requests decoded at once.
+  max_len: int = 256  # Cache positions per slot: prompt + generated tokens must fit.
+  depthwise: bool = True  # False: continuous sequence-wise batching (the baseline).
+  exit: ExitConfig = ExitConfig()
+  sampling: SamplingConfig = SamplingConfig()
+  stop_tokens: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass
+class EngineStats:
+  wall_s: float = 0.0  # Whole run, prefill included.
+  prefill_s: float = 0.0
+  steps: int = 0  # Engine steps (one pass of the shared block each).
+  tokens: int = 0  # Generated tokens, prefill tokens included.
+  busy_slot_steps: int = 0  # Sum over steps of the slots doing useful work.
+  slot_steps: int = 0  # Sum over steps of all slots.
+  idle_while_waiting: int = 0  # Slot-steps left idle while an arrived request waited (CDB: must be 0).
+  exit_loop_counts: list[int] = dataclasses.field(default_factory=list)
+
+  @property
+  def tokens_per_s(self) -> float:
+    return self.tokens / self.wall_s if self.wall_s else 0.0
+
+  @property
+  def decode_tokens_per_s(self) -> float:
+    decode_s = self.wall_s - self.prefill_s
+    return self.tokens / decode_s if decode_s > 0 else 0.0
+
+  @property
+  def utilisation(self) -> float:
+    return self.busy_slot_steps / self.slot_steps if self.slot_steps else 0.0
+
+
+def multi_lora(lora: dict) -> dict:
+  """[B, K, ...] LoRA leaves -> [1, K, B, ...]: the one-loop block sees every loop's adapters per layer."""
+  return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1)[None], lora)
+
+
+class Engine:
+  """Serves a stream of requests with continuous depth-wise (or sequence-wise) batching; see module doc."""
+
+  def __init__(self, model: Decoder, variables: dict, config: EngineConfig = EngineConfig()):
+    rec = model.rec
+    if rec.loops > 1 and rec.looping != Looping.CYCLE:
+      raise ValueError('Depth-wise batching needs looping=cycle: under SEQUENCE a loop is not a full pass.')
+    if config.exit.kv_fill != 'propagate':
+      raise ValueError("The engine fills skipped K/V by propagation (ExitConfig(kv_fill='propagate')); the 'full' "
+                       'oracle recomputes skipped loops and would defeat early exit.')
+    if config.slots < 1:
+      raise ValueError(f'slots must be >= 1, got {config.slots}.')
+    self.model, self.config = model, config
+    self.max_len = min(config.max_len, model.cfg.max_seq_len)
+    self.generator = Generator(model, config.exit, config.sampling)
+    self.variables = variables
+    self.step_variables = {'params': variables['params']}
+    if LORA in variables:
+      self.step_variables[LORA] = multi_lora(variables[LORA])
+    self._prefill = jax.jit(self._prefill_into_slot, donate_argnums=(1,))
+    self._step = jax.jit(self._engine_step, donate_argnums=(2,))
+
+  # ---- Device functions -------------------------------------------------------------------------------------
+
+  def _prefill_into_slot(self, variables, cache, slot, tokens_1xS, length_1, rng):
+    """Prefills one request into its slot's cache rows (every loop); returns its first token and exit loop."""
+    row = jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=2), cache)
+    token, exit_loop, row = self.generator.prefill(variables, tokens_1xS, length_1, row, rng)
+    cache = jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=2), cache, row)
+    return token[0], exit_loop[0], cache
+
+  def _engine_step(self, variables, step_variables, cache, tokens_S, h_Sx1xD, loops_S, positions_S, write_S, rng):
+    """One pass of the shared block over all slots, each at its own loop. Returns (token, exits, h, cache)."""
+    model, loops = self.model, self.model.rec.loops
+    slots, max_len = tokens_S.shape[0], cache['k'].shape[3]
+    slot_ids = jnp.arange(slots)
+    head_vars = {'params': variables['params']}
+    embedded = model.apply(head_vars, tokens_S[:, None], method=Decoder.embed)
+    h_in = jnp.where((loops_S == 0)[:, None, None], embedded, h_Sx1xD)
+    # Each slot's cache at its own loop: [slots, K, T, ...] -> [1 loop, K, slots, T, ...].
+    gathered = jax.tree.map(lambda c: jnp.moveaxis(c[loops_S, :, slot_ids], 0, 1)[None], cache)
+    onehot = jax.nn.one_hot(loops_S, loops, dtype=jnp.float32) if LORA in step_variables else None
+    hidden, gathered = self.generator.one_loop.apply(step_variables, h_in, positions_S[:, None], gathered, None,
+                                                     onehot, method=Decoder.decode_stack)
+    h_out = hidden[-1]
+    logits = model.apply(head_vars, h_out, method=Decoder.logits)[:, -1]
+    exit_cfg = self.config.exit
+    conf = confidence(exit_cfg.confidence, logits, h_out[:, -1], h_in[:, -1])
+    exits = loops_S == loops - 1
+    if exit_cfg.threshold < 1.0:
+      exits |= conf >= exit_cfg.threshold
+    token = sample(logits, self.config.sampling, rng)
+    # Scatter the new K/V: mode='drop' with an out-of-range position skips slots that must not write.
+    write_pos = jnp.where(write_S, positions_S, max_len)
+    cache = jax.tree.map(
+        lambda c, g: c.at[loops_S, :, slot_ids, write_pos].set(jnp.swapaxes(g[0][:, slot_ids, positions_S], 0, 1),
+                                                               mode='drop'), cache, gathered)
+    if loops > 1 and exit_cfg.threshold < 1.0:
+      fill = write_S & exits & (loops_S < loops - 1)
+      cache = jax.lax.cond(jnp.any(fill), self._propagate_kv, lambda _, c, *__: c, variables, cache, h_out,
+                           loops_S, positions_S, fill)
+    return token, exits, h_out, cache
+
+  def _propagate_kv(self, variables, cache, h_Sx1xD, loops_S, positions_S, fill_S):
+    """Writes K/V computed from each exiting slot's exit state into every (loop, layer) after its exit loop."""
+    cfg, rec = self.model.cfg, self.model.rec
+    loops, max_len = rec.loops, cache['k'].shape[3]
+    specs = lora_specs(cfg, rec)
+    relax = rec.has_lora and rec.relax_vectors
+    norm = Norm(cfg.norm, cfg.norm_eps, relax, cfg.dtype, cfg.param_dtype)
+    dense = LoraDense(cfg.num_kv_heads * cfg.head_dim, ('embed', 'kv'), use_bias=cfg.attn_bias, lora=specs['k'],
+                      dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    positions = positions_S[:, None]
+
+    def layer_kv(params, lora):  # One (loop, layer): K/V of the exit states [slots, kv_heads, head_dim].
+      sub = lambda *path: {'params': _at(params, path), **({LORA: _at(lora, path)} if lora is not None else {})}  # noqa: E731
+      x = norm.apply(sub('attn_norm'), h_Sx1xD)
+      kv = [dense.apply(sub('attn', name), x).reshape(*x.shape[:2], cfg.num_kv_heads, cfg.head_dim)
+            for name in ('k', 'v')]
+      return apply_rotary(kv[0], positions, cfg.rope_theta, cfg.rotary_dim)[:, 0], kv[1][:, 0]
+
+    layer_params = variables['params']['stack']['block']['layer']
+    layer_lora = variables[LORA]['stack']['block']['layer'] if LORA in variables else None
+    over_layers = jax.vmap(layer_kv, in_axes=(0, 0 if layer_lora is not None else None))
+    if layer_lora is None:
+      k, v = jax.vmap(lambda _: over_layers(layer_params, None))(jnp.arange(loops - 1))
+    else:  # Loops 1..B-1 (loop 0 is never skipped).
+      k, v = jax.vmap(over_layers, in_axes=(None, 0))(layer_params, jax.tree.map(lambda x: x[1:], layer_lora))
+    later = jnp.arange(1, loops)[:, None]  # [B-1, 1]
+    write_pos = jnp.where(fill_S[None] & (later > loops_S[None]), positions_S[None], max_len)  # [B-1, slots]
+    slot_ids = jnp.arange(loops_S.shape[0])[None]
+    put = lambda c, new: c.at[later, :, slot_ids, write_pos].set(jnp.swapaxes(new, 1, 2), mode='drop')  # noqa: E731
+    return {'k': put(cache['k'], k), 'v': put(cache['v'], v)}
+
+  # ---- Host scheduler --------------------------------------------------------------------------------------
+
+  def run(self, requests: Sequence[Request], progress: bool = False) -> tuple[list[Completion], EngineStats]:
+    """Serves `requests` (arrival times in seconds from now) to completion; one Completion per request."""
+    cfg, config, loops = self.model.cfg, self.config, self.model.rec.loops
+    slots = config.slots
+    completions = [Completion(arrival=r.arrival) for r in requests]
+    queue = deque()
+    for i in sorted(range(len(requests)), key=lambda i: requests[i].arrival):
+      error = self._validate(requests[i])
+      if error:
+        completions[i].error = error
+      else:
+        queue.append(i)
+    stats = EngineStats(exit_loop_counts=[0] * loops)
+    stop = set(int(t) for t in config.stop_tokens)
+    cache = init_cache(cfg, self.model.rec, slots, self.max_len)
+    h = jnp.zeros((slots, 1, cfg.d_model), jnp.dtype(cfg.dtype))
+    request = np.full(slots, -1)  # Request index per slot; -1 = free.
+    tokens, loop, pos = np.zeros(slots, np.int32), np.zeros(slots, np.int32), np.zeros(slots, np.int32)
+    waiting = np.zeros(slots, bool)  # CSB only: exited early, idle until the batch's token boundary.
+    phase = 0  # CSB only: the loop every running slot is at.
+    rng = jax.random.key(config.sampling.seed)
+    start = time.perf_counter()
+    now = lambda: time.perf_counter() - start  # noqa: E731
+    bar = _progress(progress, sum(requests[i].max_new_tokens for i in queue))
+
+    def emit(s: int, token: int, exit_loop: int) -> bool:
+      """Records a token for the request in slot s; True if the request goes on."""
+      done = completions[request[s]]
+      if done.first_token is None:
+        done.first_token = now()
+      if token in stop:
+        done.finished = now()
+        return False
+      done.tokens.append(token)
+      done.exit_loops.append(exit_loop)
+      stats.tokens += 1
+      stats.exit_loop_counts[exit_loop - 1] += 1
+      bar.update(1)
+      if len(done.tokens) >= requests[request[s]].max_new_tokens:
+        done.finished = now()
+        return False
+      return True
+
+    while queue or (request >= 0).any():
+      # Admission: free slots take arrived requests (CSB: only at a token boundary).
+      if config.depthwise or phase == 0:
+        for s in np.flatnonzero(request < 0):
+          if not queue or requests[queue[0]].arrival > now():
+            break
+          i = queue.popleft()
+          request[s] = i
+          t0 = time.perf_counter()
+          prompt = list(requests[i].prompt)
+          padded = np.zeros((1, bucket(len(prompt))), np.int32)
+          padded[0, :len(prompt)] = prompt
+          token, exit_loop, cache = self._prefill(self.variables, cache, s, jnp.asarray(padded),
+                                                  jnp.asarray([len(prompt)], jnp.int32),
+                                                  jax.random.fold_in(jax.random.fold_in(rng, 1), i))
+          token, exit_loop = int(token), int(exit_loop)
+          stats.prefill_s += time.perf_counter() - t0
+          if emit(s, token, exit_loop):
+            tokens[s], pos[s], loop[s], waiting[s] = token, len(prompt), phase, False
+          else:
+            request[s] = -1
+      running = (request >= 0) & ~waiting
+      if not running.any():
+        if not queue:
+          break
+        time.sleep(max(0.0, min(requests[queue[0]].arrival - now(), 0.01)))  # Idle until the next arrival.
+        continue
+      arrived_waiting = bool(queue) and requests[queue[0]].arrival <= now()
+      stats.idle_while_waiting += int(arrived_waiting) * int(slots - running.sum())
+      token_d, exits_d, h, cache = self._step(self.variables, self.step_variables, cache, jnp.asarray(tokens), h,
+                                              jnp.asarray(loop), jnp.asarray(pos), jnp.asarray(running),
+                                              jax.random.fold_in(jax.random.fold_in(rng, 0), stats.steps))
+      token_np, exits_np = np.asarray(token_d), np.asarray(exits_d)
+      stats.steps += 1
+      stats.slot_steps += slots
+      stats.busy_slot_steps += int(running.sum())
+      for s in np.flatnonzero(running):
+        if not exits_np[s]:
+          loop[s] += 1
+          continue
+        if emit(s, int(token_np[s]), int(loop[s]) + 1):
+          tokens[s], pos[s], loop[s] = token_np[s], pos[s] + 1, 0
+          waiting[s] = not config.depthwise
+        else:
+          request[s], waiting[s] = -1, False
+      if not config.depthwise:  # Token boundary when the loops are done or every running slot has exited.
+        still = (request >= 0) & ~waiting
+        phase = phase + 1 if still.any() and phase < loops - 1 else 0
+        if phase == 0:
+          loop[:] = 0
+          waiting[:] = False
+    stats.wall_s = now()
+    bar.close()
+    return completions, stats
+
+  def _validate(self, request: Request) -> str | None:
+    if request.max_new_tokens < 1:
+      return f'max_new_tokens must be >= 1, got {request.max_new_tokens}.'
+    try:
+      validate_prompts([request.prompt], self.model.cfg.vocab_size, request.max_new_tokens, self.max_len)
+    except ValueError as e:
+      return str(e).replace('Prompt 0', 'The prompt')
+    return None
+
+
+def _at(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+class _NoBar:
+  def update(self, n: int) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+def _progress(enabled: bool, total: int):
+  if not enabled:
+    return _NoBar()
+  from tqdm import tqdm
+  return tqdm(total=total, desc='serving', unit='tok')
+
+
+__all__ = ['Completion', 'Engine', 'EngineConfig', 'EngineStats', 'Request', 'multi_lora']

@@ -1,0 +1,135 @@
+"""Continuous depth-wise batching engine: the same greedy tokens and exit loops as sequential early-exit
+decoding, for depth-wise and sequence-wise batching; slots are refilled; bad requests are rejected alone."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from unroll import perturb
+
+from rrt_jax import Decoder, RecursionConfig, presets
+from rrt_jax.model import init_variables
+from rrt_jax.serve.engine import Engine, EngineConfig, Request, multi_lora
+from rrt_jax.serve.generate import ExitConfig, Generator, generate
+
+# Random tiny Llama: its max-prob confidences spread around 0.02-0.04, so a threshold of 0.025 mixes exit loops.
+CFG = presets.TINY_LLAMA
+PROMPTS = [[5, 17, 3], [9, 2, 44, 101, 7, 8, 300], [11], list(range(4, 21)), [7, 8]]
+NEW_TOKENS = [8, 5, 10, 6, 9]
+THRESHOLD = 0.025
+
+
+@pytest.fixture(scope='module')
+def relaxed():
+  rec = RecursionConfig(loops=3, lora_rank=4)
+  variables = jax.tree.map(jnp.asarray, perturb(init_variables(CFG, rec, jax.random.key(0)), 0, 0.02))
+  return Decoder(CFG, rec), variables
+
+
+def sequential(model, variables, exit_cfg, prompts=PROMPTS, new_tokens=NEW_TOKENS):
+  gen = Generator(model, exit_cfg)
+  return [generate(model, variables, [p], max_new_tokens=n, exit_cfg=exit_cfg, max_len=64, generator=gen)
+          for p, n in zip(prompts, new_tokens, strict=True)]
+
+
+@pytest.fixture(scope='module')
+def reference(relaxed):
+  return sequential(*relaxed, ExitConfig(threshold=THRESHOLD))
+
+
+@pytest.mark.parametrize('depthwise', [True, False])
+def test_engine_equals_sequential_early_exit(relaxed, reference, depthwise):
+  model, variables = relaxed
+  engine = Engine(model, variables, EngineConfig(slots=2, max_len=64, depthwise=depthwise,
+                                                 exit=ExitConfig(threshold=THRESHOLD)))
+  completions, stats = engine.run([Request(p, n) for p, n in zip(PROMPTS, NEW_TOKENS, strict=True)])
+  for done, ref in zip(completions, reference, strict=True):
+    assert done.error is None
+    assert done.tokens == ref.tokens[0]
+    assert done.exit_loops == ref.exit_loops[0]
+  exit_loops = {e for done in completions for e in done.exit_loops}
+  assert exit_loops == {1, 2, 3}, 'the threshold must mix exit loops for this test to mean anything'
+  assert stats.tokens == sum(NEW_TOKENS)
+  if depthwise:  # Freed slots are refilled at once: no slot idles while an arrived request waits.
+    assert stats.idle_while_waiting == 0
+  else:  # Sequence-wise: early exits leave bubbles.
+    assert stats.idle_while_waiting > 0
+
+
+def test_depthwise_takes_fewer_steps_than_sequencewise(relaxed):
+  model, variables = relaxed
+  requests = [Request(p, n) for p, n in zip(PROMPTS, NEW_TOKENS, strict=True)]
+  steps = {}
+  for depthwise in (True, False):
+    engine = Engine(model, variables, EngineConfig(slots=2, max_len=64, depthwise=depthwise,
+                                                   exit=ExitConfig(threshold=THRESHOLD)))
+    _, stats = engine.run(requests)
+    steps[depthwise] = stats.steps
+    assert 0 < stats.utilisation <= 1
+  assert steps[True] < steps[False]
+
+
+def test_vanilla_model_through_the_sequencewise_engine():
+  rec = RecursionConfig(loops=1)
+  variables = jax.tree.map(jnp.asarray, perturb(init_variables(CFG, rec, jax.random.key(1)), 1, 0.02))
+  model = Decoder(CFG, rec)
+  reference = sequential(model, variables, ExitConfig(), PROMPTS[:3], NEW_TOKENS[:3])
+  engine = Engine(model, variables, EngineConfig(slots=2, max_len=64, depthwise=False))
+  completions, stats = engine.run([Request(p, n) for p, n in zip(PROMPTS[:3], NEW_TOKENS[:3], strict=True)])
+  assert [c.tokens for c in completions] == [r.tokens[0] for r in reference]
+  assert stats.exit_loop_counts == [sum(NEW_TOKENS[:3])]
+
+
+def test_bad_requests_are_rejected_without_disturbing_others(relaxed, reference):
+  model, variables = relaxed
+  bad = [Request([], 4), Request([1, CFG.vocab_size + 3], 4), Request([1] * 60, 10), Request([1, 2], 0)]
+  requests = [Request(p, n) for p, n in zip(PROMPTS, NEW_TOKENS, strict=True)]
+  mixed = [requests[0], bad[0], requests[1], bad[1], requests[2], bad[2], requests[3], bad[3], requests[4]]
+  engine = Engine(model, variables, EngineConfig(slots=2, max_len=64, exit=ExitConfig(threshold=THRESHOLD)))
+  completions, _ = engine.run(mixed)
+  good = [c for c in completions if c.error is None]
+  assert [c.tokens for c in good] == [r.tokens[0] for r in reference]
+  errors = [c.error for c in completions if c.error is not None]
+  assert len(errors) == 4 and not any(c.tokens for c in completions if c.error)
+  assert 'empty' in errors[0] and 'outside the vocabulary' in errors[1]
+  assert 'max_len is 64' in errors[2] and 'max_new_tokens must be >= 1' in errors[3]
+
+
+def test_requests_arriving_over_time_are_all_served(relaxed, reference):
+  model, variables = relaxed
+  arrivals = [0.0, 0.05, 0.05, 0.3, 0.31]
+  requests = [Request(p, n, a) for p, n, a in zip(PROMPTS, NEW_TOKENS, arrivals, strict=True)]
+  engine = Engine(model, variables, EngineConfig(slots=3, max_len=64, exit=ExitConfig(threshold=THRESHOLD)))
+  completions, stats = engine.run(requests)
+  assert [c.tokens for c in completions] == [r.tokens[0] for r in reference]
+  for done in completions:
+    assert done.arrival <= done.first_token <= done.finished
+  assert stats.idle_while_waiting == 0
+
+
+def test_multi_lora_selects_each_rows_loop(relaxed):
+  """Rows at different loops in one call of the one-loop block == each row run alone at its loop."""
+  model, variables = relaxed
+  one_loop = Generator(model).one_loop
+  h = jnp.broadcast_to(jax.random.normal(jax.random.key(2), (1, 1, CFG.d_model)), (3, 1, CFG.d_model))
+  loops = jnp.array([2, 0, 1])
+  positions = jnp.zeros((3, 1), jnp.int32)
+  cache = {'k': jnp.zeros((1, 2, 3, 4, CFG.num_kv_heads, CFG.head_dim)), 'v': None}
+  cache['v'] = cache['k']
+  mixed, _ = one_loop.apply({'params': variables['params'], 'lora': multi_lora(variables['lora'])}, h, positions,
+                            cache, None, jax.nn.one_hot(loops, 3), method=Decoder.decode_stack)
+  for row, b in enumerate(np.asarray(loops)):
+    alone_vars = {'params': variables['params'], 'lora': jax.tree.map(lambda x: x[b:b + 1], variables['lora'])}
+    alone, _ = one_loop.apply(alone_vars, h[row:row + 1], positions[row:row + 1],
+                              jax.tree.map(lambda c: c[:, :, row:row + 1], cache), method=Decoder.decode_stack)
+    np.testing.assert_allclose(mixed[-1, row], alone[-1, 0], atol=1e-5)
+  assert np.abs(np.asarray(mixed[-1, 0] - mixed[-1, 1])).max() > 1e-3  # Same input: only the LoRA differs.
+
+
+def test_engine_rejects_what_it_cannot_serve(relaxed):
+  model, variables = relaxed
+  with pytest.raises(ValueError, match='kv_fill'):
+    Engine(model, variables, EngineConfig(exit=ExitConfig(threshold=0.5, kv_fill='full')))
+  with pytest.raises(ValueError, match='looping=cycle'):
+    seq = RecursionConfig(loops=3, looping='sequence')
+    Engine(Decoder(CFG, seq), init_variables(CFG, seq, jax.random.key(0)), EngineConfig())
