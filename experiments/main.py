@@ -9,8 +9,11 @@ r"""The main job on the embedded default: SmolLM2-135M -> Recursive and Relaxed 
    r-cran-janeaustenr).
 4. Uptrains the relaxed model with knowledge distillation from the original and early-exit losses on the
    Debian docs for --uptrain_steps, and evaluates it again.
-5. Generates a few samples with confidence-based early exit, and prints one summary table; writes
-   results.json, results.md and a plot into --workdir.
+5. Generates a few samples with confidence-based early exit.
+6. Serves a short stream of requests (prompts from held-out Austen) through the continuous depth-wise batching
+   engine: vanilla + sequence-wise batching against the uptrained relaxed model + depth-wise batching with early
+   exit at --serve_thresholds (experiments/bench_serve.py is the full benchmark).
+7. Prints one summary table; writes results.json, results.md and plots into --workdir.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from experiments.bench_serve import benchmark, markdown, plot_throughput
 from rrt_jax import Decoder, RecursionConfig
 from rrt_jax.checkpoint import load_training_checkpoint
 from rrt_jax.convert import to_recursive
@@ -31,6 +35,7 @@ from rrt_jax.convert.gguf import load_gguf, load_tokenizer
 from rrt_jax.data import austen
 from rrt_jax.eval.perplexity import per_loop_perplexity, sliding_windows
 from rrt_jax.model import count_params
+from rrt_jax.serve.engine import Request
 from rrt_jax.serve.generate import ExitConfig, generate
 from rrt_jax.train.loop import train
 from rrt_jax.utils.timing import machine_description
@@ -44,6 +49,11 @@ _WINDOW = flags.DEFINE_integer('window', 512, 'Perplexity window (tokens).')
 _BATCH = flags.DEFINE_integer('batch', 2, 'Windows per batch.')
 _UPTRAIN_STEPS = flags.DEFINE_integer('uptrain_steps', 30, 'KD uptraining steps of the relaxed model (0 = skip).')
 _EXIT_THRESHOLD = flags.DEFINE_float('exit_threshold', 0.8, 'Early-exit confidence threshold for the samples.')
+_SERVE_REQUESTS = flags.DEFINE_integer('serve_requests', 8, 'Requests in the serving benchmark (0 = skip).')
+_SERVE_PROMPT_LEN = flags.DEFINE_integer('serve_prompt_len', 128, 'Prompt tokens per request when serving.')
+_SERVE_DECODE_LEN = flags.DEFINE_integer('serve_decode_len', 16, 'Generated tokens per request when serving.')
+_SERVE_SLOTS = flags.DEFINE_integer('serve_slots', 4, 'Engine slots (max batch) when serving.')
+_SERVE_THRESHOLDS = flags.DEFINE_list('serve_thresholds', ['0.9', '0.5'], 'Exit thresholds when serving.')
 PROMPTS = ('The capital of France is', 'def fibonacci(n):', 'It was a cold morning, and Elizabeth')
 
 log = logging.getLogger('rrt_jax.main')
@@ -154,8 +164,21 @@ def main(argv):
                  'embedding_params': count.embedding, 'perplexity_per_loop': ppl,
                  'max_abs_logit_delta_vs_original': None, 'convert_s': uptrain_s, 'eval_s': eval_s})
     samples = _samples(model, variables, tokenizer)
+    served = {'vanilla': (Decoder(cfg), vanilla), rows[-1]['model']: (model, variables)}
   else:
     samples = []
+    served = {'vanilla': (Decoder(cfg), vanilla)}
+    served[variants[2][0]] = (Decoder(cfg, relaxed_rec), to_recursive(vanilla, cfg, relaxed_rec))
+  serving, serve_table = [], ''
+  if _SERVE_REQUESTS.value:
+    emma = tokenizer.encode(books['Emma']).ids
+    step = max(1, (len(emma) - _SERVE_PROMPT_LEN.value) // _SERVE_REQUESTS.value)
+    requests = [Request(emma[i * step:i * step + _SERVE_PROMPT_LEN.value], _SERVE_DECODE_LEN.value)
+                for i in range(_SERVE_REQUESTS.value)]
+    (serving, latencies), _ = _timed('serving benchmark (continuous depth-wise vs sequence-wise batching)',
+                                     benchmark, served, requests, windows,
+                                     [float(t) for t in _SERVE_THRESHOLDS.value], _SERVE_SLOTS.value, 1)
+    serve_table = markdown(serving, latencies, _SERVE_SLOTS.value)
 
   header = '| model | non-emb params | ppl per loop (exit 1 → B) | max abs Δlogit vs original |'
   lines = [header, '|---|---|---|---|']
@@ -165,6 +188,10 @@ def main(argv):
     lines.append(f'| {row["model"]} | {row["non_embedding_params"] / 1e6:.1f} M | {ppl} | '
                  f'{"—" if delta is None else f"{delta:.2e}"} |')
   table = '\n'.join(lines)
+  if serve_table:
+    table += (f'\n\nServing {_SERVE_REQUESTS.value} requests (prompt {_SERVE_PROMPT_LEN.value}, decode '
+              f'{_SERVE_DECODE_LEN.value}, {_SERVE_SLOTS.value} slots; one timed run after a compile run):\n\n'
+              + serve_table)
   print('\n' + table, flush=True)
   for sample in samples:
     print(f'\n[sample, exit threshold {_EXIT_THRESHOLD.value}] {sample["prompt"]!r} -> {sample["text"]!r}\n'
@@ -174,11 +201,14 @@ def main(argv):
         f'({"OK" if exact < 1e-3 else "NOT EXACT"})')
   with open(os.path.join(_WORKDIR.value, 'results.json'), 'w') as f:
     json.dump({'machine': machine_description(), 'book': _BOOK.value, 'austen_version': version,
-               'scored_tokens': windows.num_tokens, 'gguf_load_s': load_s, 'rows': rows, 'samples': samples}, f,
+               'scored_tokens': windows.num_tokens, 'gguf_load_s': load_s, 'rows': rows, 'samples': samples,
+               'serving': serving}, f,
               indent=2)
   with open(os.path.join(_WORKDIR.value, 'results.md'), 'w') as f:
     f.write(table + '\n')
   _plot(rows, os.path.join(_WORKDIR.value, 'per_loop_perplexity.png'))
+  if serving:
+    plot_throughput(serving, os.path.join(_WORKDIR.value, 'throughput_vs_quality.png'))
   print(f'wrote {_WORKDIR.value}/results.json, results.md, per_loop_perplexity.png')
   if exact >= 1e-3:
     raise SystemExit('The full-rank relaxed model does not reproduce the original model.')
