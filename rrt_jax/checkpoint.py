@@ -4,22 +4,65 @@
   model, variables = rrt_jax.load('/tmp/ckpt')      # model is a Decoder carrying cfg and rec
 
 Layout: <path>/model_config.json (ModelConfig + RecursionConfig) and <path>/variables (Orbax PyTree).
+Paths are local or URIs that etils.epath and Orbax handle (gs://bucket/dir, s3://...).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
+import re
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from rrt_jax.config import ModelConfig, RecursionConfig
 from rrt_jax.model import Decoder, check_variables, variable_shapes
 
 CONFIG_FILE = 'model_config.json'
 VARIABLES_DIR = 'variables'
+_URI = re.compile(r'^([A-Za-z][A-Za-z0-9+.-]*)://')
+
+
+def is_uri(path: str | os.PathLike) -> bool:
+  """Whether `path` is a URI (gs://bucket/dir, s3://...) rather than a local path."""
+  return _URI.match(os.fspath(path)) is not None
+
+
+def _installed(module: str) -> bool:
+  try:
+    return importlib.util.find_spec(module) is not None
+  except ModuleNotFoundError:  # A missing parent package.
+    return False
+
+
+def missing_packages(path: str | os.PathLike) -> list[str]:
+  """pip packages that a gs:// path needs and that are not installed: gcsfs (etils.epath's GCS access, unless
+  TensorFlow's gfile is there) and google-cloud-storage (Orbax asks it about the bucket)."""
+  if not os.fspath(path).startswith('gs://'):
+    return []
+  needed = {'google.cloud.storage': 'google-cloud-storage'}
+  if not _installed('tensorflow'):
+    needed['gcsfs'] = 'gcsfs'
+  return sorted(package for module, package in needed.items() if not _installed(module))
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+  """An epath.Path for a local path (made absolute, as Orbax wants) or a URI (kept as it is: never resolved
+  against the working directory). Fails early, naming the packages to install, for a gs:// path without them."""
+  if not is_uri(path):
+    return epath.Path(os.path.abspath(path))
+  if missing := missing_packages(path):
+    raise ImportError(f'{path}: gs:// paths need {" and ".join(missing)} (pip install {" ".join(missing)}).')
+  try:
+    return epath.Path(path)
+  except KeyError:  # epath raises KeyError for schemes it has no backend for.
+    scheme = _URI.match(os.fspath(path)).group(1)
+    raise ValueError(f'{path}: etils.epath does not handle {scheme}:// paths (it does gs://, s3://, az://, hf://; '
+                     'local paths need no scheme).') from None
 
 
 def configs_to_json(cfg: ModelConfig, rec: RecursionConfig) -> dict:
@@ -34,26 +77,29 @@ def configs_from_json(data: dict) -> tuple[ModelConfig, RecursionConfig]:
   return ModelConfig(**data['model']), RecursionConfig(**data['recursion'])
 
 
-def read_configs(directory: str, missing: str) -> tuple[ModelConfig, RecursionConfig]:
+def write_configs(directory: str | os.PathLike, cfg: ModelConfig, rec: RecursionConfig) -> None:
+  """model_config.json in `directory` (local or a URI), written in one piece."""
+  (as_path(directory) / CONFIG_FILE).write_text(json.dumps(configs_to_json(cfg, rec), indent=2))
+
+
+def read_configs(directory: str | os.PathLike, missing: str) -> tuple[ModelConfig, RecursionConfig]:
   """The configs stored beside a checkpoint; `missing` completes the error message when there are none."""
-  config_path = os.path.join(directory, CONFIG_FILE)
-  if not os.path.exists(config_path):
+  config_path = as_path(directory) / CONFIG_FILE
+  if not config_path.exists():
     raise FileNotFoundError(f'{config_path} is missing: {directory} {missing}.')
-  with open(config_path) as f:
-    return configs_from_json(json.load(f))
+  return configs_from_json(json.loads(config_path.read_text()))
 
 
 def save(path: str, cfg: ModelConfig, rec: RecursionConfig, variables: dict) -> str:
-  """Writes the variables (Orbax) and configs (JSON) under `path`; returns the absolute path."""
-  path = os.path.abspath(path)
+  """Writes the variables (Orbax) and configs (JSON) under `path`; returns the absolute path (a URI as given)."""
+  directory = as_path(path)
   check_variables(variables, cfg, rec, 'variables to save')
-  os.makedirs(path, exist_ok=True)
+  directory.mkdir(parents=True, exist_ok=True)
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(path, VARIABLES_DIR), variables, force=True)
+    ckptr.save(directory / VARIABLES_DIR, variables, force=True)
     ckptr.wait_until_finished()
-  with open(os.path.join(path, CONFIG_FILE), 'w') as f:  # Written last: its presence marks a complete save.
-    json.dump(configs_to_json(cfg, rec), f, indent=2)
-  return path
+  write_configs(directory, cfg, rec)  # Written last: its presence marks a complete save.
+  return str(directory)
 
 
 def load(path: str, shardings=None) -> tuple[Decoder, dict]:
@@ -61,7 +107,7 @@ def load(path: str, shardings=None) -> tuple[Decoder, dict]:
 
   shardings: optional pytree of jax.sharding.Sharding matching the variables, to restore onto a mesh.
   """
-  path = os.path.abspath(path)
+  path = as_path(path)
   cfg, rec = read_configs(path, 'is not a complete rrt_jax checkpoint (an interrupted save, or a different '
                                 'directory)')
   shapes = variable_shapes(cfg, rec)
@@ -72,7 +118,7 @@ def load(path: str, shardings=None) -> tuple[Decoder, dict]:
     shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
   try:
     with ocp.StandardCheckpointer() as ckptr:
-      variables = ckptr.restore(os.path.join(path, VARIABLES_DIR), shapes)
+      variables = ckptr.restore(path / VARIABLES_DIR, shapes)
   except Exception as e:  # Orbax raises several types for missing/corrupt/mismatched data.
     raise ValueError(f'Could not restore {path}/{VARIABLES_DIR} for {cfg.family} with loops={rec.loops}, '
                      f'lora_rank={rec.lora_rank}: {e}') from e
@@ -82,19 +128,20 @@ def load(path: str, shardings=None) -> tuple[Decoder, dict]:
 
 def load_training_checkpoint(workdir: str, step: int | None = None) -> tuple[Decoder, dict, int]:
   """(Decoder(cfg, rec), variables, step) from a training workdir (the latest checkpoint by default)."""
-  workdir = os.path.abspath(workdir)
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  workdir = as_path(workdir)
+  ckpt_dir = workdir / 'checkpoints'
   cfg, rec = read_configs(workdir, 'holds no training run')
-  if not os.path.isdir(ckpt_dir):
+  if not ckpt_dir.is_dir():
     raise FileNotFoundError(f'{workdir} holds no training run (no checkpoints/).')
-  steps = sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
+  # Orbax's finalized steps: on GCS an unfinished step directory has its final name, only without its commit file.
+  steps = sorted(ocp.utils.checkpoint_steps(ckpt_dir))
   if not steps:
     raise FileNotFoundError(f'No finished checkpoint in {ckpt_dir}.')
   step = steps[-1] if step is None else step
   if step not in steps:
     raise FileNotFoundError(f'No checkpoint for step {step} in {ckpt_dir}; there are {steps}.')
   with ocp.StandardCheckpointer() as ckptr:
-    state = ckptr.restore(os.path.join(ckpt_dir, str(step), 'state'))
+    state = ckptr.restore(ckpt_dir / str(step) / 'state')
   variables = jax.tree.map(jax.numpy.asarray, state['variables'])
   check_variables(variables, cfg, rec, f'checkpoint {ckpt_dir}/{step}')
   return Decoder(cfg, rec), variables, step

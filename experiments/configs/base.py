@@ -69,7 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.log_every = 10
   c.distributed = ml_collections.ConfigDict()
-  c.distributed.coordinator = ''  # host:port; empty = single process (or the platform's auto-detection).
+  # host:port (with num_processes and process_id); 'auto': jax.distributed.initialize() detects the cluster (Cloud
+  # TPU pods, SLURM, ...); empty = single process.
+  c.distributed.coordinator = ''
   c.distributed.num_processes = 1
   c.distributed.process_id = 0
   return c

@@ -2,12 +2,11 @@
 
 Saves asynchronously every N steps and on demand (SIGTERM). Restores onto any mesh (the target shardings come
 from the caller). A checkpoint that fails to restore (corrupt or partial) is reported and the previous good one
-is used.
+is used. The workdir is a local path or a URI that Orbax and etils.epath handle (gs://bucket/run).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -15,7 +14,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from rrt_jax.checkpoint import CONFIG_FILE, configs_to_json
+from rrt_jax import checkpoint
 from rrt_jax.config import ModelConfig, RecursionConfig
 
 log = logging.getLogger(__name__)
@@ -24,17 +23,16 @@ log = logging.getLogger(__name__)
 class TrainCheckpoints:
   """Checkpoints under <workdir>/checkpoints/<step>/{state, data}; model configs in <workdir>/model_config.json."""
 
-  def __init__(self, workdir: str, every_steps: int, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+  def __init__(self, workdir: str | os.PathLike, every_steps: int, keep: int = 3, async_save: bool = True):
+    self.directory = checkpoint.as_path(workdir) / 'checkpoints'  # Absolute if local; a URI stays a URI.
     self.every_steps = every_steps
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                            create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'data'))
 
-  def write_configs(self, workdir: str, cfg: ModelConfig, rec: RecursionConfig) -> None:
+  def write_configs(self, workdir: str | os.PathLike, cfg: ModelConfig, rec: RecursionConfig) -> None:
     if jax.process_index() == 0:
-      with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
-        json.dump(configs_to_json(cfg, rec), f, indent=2)
+      checkpoint.write_configs(workdir, cfg, rec)
 
   def save(self, step: int, state, data_iterator, force: bool = False) -> bool:
     if not force and (self.every_steps <= 0 or step % self.every_steps):

@@ -1,4 +1,8 @@
-"""The uptraining loop: load + convert, shard, train with KD and early-exit losses, log, checkpoint, resume."""
+"""The uptraining loop: load + convert, shard, train with KD and early-exit losses, log, checkpoint, resume.
+
+The workdir is a local path or a URI (gs://bucket/run: what a multi-host pod needs); every workdir access goes
+through etils.epath and Orbax.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from rrt_jax import presets
+from rrt_jax.checkpoint import as_path, is_uri
 from rrt_jax.config import ModelConfig, RecursionConfig
 from rrt_jax.convert import to_recursive
 from rrt_jax.model import Decoder, init_variables
@@ -65,36 +70,95 @@ def make_tokenizer(name: str):
 
 
 def init_distributed(c: ml_collections.ConfigDict) -> None:
+  """jax.distributed for multi-process runs: distributed.coordinator 'host:port' with num_processes and
+  process_id, or 'auto' for jax's own cluster detection (Cloud TPU pods, SLURM, ...); empty = one process."""
   d = c.distributed
-  if d.coordinator:
-    if os.environ.get('JAX_PLATFORMS') == 'cpu':  # (Asking jax for its backend here would initialise it.)
-      jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # Cross-process CPU collectives.
+  if not d.coordinator:
+    return
+  if os.environ.get('JAX_PLATFORMS') == 'cpu':  # (Asking jax for its backend here would initialise it.)
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # Cross-process CPU collectives.
+  if d.coordinator == 'auto':
+    jax.distributed.initialize()
+  else:
     jax.distributed.initialize(coordinator_address=d.coordinator, num_processes=d.num_processes,
                                process_id=d.process_id)
 
 
-class MetricsWriter:
-  """JSONL log and TensorBoard event files (process 0 only)."""
+def tensorboard_unsupported(logdir: str) -> str | None:
+  """Why tensorboardX cannot write event files under `logdir`, or None if it can (local paths; gs:// and s3://
+  when their client libraries are installed)."""
+  if not is_uri(logdir):
+    return None
+  from tensorboardX import record_writer
+  scheme = logdir.split('://', 1)[0]
+  needs = {'gs': ('GCS_ENABLED', 'google-cloud-storage'), 's3': ('S3_ENABLED', 'boto3')}
+  if scheme not in needs:
+    return f'tensorboardX writes no {scheme}:// paths'
+  flag, package = needs[scheme]
+  if not getattr(record_writer, flag, False):
+    return f'tensorboardX needs {package} for {scheme}:// paths (pip install {package})'
+  return None
 
-  def __init__(self, workdir: str):
+
+class MetricsWriter:
+  """metrics.jsonl and TensorBoard event files in the workdir (process 0 only).
+
+  Object stores (gs://) neither append nor show a file before it is closed, so in a remote workdir metrics.jsonl is
+  rewritten whole (earlier runs' lines kept) and the events are uploaded at most every `sync_every_s` seconds and on
+  close; locally both are flushed at every write."""
+
+  def __init__(self, workdir: str, sync_every_s: float = 60.0):
     self.enabled = jax.process_index() == 0
-    if self.enabled:
+    if not self.enabled:
+      return
+    self._path = as_path(workdir) / 'metrics.jsonl'
+    self._remote = is_uri(workdir)
+    self._sync_every_s, self._synced_at, self._unsynced = sync_every_s, time.monotonic(), False
+    if self._remote:
+      self._text = self._path.read_text() if self._path.exists() else ''
+    else:
+      self._jsonl = self._path.open('a')
+    logdir = str(as_path(workdir) / 'tensorboard')
+    reason = tensorboard_unsupported(logdir)
+    if reason is None:
       from tensorboardX import SummaryWriter
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')  # noqa: SIM115
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self._tb = SummaryWriter(logdir)
+    else:
+      self._tb = None
+      log.warning('no TensorBoard events in %s: %s; metrics.jsonl has the same scalars', logdir, reason)
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.enabled:
       return
-    self._jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
-    self._jsonl.flush()
-    for k, v in scalars.items():
-      self._tb.add_scalar(k, v, step)
-    self._tb.flush()
+    line = json.dumps({'step': step, **scalars}) + '\n'
+    if self._remote:
+      self._text, self._unsynced = self._text + line, True
+      if time.monotonic() - self._synced_at >= self._sync_every_s:
+        self._sync()
+    else:
+      self._jsonl.write(line)
+      self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in scalars.items():
+        self._tb.add_scalar(k, v, step)
+      if not self._remote:  # (tensorboardX re-uploads a remote events file whole at each flush.)
+        self._tb.flush()
+
+  def _sync(self) -> None:
+    if self._unsynced:
+      self._path.write_text(self._text)
+      if self._tb is not None:
+        self._tb.flush()
+    self._synced_at, self._unsynced = time.monotonic(), False
 
   def close(self) -> None:
-    if self.enabled:
+    if not self.enabled:
+      return
+    if self._remote:
+      self._sync()
+    else:
       self._jsonl.close()
+    if self._tb is not None:
       self._tb.close()
 
 
@@ -134,6 +198,8 @@ def initial_variables(c: ml_collections.ConfigDict, cfg: ModelConfig, rec: Recur
   if vanilla is None:
     key = jax.random.key(c.train.seed)
     student = init_variables(cfg, rec, key, student_shardings)
+    if not use_teacher:  # (A random teacher is its own draw: the student does not depend on it.)
+      return student, None
     teacher = init_variables(cfg, RecursionConfig(), jax.random.fold_in(key, 1), teacher_shardings)
   else:
     student = jax.device_put(to_recursive(vanilla, cfg, rec), student_shardings)
@@ -166,7 +232,7 @@ def train(c: ml_collections.ConfigDict, workdir: str, source=None, tokenizer=Non
   tokenizer (tests); `stop_after` stops (with a checkpoint) after that many steps of this run."""
   from rrt_jax.data.pipeline import CheckpointableIterator
   init_distributed(c)
-  os.makedirs(workdir, exist_ok=True)
+  as_path(workdir).mkdir(parents=True, exist_ok=True)
   if tokenizer is None:
     tokenizer = make_tokenizer(c.data.tokenizer)
   if source is None:
