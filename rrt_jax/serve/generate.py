@@ -63,6 +63,11 @@ def confidence(kind: str, logits_BxV: jax.Array, h_BxD: jax.Array, h_prev_BxD: j
   return top2[:, 0] - top2[:, 1]
 
 
+def exits_at(conf_B: jax.Array, threshold: float) -> jax.Array:
+  """The exit rule: confidence reaches the threshold; threshold >= 1 never exits early."""
+  return conf_B >= threshold if threshold < 1.0 else jnp.zeros(conf_B.shape, bool)
+
+
 def sample(logits_BxV: jax.Array, sampling: SamplingConfig, rng: jax.Array) -> jax.Array:
   if sampling.temperature <= 0:
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
@@ -103,8 +108,7 @@ class Generator:
     exited = jnp.zeros(per_loop_logits[0].shape[0], bool)
     chosen, exit_loop = per_loop_logits[-1], jnp.full(exited.shape, loops, jnp.int32)
     for b in range(loops):
-      newly = ~exited & ((per_loop_conf[b] >= self.exit_cfg.threshold) if self.exit_cfg.threshold < 1.0
-                         else jnp.zeros_like(exited))
+      newly = ~exited & exits_at(per_loop_conf[b], self.exit_cfg.threshold)
       chosen = jnp.where(newly[:, None], per_loop_logits[b], chosen)
       exit_loop = jnp.where(newly, b + 1, exit_loop)
       exited |= newly
@@ -144,10 +148,9 @@ class Generator:
       h_next = hidden[-1]
       logits = model.apply(variables, h_next, method=Decoder.logits)[:, -1]
       conf = confidence(self.exit_cfg.confidence, logits, h_next[:, -1], h[:, -1])
-      if self.exit_cfg.threshold < 1.0:
-        newly = ~exited & (conf >= self.exit_cfg.threshold)
-        exit_h = jnp.where(newly[:, None, None], h_next, exit_h)
-        exited |= newly
+      newly = ~exited & exits_at(conf, self.exit_cfg.threshold)
+      exit_h = jnp.where(newly[:, None, None], h_next, exit_h)
+      exited |= newly
       logits_per_loop.append(logits)
       conf_per_loop.append(conf)
       new_k.append(loop_cache['k'])
