@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from experiments.bench_serve import benchmark, markdown, plot_throughput
 from rrt_jax import Decoder, RecursionConfig
 from rrt_jax.checkpoint import load_training_checkpoint
 from rrt_jax.convert import to_recursive
@@ -35,6 +34,7 @@ from rrt_jax.convert.gguf import load_gguf, load_tokenizer
 from rrt_jax.data import austen
 from rrt_jax.eval.perplexity import per_loop_perplexity, sliding_windows
 from rrt_jax.model import count_params
+from rrt_jax.serve.benchmark import benchmark, markdown, plot_throughput
 from rrt_jax.serve.engine import Request
 from rrt_jax.serve.generate import ExitConfig, generate
 from rrt_jax.train.loop import train

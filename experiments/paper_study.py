@@ -49,8 +49,8 @@ _SEQ_LEN = flags.DEFINE_integer('seq_len', 128, 'Uptraining sequence length.')
 _LR = flags.DEFINE_float('lr', 3e-4, 'Peak learning rate.')
 _EVAL_TOKENS = flags.DEFINE_integer('eval_tokens', 1024, 'Held-out tokens scored per corpus.')
 _CORPORA = flags.DEFINE_list('corpora', ['austen', 'brown', 'wikipedia'], 'Held-out corpora (TFDS splits).')
-_FEWSHOT_LIMIT = flags.DEFINE_integer('fewshot_limit', 20, 'Items per few-shot task (0 = skip few-shot).')
-_NUM_SHOTS = flags.DEFINE_integer('num_shots', 1, 'Shots per few-shot prompt.')
+_FEWSHOT_LIMIT = flags.DEFINE_integer('fewshot_limit', 10, 'Items per few-shot task (0 = skip few-shot).')
+_NUM_SHOTS = flags.DEFINE_integer('num_shots', 0, 'Shots per few-shot prompt.')
 _ONLY = flags.DEFINE_list('only', [], 'Run only the variants whose name contains one of these strings.')
 
 
@@ -121,6 +121,7 @@ def fewshot_suite(tokenizer) -> dict | None:
 
 
 def evaluate(model: Decoder, variables: dict, windows: dict, fewshot: dict | None) -> dict:
+  """Per-loop perplexity on every corpus, and few-shot metrics when `fewshot` is given."""
   out = {'perplexity': {name: per_loop_perplexity(model, variables, w, batch_size=2) for name, w in windows.items()}}
   if fewshot is not None:
     out['fewshot'] = fewshot['run'](model, variables)
@@ -137,7 +138,7 @@ def markdown(rows: list[dict], corpora: list[str], tasks: list[str]) -> str:
         continue
       cells = [f'{row["model"]} ({stage})', f'{row["non_embedding_params"] / 1e6:.1f} M']
       cells += [' / '.join(f'{p:.1f}' for p in res['perplexity'][c]) for c in corpora]
-      cells += [f'{res["fewshot"][t]:.3f}' for t in tasks] if 'fewshot' in res else []
+      cells += [f'{res["fewshot"][t]:.3f}' if 'fewshot' in res else '—' for t in tasks]
       lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
@@ -192,7 +193,8 @@ def main(argv):
     model, variables = build(cfg, vanilla, spec)
     row = {'model': name, 'loops': model.rec.loops, 'lora_rank': model.rec.lora_rank,
            'non_embedding_params': count_params(model.cfg, model.rec).non_embedding,
-           'converted': evaluate(model, variables, windows, fewshot)}
+           # Few-shot once per variant (the slow part on CPU): after uptraining when there is uptraining.
+           'converted': evaluate(model, variables, windows, fewshot if name == 'vanilla' or not batches else None)}
     if name != 'vanilla' and batches:
       variables, losses = uptrain(model, variables, teacher, vanilla, batches)
       row['uptrain_losses'] = losses

@@ -119,9 +119,9 @@ def test_multi_lora_selects_each_rows_loop(relaxed):
   mixed, _ = one_loop.apply({'params': variables['params'], 'lora': multi_lora(variables['lora'])}, h, positions,
                             cache, None, jax.nn.one_hot(loops, 3), method=Decoder.decode_stack)
   for row, b in enumerate(np.asarray(loops)):
-    alone_vars = {'params': variables['params'], 'lora': jax.tree.map(lambda x: x[b:b + 1], variables['lora'])}
+    alone_vars = {'params': variables['params'], 'lora': jax.tree.map(lambda x, b=b: x[b:b + 1], variables['lora'])}
     alone, _ = one_loop.apply(alone_vars, h[row:row + 1], positions[row:row + 1],
-                              jax.tree.map(lambda c: c[:, :, row:row + 1], cache), method=Decoder.decode_stack)
+                              jax.tree.map(lambda c, r=row: c[:, :, r:r + 1], cache), method=Decoder.decode_stack)
     np.testing.assert_allclose(mixed[-1, row], alone[-1, 0], atol=1e-5)
   assert np.abs(np.asarray(mixed[-1, 0] - mixed[-1, 1])).max() > 1e-3  # Same input: only the LoRA differs.
 
@@ -133,3 +133,26 @@ def test_engine_rejects_what_it_cannot_serve(relaxed):
   with pytest.raises(ValueError, match='looping=cycle'):
     seq = RecursionConfig(loops=3, looping='sequence')
     Engine(Decoder(CFG, seq), init_variables(CFG, seq, jax.random.key(0)), EngineConfig())
+
+
+def test_benchmark_rows_are_consistent(relaxed):
+  """The serving benchmark on tiny models: one CSB row for vanilla, CSB + CDB rows per threshold for the
+  relaxed model; no-exit rows agree with themselves; every generated token has an exit loop."""
+  from rrt_jax.eval.perplexity import sliding_windows
+  from rrt_jax.serve.benchmark import benchmark, markdown
+  model, variables = relaxed
+  vanilla_rec = RecursionConfig(loops=1)
+  models = {'vanilla': (Decoder(CFG, vanilla_rec), init_variables(CFG, vanilla_rec, jax.random.key(3))),
+            'relaxed': (model, variables)}
+  requests = [Request(p, n) for p, n in zip(PROMPTS[:3], NEW_TOKENS[:3], strict=True)]
+  windows = sliding_windows(list(np.random.default_rng(0).integers(3, CFG.vocab_size, 65)), 32)
+  rows, latencies = benchmark(models, requests, windows, [THRESHOLD], slots=2, repeats=1)
+  assert [(r['model'], r['batching'], r['threshold']) for r in rows] == [
+      ('vanilla', 'CSB', 1.0), ('relaxed', 'CSB', 1.0), ('relaxed', 'CDB', 1.0), ('relaxed', 'CDB', THRESHOLD)]
+  assert rows[0]['speedup_vs_vanilla_csb'] == 1.0
+  assert all(r['agreement'] == 1.0 for r in rows if r['threshold'] == 1.0)
+  assert all(len(r['exit_loops']) == sum(NEW_TOKENS[:3]) for r in rows)
+  assert rows[-1]['mean_exit_loop'] < 3.0 and rows[2]['mean_exit_loop'] == 3.0
+  assert rows[-1]['steps'] < rows[2]['steps']
+  assert set(latencies) == {'vanilla', 'relaxed'} and latencies['relaxed']['batch_2']['block_s'] > 0
+  assert '| relaxed | CDB | 0.025 |' in markdown(rows, latencies, 2)

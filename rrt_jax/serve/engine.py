@@ -249,7 +249,7 @@ class Engine:
           request[s] = i
           t0 = time.perf_counter()
           prompt = list(requests[i].prompt)
-          padded = np.zeros((1, bucket(len(prompt))), np.int32)
+          padded = np.zeros((1, min(bucket(len(prompt)), self.max_len)), np.int32)  # Fits the cache.
           padded[0, :len(prompt)] = prompt
           token, exit_loop, cache = self._prefill(self.variables, cache, s, jnp.asarray(padded),
                                                   jnp.asarray([len(prompt)], jnp.int32),
