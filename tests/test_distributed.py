@@ -7,8 +7,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from launch.local import commands, launch
+
+# ~2.5 min of subprocesses with emulated devices: outside the default run; .ci/run runs the slow set after it.
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--config=experiments/configs/tiny_cpu.py', '--config.log_every=1', '--config.data.split=validation',
