@@ -97,14 +97,13 @@ def plot_throughput(rows: list[dict], path: str) -> None:
 
 def benchmark(models: dict, requests: list[Request], windows, thresholds: list[float], slots: int, repeats: int,
               confidence_kind: str = 'max_prob') -> tuple[list[dict], dict]:
-  """Serves `requests` with every model: the first (vanilla) under CSB; the others under CSB without exit and
-  CDB at every threshold. Interleaved repeats, medians. Returns (rows, stage latencies per model)."""
+  """Serves `requests` with every model: the first (vanilla) under CSB; the others under CSB and CDB at every
+  threshold. Interleaved repeats, medians. Returns (rows, stage latencies per model)."""
   thresholds = sorted(set(thresholds) | {1.0}, reverse=True)  # The no-exit output is the agreement reference.
   names = list(models)
   runs = [(names[0], False, 1.0)]
-  for name in names[1:]:
-    runs.append((name, False, 1.0))
-    runs += [(name, True, t) for t in thresholds]
+  for name in names[1:]:  # CSB and CDB at every threshold: early exit alone vs early exit + mixing loops.
+    runs += [(name, depthwise, t) for t in thresholds for depthwise in (False, True)]
   max_len = max(len(r.prompt) + r.max_new_tokens for r in requests)
   engines = {}
   for name, depthwise, t in runs:
