@@ -56,6 +56,20 @@ def test_engine_equals_sequential_early_exit(relaxed, reference, depthwise):
     assert stats.idle_while_waiting > 0
 
 
+def test_plain_recursive_engine_equals_sequential_early_exit():
+  """Without LoRA the propagated K/V of every later loop come from the same shared weights."""
+  rec = RecursionConfig(loops=3)
+  variables = jax.tree.map(jnp.asarray, perturb(init_variables(CFG, rec, jax.random.key(4)), 4, 0.02))
+  model = Decoder(CFG, rec)
+  exit_cfg = ExitConfig(threshold=THRESHOLD)
+  reference = sequential(model, variables, exit_cfg)
+  engine = Engine(model, variables, EngineConfig(slots=2, max_len=64, exit=exit_cfg))
+  completions, _ = engine.run([Request(p, n) for p, n in zip(PROMPTS, NEW_TOKENS, strict=True)])
+  assert [c.tokens for c in completions] == [r.tokens[0] for r in reference]
+  assert [c.exit_loops for c in completions] == [r.exit_loops[0] for r in reference]
+  assert len({e for c in completions for e in c.exit_loops}) > 1
+
+
 def test_depthwise_takes_fewer_steps_than_sequencewise(relaxed):
   model, variables = relaxed
   requests = [Request(p, n) for p, n in zip(PROMPTS, NEW_TOKENS, strict=True)]

@@ -184,8 +184,8 @@ class Engine:
     layer_params = variables['params']['stack']['block']['layer']
     layer_lora = variables[LORA]['stack']['block']['layer'] if LORA in variables else None
     over_layers = jax.vmap(layer_kv, in_axes=(0, 0 if layer_lora is not None else None))
-    if layer_lora is None:
-      k, v = jax.vmap(lambda _: over_layers(layer_params, None))(jnp.arange(loops - 1))
+    if layer_lora is None:  # No per-loop deltas: every later loop gets the same K/V.
+      k, v = (jnp.broadcast_to(x, (loops - 1,) + x.shape) for x in over_layers(layer_params, None))
     else:  # Loops 1..B-1 (loop 0 is never skipped).
       k, v = jax.vmap(over_layers, in_axes=(None, 0))(layer_params, jax.tree.map(lambda x: x[1:], layer_lora))
     later = jnp.arange(1, loops)[:, None]  # [B-1, 1]
