@@ -56,9 +56,12 @@ def test_engine_equals_sequential_early_exit(relaxed, reference, depthwise):
     assert stats.idle_while_waiting > 0
 
 
-def test_plain_recursive_engine_equals_sequential_early_exit():
-  """Without LoRA the propagated K/V of every later loop come from the same shared weights."""
-  rec = RecursionConfig(loops=3)
+@pytest.mark.parametrize('rec', [RecursionConfig(loops=3),
+                                 RecursionConfig(loops=3, lora_rank=4, lora_targets=('q', 'k'))],
+                         ids=['no_lora', 'lora_on_k_not_v'])
+def test_recursive_engine_equals_sequential_early_exit(rec):
+  """Without LoRA the propagated K/V of every later loop come from the same shared weights; with LoRA on k only,
+  v's propagation must use no LoRA."""
   variables = jax.tree.map(jnp.asarray, perturb(init_variables(CFG, rec, jax.random.key(4)), 4, 0.02))
   model = Decoder(CFG, rec)
   exit_cfg = ExitConfig(threshold=THRESHOLD)

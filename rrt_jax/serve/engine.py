@@ -170,14 +170,15 @@ class Engine:
     specs = lora_specs(cfg, rec)
     relax = rec.has_lora and rec.relax_vectors
     norm = Norm(cfg.norm, cfg.norm_eps, relax, cfg.dtype, cfg.param_dtype)
-    dense = LoraDense(cfg.num_kv_heads * cfg.head_dim, ('embed', 'kv'), use_bias=cfg.attn_bias, lora=specs['k'],
-                      dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    # One module per projection: k and v may differ in LoRA (lora_targets can name one without the other).
+    dense = {name: LoraDense(cfg.num_kv_heads * cfg.head_dim, ('embed', 'kv'), use_bias=cfg.attn_bias,
+                             lora=specs[name], dtype=cfg.dtype, param_dtype=cfg.param_dtype) for name in ('k', 'v')}
     positions = positions_S[:, None]
 
     def layer_kv(params, lora):  # One (loop, layer): K/V of the exit states [slots, kv_heads, head_dim].
-      sub = lambda *path: {'params': _at(params, path), **({LORA: _at(lora, path)} if lora is not None else {})}  # noqa: E731
+      sub = lambda *path: {'params': _at(params, path), LORA: _at(lora or {}, path)}  # noqa: E731
       x = norm.apply(sub('attn_norm'), h_Sx1xD)
-      kv = [dense.apply(sub('attn', name), x).reshape(*x.shape[:2], cfg.num_kv_heads, cfg.head_dim)
+      kv = [dense[name].apply(sub('attn', name), x).reshape(*x.shape[:2], cfg.num_kv_heads, cfg.head_dim)
             for name in ('k', 'v')]
       return apply_rotary(kv[0], positions, cfg.rope_theta, cfg.rotary_dim)[:, 0], kv[1][:, 0]
 
@@ -305,8 +306,9 @@ class Engine:
 
 
 def _at(tree, path):
+  """The subtree at `path`; {} where it is absent (a projection or norm without relaxation variables)."""
   for key in path:
-    tree = tree[key]
+    tree = tree.get(key, {})
   return tree
 
 
