@@ -19,9 +19,9 @@ from flax import traverse_util
 
 from rrt_jax.config import ModelConfig
 from rrt_jax.convert.safetensors_io import Checkpoint
+from rrt_jax.model import LAYER_PATH as LAYER
 from rrt_jax.model import Decoder
 
-LAYER = ('stack', 'block', 'layer')
 _IGNORED = re.compile(r'.*(rotary_emb\.inv_freq|attention\.bias|attention\.masked_bias)$')
 
 

@@ -2,6 +2,7 @@
 
 from rrt_jax.model.decoder import Decoder, lora_specs, target_dims
 from rrt_jax.model.variables import (
+    LAYER_PATH,
     ParamCount,
     check_variables,
     count_params,
@@ -9,8 +10,13 @@ from rrt_jax.model.variables import (
     init_variables,
     layer_tree,
     logical_axes,
+    loop_variables,
+    multi_lora_variables,
+    one_loop,
     variable_shapes,
+    with_layer_tree,
 )
 
-__all__ = ['Decoder', 'ParamCount', 'check_variables', 'count_params', 'init_cache', 'init_variables',
-           'layer_tree', 'logical_axes', 'lora_specs', 'target_dims', 'variable_shapes']
+__all__ = ['LAYER_PATH', 'Decoder', 'ParamCount', 'check_variables', 'count_params', 'init_cache',
+           'init_variables', 'layer_tree', 'logical_axes', 'loop_variables', 'lora_specs', 'multi_lora_variables',
+           'one_loop', 'target_dims', 'variable_shapes', 'with_layer_tree']

@@ -15,11 +15,53 @@ from rrt_jax.model.decoder import Decoder
 from rrt_jax.model.layers import LORA, dtype_of
 
 EMBEDDING_PARAMS = (('embedder', 'embedding'), ('lm_head',))
+# Where the decoder layers' variables live in 'params' (leading axis K) and 'lora' (leading axes [R, K]), for
+# CYCLE and SEQUENCE alike. The only place outside decoder.py's module names that knows the path.
+LAYER_PATH = ('stack', 'block', 'layer')
 
 
 def layer_tree(collection: dict) -> dict:
-  """The per-layer subtree of a 'params' or 'lora' collection (same path for CYCLE and SEQUENCE)."""
-  return collection['stack']['block']['layer']
+  """The per-layer subtree of a 'params' or 'lora' collection."""
+  for key in LAYER_PATH:
+    collection = collection[key]
+  return collection
+
+
+def with_layer_tree(collection: dict, layers: dict) -> dict:
+  """A copy of a 'params' or 'lora' collection (or of {} for a new one) whose layer subtree is `layers`."""
+  out = dict(collection)
+  node = out
+  for key in LAYER_PATH[:-1]:
+    node[key] = dict(node.get(key, {}))
+    node = node[key]
+  node[LAYER_PATH[-1]] = layers
+  return out
+
+
+def one_loop(model: Decoder) -> Decoder:
+  """The decoder that runs ONE loop of `model`'s recursive block (its K shared layers, R = 1): the building
+  block of loop-by-loop early-exit decoding, depth-wise batching and K/V propagation. Its variables are the
+  model's 'params' with one loop's LoRA (`loop_variables`) or every loop's (`multi_lora_variables`)."""
+  cfg, rec = model.cfg, model.rec
+  return Decoder(cfg.replace(num_layers=rec.shared_layers(cfg.num_layers)), rec.replace(loops=1))
+
+
+def loop_variables(variables: dict, loop: int) -> dict:
+  """`variables` of a recursive model as variables of `one_loop(model)` at loop `loop` (0-based)."""
+  out = {'params': variables['params']}
+  if LORA in variables:
+    out[LORA] = jax.tree.map(lambda x: x[loop:loop + 1], variables[LORA])
+  return out
+
+
+def multi_lora_variables(variables: dict) -> dict:
+  """`variables` of a recursive model as variables of `one_loop(model)` that hold EVERY loop's LoRA, for rows
+  at different loops in one batch (multi-LoRA, see lora.py): each 'lora' leaf [R, K, ...] becomes
+  [1, K, R, ...], so the one-loop block's layer k sees all R loops' adapters and selects per row."""
+  out = {'params': variables['params']}
+  if LORA in variables:
+    out[LORA] = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1)[None], variables[LORA])
+  return out
 
 
 def _init_fn(cfg: ModelConfig, rec: RecursionConfig, seq_len: int = 2):
