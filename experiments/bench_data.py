@@ -19,9 +19,10 @@ from absl import app, flags
 
 from rrt_jax import Decoder, RecursionConfig
 from rrt_jax.convert import to_recursive
-from rrt_jax.convert.gguf import load_gguf, load_tokenizer
+from rrt_jax.convert.gguf import load_gguf
 from rrt_jax.data.pipeline import PipelineConfig, lm_dataset
 from rrt_jax.data.tfds_builder import text_source
+from rrt_jax.data.tokenizer import make_tokenizer
 from rrt_jax.eval.perplexity import Windows, per_loop_perplexity, sliding_windows
 from rrt_jax.train.simple_step import train_step_fn
 from rrt_jax.utils.timing import compile_seconds, machine_description, median_seconds
@@ -32,8 +33,6 @@ _SEQ = flags.DEFINE_integer('seq', 512, 'Tokens per sequence.')
 _WORKERS = flags.DEFINE_integer('workers', 0, 'grain worker processes.')
 _EVAL_TOKENS = flags.DEFINE_integer('eval_tokens', 8192, 'Scored tokens per held-out corpus.')
 _OUT = flags.DEFINE_string('out', '', 'Optional JSON file for the results.')
-
-EOS_ID = 2  # SmolLM2's <|im_end|>, its end-of-sequence token.
 
 
 def corpus_windows(split: str, tokenizer, tokens: int, window: int) -> Windows:
@@ -58,12 +57,12 @@ def main(argv):
   start = time.perf_counter()
   cfg, vanilla = load_gguf()
   results['gguf_load_s'] = time.perf_counter() - start
-  tokenizer = load_tokenizer()
+  tokenizer = make_tokenizer('smollm2')
   print(f'GGUF load (dequantize + place): {results["gguf_load_s"]:.1f} s', flush=True)
 
   pipe = lm_dataset(text_source('train'), tokenizer, PipelineConfig(_SEQ.value, _BATCH.value,
                                                                     worker_count=_WORKERS.value),
-                    eos_id=EOS_ID, max_seq_len=cfg.max_seq_len)
+                    max_seq_len=cfg.max_seq_len)
   it = iter(pipe)
   next(it)
   start = time.perf_counter()

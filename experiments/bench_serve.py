@@ -19,14 +19,14 @@ import os
 import numpy as np
 from absl import app, flags
 
+from experiments.serving_benchmark import benchmark, markdown, plot_throughput, simulator_latencies
 from rrt_jax import Decoder, RecursionConfig
-from rrt_jax.checkpoint import load_training_checkpoint
 from rrt_jax.convert import to_recursive
 from rrt_jax.convert.gguf import load_gguf, load_tokenizer
 from rrt_jax.data import austen
 from rrt_jax.eval.perplexity import sliding_windows
-from rrt_jax.serve.benchmark import benchmark, markdown, plot_throughput, simulator_latencies
 from rrt_jax.serve.engine import Request
+from rrt_jax.train.checkpointing import load_training_checkpoint
 from rrt_jax.utils.timing import machine_description
 
 _WORKDIR = flags.DEFINE_string('workdir', 'workdir/bench_serve', 'Where results, tables and plots go.')

@@ -31,7 +31,7 @@ def load_model():
   if _WORKDIR.value and _CHECKPOINT.value:
     raise app.UsageError('Give --workdir or --checkpoint, not both.')
   if _WORKDIR.value:
-    from rrt_jax.checkpoint import load_training_checkpoint
+    from rrt_jax.train.checkpointing import load_training_checkpoint
     model, variables, _ = load_training_checkpoint(_WORKDIR.value)
     return model, variables
   if _CHECKPOINT.value:
@@ -45,13 +45,14 @@ def load_model():
 
 def main(argv):
   del argv
-  from rrt_jax.train.loop import make_tokenizer
+  from rrt_jax.data.tokenizer import make_tokenizer
   tokenizer = make_tokenizer(_TOKENIZER.value)
   model, variables = load_model()
   prompts = [tokenizer.encode(p).ids for p in _PROMPTS.value]
   out = generate(model, variables, prompts, _MAX_NEW.value,
                  sampling=SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _SEED.value),
-                 exit_cfg=ExitConfig(_THRESHOLD.value, _CONFIDENCE.value, _KV_FILL.value), stop_tokens=[2])
+                 exit_cfg=ExitConfig(_THRESHOLD.value, _CONFIDENCE.value, _KV_FILL.value),
+                 stop_tokens=[tokenizer.eos_id])
   for prompt, tokens, exits in zip(_PROMPTS.value, out.tokens, out.exit_loops, strict=True):
     print(f'{prompt!r} -> {tokenizer.decode(tokens)!r}')  # repr: one line per completion, newlines visible.
     print(f'  exit loops: {exits}')

@@ -27,16 +27,17 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from experiments.serving_benchmark import benchmark, markdown, plot_throughput
 from rrt_jax import Decoder, RecursionConfig
-from rrt_jax.checkpoint import load_training_checkpoint
 from rrt_jax.convert import to_recursive
-from rrt_jax.convert.gguf import load_gguf, load_tokenizer
+from rrt_jax.convert.gguf import load_gguf
 from rrt_jax.data import austen
+from rrt_jax.data.tokenizer import make_tokenizer
 from rrt_jax.eval.perplexity import per_loop_perplexity, sliding_windows
 from rrt_jax.model import count_params
-from rrt_jax.serve.benchmark import benchmark, markdown, plot_throughput
 from rrt_jax.serve.engine import Request
 from rrt_jax.serve.generate import ExitConfig, generate
+from rrt_jax.train.checkpointing import load_training_checkpoint
 from rrt_jax.train.loop import train
 from rrt_jax.utils.timing import machine_description
 
@@ -107,7 +108,7 @@ def _uptrain(rec: RecursionConfig):
 def _samples(model, variables, tokenizer) -> list[dict]:
   exit_cfg = ExitConfig(threshold=_EXIT_THRESHOLD.value)
   prompts = [tokenizer.encode(p).ids for p in PROMPTS]
-  out = generate(model, variables, prompts, max_new_tokens=16, exit_cfg=exit_cfg, stop_tokens=[2])
+  out = generate(model, variables, prompts, max_new_tokens=16, exit_cfg=exit_cfg, stop_tokens=[tokenizer.eos_id])
   return [{'prompt': p, 'text': tokenizer.decode(t), 'exit_loops': e}
           for p, t, e in zip(PROMPTS, out.tokens, out.exit_loops, strict=True)]
 
@@ -118,7 +119,7 @@ def main(argv):
   os.makedirs(_WORKDIR.value, exist_ok=True)
   print(f'# rrt_jax main job on {machine_description()}', flush=True)
   (cfg, vanilla), load_s = _timed('loaded SmolLM2-135M from its GGUF', load_gguf)
-  tokenizer = load_tokenizer()
+  tokenizer = make_tokenizer('smollm2')
 
   books, version = austen.novels()
   if _BOOK.value not in books:

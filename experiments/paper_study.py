@@ -27,12 +27,12 @@ from absl import app, flags
 
 from rrt_jax import Decoder, RecursionConfig
 from rrt_jax.convert import to_recursive
-from rrt_jax.convert.gguf import load_gguf, load_tokenizer
+from rrt_jax.convert.gguf import load_gguf
 from rrt_jax.data.pipeline import PipelineConfig, lm_dataset
 from rrt_jax.data.tfds_builder import text_source
+from rrt_jax.data.tokenizer import make_tokenizer
 from rrt_jax.eval.perplexity import per_loop_perplexity, sliding_windows
 from rrt_jax.model import count_params
-from rrt_jax.train.loop import EOS_ID
 from rrt_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from rrt_jax.train.step import LossConfig, init_state, make_train_step
 from rrt_jax.utils.timing import machine_description
@@ -83,7 +83,7 @@ def build(cfg, vanilla: dict, spec) -> tuple[Decoder, dict]:
 def uptraining_batches(tokenizer, max_seq_len: int) -> list[dict]:
   """The same batches for every variant: the same budget on the same tokens."""
   config = PipelineConfig(_SEQ_LEN.value, _BATCH.value, seed=0)
-  it = iter(lm_dataset(text_source('train'), tokenizer, config, eos_id=EOS_ID, max_seq_len=max_seq_len))
+  it = iter(lm_dataset(text_source('train'), tokenizer, config, max_seq_len=max_seq_len))
   return [jax.tree.map(np.asarray, next(it)) for _ in range(_UPTRAIN_STEPS.value)]
 
 
@@ -174,13 +174,13 @@ def main(argv):
   machine = machine_description()
   print(f'# paper study on SmolLM2-135M, {machine}', flush=True)
   cfg, vanilla = load_gguf()
-  tokenizer = load_tokenizer()
+  tokenizer = make_tokenizer('smollm2')
   windows = {}
   for corpus in _CORPORA.value:
     source = text_source(corpus)
     ids = []
     for i in range(len(source)):
-      ids += tokenizer.encode(source[i]['text'].decode()).ids + [EOS_ID]
+      ids += tokenizer.encode(source[i]['text'].decode()).ids + [tokenizer.eos_id]
       if len(ids) > _EVAL_TOKENS.value:
         break
     windows[corpus] = sliding_windows(ids[:_EVAL_TOKENS.value + 1], 512)
@@ -221,8 +221,8 @@ def main(argv):
 
 
 def compare_with_paper(rows: list[dict], corpus: str) -> str:
-  """The paper's findings (PAPER.md), checked on the last-exit perplexity of `corpus` (after uptraining when
-  run, else after conversion)."""
+  """The paper's findings (Bae et al., ICLR 2025: Fig. 4, App. F.1, Fig. G.2), checked on the last-exit perplexity
+  of `corpus` (after uptraining when run, else after conversion)."""
   ppl = {r['model']: (r.get('uptrained') or r['converted'])['perplexity'][corpus][-1] for r in rows}
   lines = [f'Findings vs the paper (last-exit {corpus} perplexity, lower is better):']
 

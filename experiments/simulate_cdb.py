@@ -1,4 +1,5 @@
-r"""Throughput of continuous depth-wise batching, simulated as in the paper (rrt_jax.serve.simulator).
+r"""Throughput of continuous depth-wise batching, simulated as in the paper (rrt_jax.serve.simulator with the
+paper's tables of experiments/paper_tables.py).
 
   python -m experiments.simulate_cdb --workdir=workdir/simulate_cdb
   python -m experiments.simulate_cdb --workdir=/tmp/sim --latencies=measured.json --nopaper
@@ -19,19 +20,15 @@ import os
 
 from absl import app, flags
 
-from rrt_jax.serve.simulator import (
+from experiments.paper_tables import (
   PAPER_TABLE,
-  ExitTrace,
   PaperSetting,
-  RequestStream,
-  SimConfig,
-  StageLatencies,
   exit_rate_for_ratio,
-  exit_trace,
   paper_row,
   reproduce_paper,
   run_policy,
 )
+from rrt_jax.serve.simulator import ExitTrace, RequestStream, SimConfig, StageLatencies, exit_trace
 
 _WORKDIR = flags.DEFINE_string('workdir', 'workdir/simulate_cdb', 'Where the JSON and the plot go.')
 _LATENCIES = flags.DEFINE_string('latencies', '', 'JSON of our measured stage latencies and exit loops.')

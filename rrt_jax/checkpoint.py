@@ -4,73 +4,36 @@
   model, variables = rrt_jax.load('/tmp/ckpt')      # model is a Decoder carrying cfg and rec
 
 Layout: <path>/model_config.json (ModelConfig + RecursionConfig) and <path>/variables (Orbax PyTree).
-Paths are local or URIs that etils.epath and Orbax handle (gs://bucket/dir, s3://...).
+Paths are local or URIs that etils.epath and Orbax handle (gs://bucket/dir, s3://...). Training workdirs are read by
+rrt_jax.train.checkpointing.load_training_checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
+import enum
 import json
 import os
-import re
 
 import jax
 import orbax.checkpoint as ocp
-from etils import epath
 
 from rrt_jax.config import ModelConfig, RecursionConfig
 from rrt_jax.model import Decoder, check_variables, variable_shapes
+from rrt_jax.utils.uri import as_path
 
 CONFIG_FILE = 'model_config.json'
 VARIABLES_DIR = 'variables'
-_URI = re.compile(r'^([A-Za-z][A-Za-z0-9+.-]*)://')
 
 
-def is_uri(path: str | os.PathLike) -> bool:
-  """Whether `path` is a URI (gs://bucket/dir, s3://...) rather than a local path."""
-  return _URI.match(os.fspath(path)) is not None
-
-
-def _installed(module: str) -> bool:
-  try:
-    return importlib.util.find_spec(module) is not None
-  except ModuleNotFoundError:  # A missing parent package.
-    return False
-
-
-def missing_packages(path: str | os.PathLike) -> list[str]:
-  """pip packages that a gs:// path needs and that are not installed: gcsfs (etils.epath's GCS access, unless
-  TensorFlow's gfile is there) and google-cloud-storage (Orbax asks it about the bucket)."""
-  if not os.fspath(path).startswith('gs://'):
-    return []
-  needed = {'google.cloud.storage': 'google-cloud-storage'}
-  if not _installed('tensorflow'):
-    needed['gcsfs'] = 'gcsfs'
-  return sorted(package for module, package in needed.items() if not _installed(module))
-
-
-def as_path(path: str | os.PathLike) -> epath.Path:
-  """An epath.Path for a local path (made absolute, as Orbax wants) or a URI (kept as it is: never resolved
-  against the working directory). Fails early, naming the packages to install, for a gs:// path without them."""
-  if not is_uri(path):
-    return epath.Path(os.path.abspath(path))
-  if missing := missing_packages(path):
-    raise ImportError(f'{path}: gs:// paths need {" and ".join(missing)} (pip install {" ".join(missing)}).')
-  try:
-    return epath.Path(path)
-  except KeyError:  # epath raises KeyError for schemes it has no backend for.
-    scheme = _URI.match(os.fspath(path)).group(1)
-    raise ValueError(f'{path}: etils.epath does not handle {scheme}:// paths (it does gs://, s3://, az://, hf://; '
-                     'local paths need no scheme).') from None
+def _json_fields(config) -> dict:
+  """A config dataclass's fields as JSON values: enums as their strings, tuples as lists."""
+  return {k: v.value if isinstance(v, enum.Enum) else list(v) if isinstance(v, tuple) else v
+          for k, v in dataclasses.asdict(config).items()}
 
 
 def configs_to_json(cfg: ModelConfig, rec: RecursionConfig) -> dict:
-  rec_dict = dataclasses.asdict(rec)
-  for key in ('looping', 'init', 'norm_init', 'lora_init'):
-    rec_dict[key] = getattr(rec, key).value
-  rec_dict['lora_targets'] = list(rec.lora_targets)
-  return {'model': dataclasses.asdict(cfg), 'recursion': rec_dict}
+  return {'model': _json_fields(cfg), 'recursion': _json_fields(rec)}
 
 
 def configs_from_json(data: dict) -> tuple[ModelConfig, RecursionConfig]:
@@ -125,23 +88,3 @@ def load(path: str, shardings=None) -> tuple[Decoder, dict]:
   check_variables(variables, cfg, rec, f'checkpoint {path}')
   return Decoder(cfg, rec), variables
 
-
-def load_training_checkpoint(workdir: str, step: int | None = None) -> tuple[Decoder, dict, int]:
-  """(Decoder(cfg, rec), variables, step) from a training workdir (the latest checkpoint by default)."""
-  workdir = as_path(workdir)
-  ckpt_dir = workdir / 'checkpoints'
-  cfg, rec = read_configs(workdir, 'holds no training run')
-  if not ckpt_dir.is_dir():
-    raise FileNotFoundError(f'{workdir} holds no training run (no checkpoints/).')
-  # Orbax's finalized steps: on GCS an unfinished step directory has its final name, only without its commit file.
-  steps = sorted(ocp.utils.checkpoint_steps(ckpt_dir))
-  if not steps:
-    raise FileNotFoundError(f'No finished checkpoint in {ckpt_dir}.')
-  step = steps[-1] if step is None else step
-  if step not in steps:
-    raise FileNotFoundError(f'No checkpoint for step {step} in {ckpt_dir}; there are {steps}.')
-  with ocp.StandardCheckpointer() as ckptr:
-    state = ckptr.restore(ckpt_dir / str(step) / 'state')
-  variables = jax.tree.map(jax.numpy.asarray, state['variables'])
-  check_variables(variables, cfg, rec, f'checkpoint {ckpt_dir}/{step}')
-  return Decoder(cfg, rec), variables, step

@@ -10,10 +10,34 @@ import dataclasses
 import enum
 from collections.abc import Sequence
 
-FAMILIES = ('gemma', 'llama', 'gpt_neox')
-NORMS = ('rms', 'rms_one_plus', 'layer')
-MLPS = ('swiglu', 'geglu', 'gelu')
-REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
+
+class Family(enum.StrEnum):
+  """The decoder families one ModelConfig covers (they differ in norms, MLP, rotary and residual layout)."""
+
+  GEMMA = 'gemma'
+  LLAMA = 'llama'
+  GPT_NEOX = 'gpt_neox'
+
+
+class NormType(enum.StrEnum):
+  RMS = 'rms'
+  RMS_ONE_PLUS = 'rms_one_plus'  # Gemma's RMSNorm with scale (1 + w).
+  LAYER = 'layer'
+
+
+class MlpType(enum.StrEnum):
+  SWIGLU = 'swiglu'
+  GEGLU = 'geglu'
+  GELU = 'gelu'  # Ungated (GPT-NeoX).
+
+
+class RematPolicy(enum.StrEnum):
+  """What each layer keeps for the backward pass; the rest is recomputed (jax.checkpoint_policies)."""
+
+  NONE = 'none'  # No rematerialisation: keep everything.
+  FULL = 'full'  # Keep nothing: recompute the whole layer.
+  DOTS = 'dots'  # Keep matmul outputs.
+  DOTS_NO_BATCH = 'dots_no_batch'  # Keep outputs of matmuls without batch dimensions.
 
 
 class Looping(enum.StrEnum):
@@ -70,7 +94,7 @@ def _parse_enum(enum_cls: type[enum.Enum], value, field: str):
 class ModelConfig:
   """Architecture of a decoder-only LM. One config type covers Gemma, Llama and GPT-NeoX."""
 
-  family: str
+  family: Family | str
   vocab_size: int
   num_layers: int
   d_model: int
@@ -79,9 +103,9 @@ class ModelConfig:
   head_dim: int
   mlp_dim: int
   max_seq_len: int = 2048
-  norm: str = 'rms'
+  norm: NormType | str = NormType.RMS
   norm_eps: float = 1e-6
-  mlp: str = 'swiglu'
+  mlp: MlpType | str = MlpType.SWIGLU
   rope_theta: float = 10_000.0
   rotary_fraction: float = 1.0
   parallel_residual: bool = False
@@ -91,17 +115,14 @@ class ModelConfig:
   embed_scale: bool = False  # Gemma multiplies embeddings by sqrt(d_model).
   dtype: str = 'float32'  # Compute dtype; params stay in param_dtype, softmax and norms in fp32.
   param_dtype: str = 'float32'
-  remat: str = 'none'
+  remat: RematPolicy | str = RematPolicy.NONE
 
   def __post_init__(self):
-    if self.family not in FAMILIES:
-      raise ValueError(f'Unknown family {self.family!r}: choose one of {FAMILIES}.')
-    if self.norm not in NORMS:
-      raise ValueError(f'Unknown norm {self.norm!r}: choose one of {NORMS}.')
-    if self.mlp not in MLPS:
-      raise ValueError(f'Unknown mlp {self.mlp!r}: choose one of {MLPS}.')
-    if self.remat not in REMAT_POLICIES:
-      raise ValueError(f'Unknown remat policy {self.remat!r}: choose one of {REMAT_POLICIES}.')
+    set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass normalisation)
+    set_('family', _parse_enum(Family, self.family, 'family'))
+    set_('norm', _parse_enum(NormType, self.norm, 'norm'))
+    set_('mlp', _parse_enum(MlpType, self.mlp, 'mlp'))
+    set_('remat', _parse_enum(RematPolicy, self.remat, 'remat policy'))
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f'num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}.')
@@ -117,7 +138,7 @@ class ModelConfig:
 
   @property
   def has_gate(self) -> bool:
-    return self.mlp in ('swiglu', 'geglu')
+    return self.mlp in (MlpType.SWIGLU, MlpType.GEGLU)
 
   def replace(self, **changes) -> ModelConfig:
     return dataclasses.replace(self, **changes)

@@ -5,7 +5,7 @@ import pytest
 from experiments.configs import base, gemma_2b, pythia_1b, smollm2, tiny_cpu, tinyllama_1_1b
 from rrt_jax import presets
 from rrt_jax.model import count_params
-from rrt_jax.train.loop import recursion_config
+from rrt_jax.train.setup import recursion_config
 
 
 @pytest.mark.parametrize('module,variant,non_embedding_b', [
@@ -28,7 +28,7 @@ def test_every_config_loads():
 def test_variant_tokens():
   c = base.apply_variant(base.base_config(), 'b2_r0_ends_zero')
   assert (c.recursion.loops, c.recursion.lora_rank, c.recursion.init, c.recursion.lora_init) == (
-      2, 0, 'stepwise_ends', 'zero')
+      2, None, 'stepwise_ends', 'zero')
   assert recursion_config(c).lora_rank is None
   with pytest.raises(ValueError, match='Unknown variant token'):
     base.apply_variant(base.base_config(), 'b2_rank64')

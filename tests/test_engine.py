@@ -8,8 +8,8 @@ import pytest
 from unroll import perturb
 
 from rrt_jax import Decoder, RecursionConfig, presets
-from rrt_jax.model import init_variables
-from rrt_jax.serve.engine import Engine, EngineConfig, Request, multi_lora
+from rrt_jax.model import init_variables, loop_variables, multi_lora_variables, one_loop
+from rrt_jax.serve.engine import Engine, EngineConfig, Request
 from rrt_jax.serve.generate import ExitConfig, Generator, generate
 
 # Random tiny Llama: its max-prob confidences spread around 0.02-0.04, so a threshold of 0.025 mixes exit loops.
@@ -127,18 +127,17 @@ def test_requests_arriving_over_time_are_all_served(relaxed, reference):
 def test_multi_lora_selects_each_rows_loop(relaxed):
   """Rows at different loops in one call of the one-loop block == each row run alone at its loop."""
   model, variables = relaxed
-  one_loop = Generator(model).one_loop
+  block = one_loop(model)
   h = jnp.broadcast_to(jax.random.normal(jax.random.key(2), (1, 1, CFG.d_model)), (3, 1, CFG.d_model))
   loops = jnp.array([2, 0, 1])
   positions = jnp.zeros((3, 1), jnp.int32)
   cache = {'k': jnp.zeros((1, 2, 3, 4, CFG.num_kv_heads, CFG.head_dim)), 'v': None}
   cache['v'] = cache['k']
-  mixed, _ = one_loop.apply({'params': variables['params'], 'lora': multi_lora(variables['lora'])}, h, positions,
-                            cache, None, jax.nn.one_hot(loops, 3), method=Decoder.decode_stack)
+  mixed, _ = block.apply(multi_lora_variables(variables), h, positions, cache, None, jax.nn.one_hot(loops, 3),
+                         method=Decoder.decode_stack)
   for row, b in enumerate(np.asarray(loops)):
-    alone_vars = {'params': variables['params'], 'lora': jax.tree.map(lambda x, b=b: x[b:b + 1], variables['lora'])}
-    alone, _ = one_loop.apply(alone_vars, h[row:row + 1], positions[row:row + 1],
-                              jax.tree.map(lambda c, r=row: c[:, :, r:r + 1], cache), method=Decoder.decode_stack)
+    alone, _ = block.apply(loop_variables(variables, int(b)), h[row:row + 1], positions[row:row + 1],
+                           jax.tree.map(lambda c, r=row: c[:, :, r:r + 1], cache), method=Decoder.decode_stack)
     np.testing.assert_allclose(mixed[-1, row], alone[-1, 0], atol=1e-5)
   assert np.abs(np.asarray(mixed[-1, 0] - mixed[-1, 1])).max() > 1e-3  # Same input: only the LoRA differs.
 
@@ -155,8 +154,8 @@ def test_engine_rejects_what_it_cannot_serve(relaxed):
 def test_benchmark_rows_are_consistent(relaxed):
   """The serving benchmark on tiny models: one CSB row for vanilla, CSB + CDB rows per threshold for the
   relaxed model; no-exit rows agree with themselves; every generated token has an exit loop."""
+  from experiments.serving_benchmark import benchmark, markdown
   from rrt_jax.eval.perplexity import sliding_windows
-  from rrt_jax.serve.benchmark import benchmark, markdown
   model, variables = relaxed
   vanilla_rec = RecursionConfig(loops=1)
   models = {'vanilla': (Decoder(CFG, vanilla_rec), init_variables(CFG, vanilla_rec, jax.random.key(3))),

@@ -5,6 +5,7 @@ import functools
 import json
 import os
 import re
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,7 @@ from rrt_jax.data.byte_tokenizer import ByteTokenizer
 from rrt_jax.eval import austen_lastword, fewshot
 from rrt_jax.eval.austen_lastword import Cloze
 from rrt_jax.model import init_variables
+from rrt_jax.utils.buckets import bucket
 
 # Facts of the pinned bigbench==1.0.0 sdist: (items, choices per item).
 EXPECTED = {'bb_wikihow_step': (2250, {4}), 'bb_social_iqa': (1954, {2, 3}), 'bb_winogrande_objects': (8994, {2}),
@@ -216,7 +218,25 @@ def test_batched_bucketed_loglikelihood_equals_per_item(tiny):
           for n, m in [(40, 8), (50, 3), (35, 6), (60, 5), (3, 2), (10, 1), (16, 1), (12, 2)]]
   fewshot.loglikelihoods(model, variables, more, batch_size=4)
   assert fewshot._scorer(model)._cache_size() == compiled
-  assert [fewshot._bucket(n, 128, 16) for n in (1, 16, 17, 100, 300)] == [16, 16, 32, 128, 128]
+
+
+def test_lengths_pad_to_power_of_two_buckets_within_max_length(monkeypatch):
+  """Inputs pad to power-of-two buckets of at least MIN_BUCKET, never past max_length; continuations to powers of
+  two (rrt_jax.utils.buckets.bucket). Shapes seen by the scorer, without compiling it."""
+  assert [bucket(n) for n in (0, 1, 16, 17, 100, 300)] == [16, 16, 16, 32, 128, 512]
+  assert [bucket(n, minimum=1) for n in (0, 1, 2, 3, 5)] == [1, 1, 2, 4, 8]
+  shapes = []
+
+  def score(variables, tokens_BxS, pos_BxC, targets_BxC, mask_BxC):
+    del variables, targets_BxC, mask_BxC
+    shapes.append((tokens_BxS.shape, pos_BxC.shape))
+    return np.zeros((1, len(tokens_BxS))), np.zeros((1, len(tokens_BxS)), bool)
+
+  monkeypatch.setattr(fewshot, '_scorer', lambda model: score)
+  model = SimpleNamespace(cfg=SimpleNamespace(max_seq_len=100))
+  requests = [([5] * 90, [6] * 3), ([5] * 20, [6]), ([5] * 2, [6] * 5)]  # 92, 20 and 6 inputs, longest first.
+  fewshot.loglikelihoods(model, {}, requests, batch_size=1)
+  assert shapes == [((1, 100), (1, 4)), ((1, 32), (1, 1)), ((1, fewshot.MIN_BUCKET), (1, 8))]
 
 
 def test_acc_and_acc_norm_differ_on_a_constructed_example(tiny):

@@ -8,6 +8,7 @@ from hf_fixtures import hf_logits
 
 from rrt_jax import Decoder
 from rrt_jax.convert.hf import load_hf
+from rrt_jax.model import LAYER_PATH, layer_tree
 
 
 @pytest.mark.parametrize('family', FAMILIES)
@@ -54,5 +55,5 @@ def test_leaves_are_placed_with_the_given_sharding(tiny_hf):
   shardings = {path: NamedSharding(mesh, PartitionSpec('fsdp') if len(s.shape) == 3 else PartitionSpec())
                for path, s in param_shapes(cfg).items()}
   _, variables = load_hf(tiny_hf['llama'][0], shardings=shardings)
-  kernel = variables['params']['stack']['block']['layer']['attn']['q']['kernel']
-  assert kernel.sharding == shardings[('stack', 'block', 'layer', 'attn', 'q', 'kernel')]
+  kernel = layer_tree(variables['params'])['attn']['q']['kernel']
+  assert kernel.sharding == shardings[LAYER_PATH + ('attn', 'q', 'kernel')]

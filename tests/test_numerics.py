@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rrt_jax import Decoder, RecursionConfig, presets
-from rrt_jax.model import init_variables, logical_axes
+from rrt_jax.model import init_variables, layer_tree, logical_axes
 
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 512, size=(2, 16)))
 
@@ -44,6 +44,6 @@ def test_every_weight_has_logical_axis_names():
   flat = jax.tree_util.tree_flatten_with_path(axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]
   for path, spec in flat:
     assert spec is not None and all(name is not None for name in spec), path
-  lora_q_a = axes['lora']['stack']['block']['layer']['attn']['q']['a']
+  lora_q_a = layer_tree(axes['lora'])['attn']['q']['a']
   assert tuple(lora_q_a) == ('loops', 'layers', 'embed', 'lora_rank')
-  assert tuple(axes['params']['stack']['block']['layer']['attn']['q']['kernel']) == ('layers', 'embed', 'heads')
+  assert tuple(layer_tree(axes['params'])['attn']['q']['kernel']) == ('layers', 'embed', 'heads')

@@ -19,13 +19,17 @@ from tensorboardX import record_writer
 
 import rrt_jax
 from experiments.configs import tiny_cpu
-from rrt_jax import checkpoint, presets
-from rrt_jax.checkpoint import as_path, load_training_checkpoint, read_configs
+from rrt_jax import presets
+from rrt_jax.checkpoint import read_configs
 from rrt_jax.config import RecursionConfig
 from rrt_jax.data.byte_tokenizer import ByteTokenizer
 from rrt_jax.train import flops
-from rrt_jax.train.checkpointing import TrainCheckpoints
-from rrt_jax.train.loop import MetricsWriter, init_distributed, train
+from rrt_jax.train.checkpointing import TrainCheckpoints, load_training_checkpoint
+from rrt_jax.train.loop import train
+from rrt_jax.train.metrics import MetricsWriter
+from rrt_jax.train.setup import init_distributed
+from rrt_jax.utils import uri
+from rrt_jax.utils.uri import as_path
 
 TEXT = [{'text': f'Sentence number {i} says something about paths and buckets.'} for i in range(64)]
 
@@ -54,7 +58,7 @@ def fake_gcs(tmp_path, monkeypatch):
   monkeypatch.setattr(gcs_utils, 'get_kvstore_for_gcs',
                       lambda path: {'driver': 'file', 'path': str(root / str(path).split('://', 1)[1])})
   monkeypatch.setattr(gcs_utils, 'is_hierarchical_namespace_enabled', lambda path: False)  # Asks the GCS API.
-  monkeypatch.setattr(checkpoint, 'missing_packages', lambda path: [])  # The fake stands in for them.
+  monkeypatch.setattr(uri, 'missing_packages', lambda path: [])  # The fake stands in for them.
   monkeypatch.setattr(record_writer, 'GCS_ENABLED', False)  # As without google-cloud-storage.
   monkeypatch.setattr(flops, 'measured_matmul_peak', lambda *args, **kwargs: 1e12)  # Only for MFU; saves time.
   (tmp_path / 'cwd').mkdir()
@@ -81,13 +85,13 @@ def test_uris_stay_uris_and_local_paths_become_absolute(fake_gcs, tmp_path):
 
 
 def test_gs_paths_without_their_packages_fail_early(monkeypatch):
-  monkeypatch.setattr(checkpoint, '_installed', lambda module: False)
+  monkeypatch.setattr(uri, '_installed', lambda module: False)
   with pytest.raises(ImportError, match=r'need gcsfs and google-cloud-storage \(pip install gcsfs google-cloud'):
     as_path('gs://bkt/run')
-  monkeypatch.setattr(checkpoint, '_installed', lambda module: module == 'tensorflow')  # gfile instead of gcsfs.
+  monkeypatch.setattr(uri, '_installed', lambda module: module == 'tensorflow')  # gfile instead of gcsfs.
   with pytest.raises(ImportError, match=r'need google-cloud-storage \(pip'):
     TrainCheckpoints('gs://bkt/run', every_steps=1)
-  assert checkpoint.missing_packages('/local/run') == []
+  assert uri.missing_packages('/local/run') == []
 
 
 def test_train_checkpoints_in_a_uri_workdir_stay_there(fake_gcs, tmp_path):

@@ -23,6 +23,8 @@ class _Encoding:
 class CharTokenizer:
   """Token id = byte value + 2 (0 = pad, 1 = EOS), so tests can read documents back from ids."""
 
+  eos_id = EOS
+
   def encode(self, text):
     return _Encoding([b + 2 for b in text.encode()])
 
@@ -40,7 +42,7 @@ def _all_batches(ds):
 def test_packing_keeps_every_token_once_in_order():
   docs = _docs(30)
   cfg = PipelineConfig(seq_len=16, batch_size=3, shuffle=False, num_epochs=1)
-  batches = _all_batches(lm_dataset(docs, CharTokenizer(), cfg, eos_id=EOS, shard_index=0, shard_count=1))
+  batches = _all_batches(lm_dataset(docs, CharTokenizer(), cfg, shard_index=0, shard_count=1))
   rows = [{k: b[k][i] for k in b} for b in batches for i in range(cfg.batch_size)]
   expected = np.concatenate([np.r_[CharTokenizer().encode(d['text']).ids, EOS] for d in docs])
   # A packed row holds seq_len + 1 tokens: the inputs, plus a last token that is only a target (real in a full
@@ -63,7 +65,7 @@ def test_packing_keeps_every_token_once_in_order():
 
 
 def test_iterator_state_resumes_exactly():
-  ds = lm_dataset(_docs(50), CharTokenizer(), PipelineConfig(seq_len=8, batch_size=2, seed=3), eos_id=EOS,
+  ds = lm_dataset(_docs(50), CharTokenizer(), PipelineConfig(seq_len=8, batch_size=2, seed=3),
                   shard_index=0, shard_count=1)
   it = iter(ds)
   for _ in range(3):
@@ -83,7 +85,7 @@ def test_hosts_get_disjoint_shards_that_cover_the_data():
   cfg = PipelineConfig(seq_len=64, batch_size=1, shuffle=True, num_epochs=1)
   seen = []
   for host in range(2):
-    for b in _all_batches(lm_dataset(docs, CharTokenizer(), cfg, eos_id=EOS, shard_index=host, shard_count=2)):
+    for b in _all_batches(lm_dataset(docs, CharTokenizer(), cfg, shard_index=host, shard_count=2)):
       text = bytes(int(t) - 2 for t in b['inputs'][0][b['segment_ids'][0] > 0] if t > 1).decode()
       seen += [text[i:i + 6] for i in range(0, len(text), 6)]
   assert sorted(seen) == sorted(d['text'] for d in docs)
@@ -91,10 +93,9 @@ def test_hosts_get_disjoint_shards_that_cover_the_data():
 
 def test_bad_lengths_are_rejected():
   with pytest.raises(ValueError, match='longer than the model context'):
-    lm_dataset(_docs(3), CharTokenizer(), PipelineConfig(seq_len=4096, batch_size=1), EOS, max_seq_len=2048)
+    lm_dataset(_docs(3), CharTokenizer(), PipelineConfig(seq_len=4096, batch_size=1), max_seq_len=2048)
   with pytest.raises(ValueError, match='cannot be sharded'):
-    lm_dataset(_docs(1), CharTokenizer(), PipelineConfig(seq_len=8, batch_size=1), EOS, shard_index=0,
-               shard_count=2)
+    lm_dataset(_docs(1), CharTokenizer(), PipelineConfig(seq_len=8, batch_size=1), shard_index=0, shard_count=2)
 
 
 def test_attention_stays_within_packed_segments():
@@ -117,8 +118,8 @@ def test_attention_stays_within_packed_segments():
 def test_worker_processes_give_the_same_batches():
   cfg = PipelineConfig(seq_len=8, batch_size=2, seed=1, num_epochs=1)
   docs = _docs(12)
-  in_process = _all_batches(lm_dataset(docs, CharTokenizer(), cfg, EOS, shard_index=0, shard_count=1))
-  workers = _all_batches(lm_dataset(docs, CharTokenizer(), dataclasses.replace(cfg, worker_count=1), EOS,
+  in_process = _all_batches(lm_dataset(docs, CharTokenizer(), cfg, shard_index=0, shard_count=1))
+  workers = _all_batches(lm_dataset(docs, CharTokenizer(), dataclasses.replace(cfg, worker_count=1),
                                     shard_index=0, shard_count=1))
   assert len(workers) == len(in_process)
   for a, b in zip(workers, in_process, strict=True):
@@ -128,7 +129,7 @@ def test_worker_processes_give_the_same_batches():
 def test_checkpointable_iterator_state_survives_json():
   """grain's packing state holds tuples that a JSON round trip turns into lists; the wrapper restores them."""
   from rrt_jax.data.pipeline import CheckpointableIterator
-  ds = lm_dataset(_docs(40), CharTokenizer(), PipelineConfig(seq_len=8, batch_size=2, seed=5), eos_id=EOS,
+  ds = lm_dataset(_docs(40), CharTokenizer(), PipelineConfig(seq_len=8, batch_size=2, seed=5),
                   shard_index=0, shard_count=1)
   for consumed in range(1, 6):
     it = CheckpointableIterator(iter(ds))

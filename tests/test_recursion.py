@@ -12,7 +12,7 @@ from unroll import depth_order, perturb, unroll
 
 from rrt_jax import Decoder, RecursionConfig, presets
 from rrt_jax.convert import to_recursive
-from rrt_jax.model import init_variables
+from rrt_jax.model import init_variables, layer_tree
 
 TINY = {'llama': presets.TINY_LLAMA, 'gemma': presets.TINY_GEMMA, 'gpt_neox': presets.TINY_PYTHIA}
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 512, size=(2, 11)))
@@ -95,8 +95,8 @@ def test_shared_gradient_is_sum_of_unrolled_gradients(looping):
   unrolled = jax.tree.map(jnp.asarray, unroll(variables, looping, loops))
   unrolled_grads = jax.grad(loss)(unrolled, Decoder(cfg))['params']
 
-  shared = traverse_util.flatten_dict(grads['stack']['block']['layer'])
-  per_depth = traverse_util.flatten_dict(unrolled_grads['stack']['block']['layer'])
+  shared = traverse_util.flatten_dict(layer_tree(grads))
+  per_depth = traverse_util.flatten_dict(layer_tree(unrolled_grads))
   order = depth_order(looping, loops, 2)
   for path, g in shared.items():
     assert g.shape[0] == 2, f'{path}: shared params must carry K = 2 layers and no loop axis'

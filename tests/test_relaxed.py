@@ -12,6 +12,7 @@ from unroll import unroll
 from rrt_jax import Decoder, RecursionConfig
 from rrt_jax.convert import source_layers, to_recursive
 from rrt_jax.convert.hf import load_hf
+from rrt_jax.model import layer_tree, with_layer_tree
 
 INITS = ['stepwise', 'stepwise_ends', 'average', 'lower', 'upper', 'random']
 TOKENS = jnp.asarray(np.random.default_rng(1).integers(0, 96, size=(2, 9)))
@@ -61,8 +62,8 @@ def test_rank_r_is_the_truncated_svd_of_the_residual(originals, alpha):
   logits, _ = Decoder(cfg, rec).apply(relaxed, TOKENS)
 
   # Reference: original kernels with each residual to the averaged shared kernel truncated by numpy SVD.
-  orig = traverse_util.flatten_dict(jax.tree.map(np.asarray, variables['params']['stack']['block']['layer']))
-  shared = traverse_util.flatten_dict(jax.tree.map(np.asarray, relaxed['params']['stack']['block']['layer']))
+  orig = traverse_util.flatten_dict(jax.tree.map(np.asarray, layer_tree(variables['params'])))
+  shared = traverse_util.flatten_dict(jax.tree.map(np.asarray, layer_tree(relaxed['params'])))
   k_layers = cfg.num_layers // loops
   layers = {}
   for path, w in orig.items():
@@ -75,8 +76,7 @@ def test_rank_r_is_the_truncated_svd_of_the_residual(originals, alpha):
         residual = (u[:, :rank] * s[:rank]) @ vh[:rank]
       rows.append(base + residual)  # Norm scales: exact via the vector deltas.
     layers[path] = np.stack(rows).astype(np.float32)
-  reference = dict(variables['params'])
-  reference['stack'] = {'block': {'layer': traverse_util.unflatten_dict(layers)}}
+  reference = with_layer_tree(variables['params'], traverse_util.unflatten_dict(layers))
   expected, _ = Decoder(cfg).apply({'params': reference}, TOKENS)
   np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
 
@@ -85,7 +85,7 @@ def test_zero_init_lora_starts_as_the_recursive_model(originals):
   cfg, variables, _ = originals['gemma']
   rec = RecursionConfig(loops=2, init='stepwise', lora_rank=4, lora_init='zero')
   relaxed = to_recursive(variables, cfg, rec)
-  a = relaxed['lora']['stack']['block']['layer']['attn']['q']['a']
+  a = layer_tree(relaxed['lora'])['attn']['q']['a']
   assert float(jnp.abs(a).min()) >= 0 and float(jnp.std(a)) > 0  # A is random, B is zero.
   logits, _ = Decoder(cfg, rec).apply(relaxed, TOKENS)
   plain_rec = rec.replace(lora_rank=None)
@@ -94,7 +94,7 @@ def test_zero_init_lora_starts_as_the_recursive_model(originals):
 
 
 def test_stepwise_source_layers_of_the_paper():
-  """Fixed-ends Stepwise reproduces the layer lists of the first author's code (PAPER.md 2.1)."""
+  """Fixed-ends Stepwise reproduces the layer lists of the first author's code (Bae et al., ICLR 2025, App. F.1)."""
   ends = lambda layers, loops: source_layers(RecursionConfig(loops=loops, init='stepwise_ends'), layers)
   assert ends(18, 2) == [0, 2, 4, 6, 8, 11, 13, 15, 17]
   assert ends(18, 3) == [0, 3, 7, 10, 14, 17]
@@ -118,11 +118,11 @@ def test_norm_init_methods(originals):
   """avg averages the tied norms, choice takes the source layer's, zero is the norm's identity."""
   for family, identity in (('gemma', 0.0), ('llama', 1.0)):
     cfg, variables, _ = originals[family]
-    scale = np.asarray(variables['params']['stack']['block']['layer']['attn_norm']['scale'])  # [6, d]
+    scale = np.asarray(layer_tree(variables['params'])['attn_norm']['scale'])  # [6, d]
 
     def shared(norm_init, init, cfg=cfg, variables=variables):
       rec = RecursionConfig(loops=3, init=init, norm_init=norm_init)
-      return np.asarray(to_recursive(variables, cfg, rec)['params']['stack']['block']['layer']['attn_norm']['scale'])
+      return np.asarray(layer_tree(to_recursive(variables, cfg, rec)['params'])['attn_norm']['scale'])
     np.testing.assert_allclose(shared('avg', 'stepwise'), [scale[[0, 2, 4]].mean(0), scale[[1, 3, 5]].mean(0)],
                                rtol=1e-6)
     np.testing.assert_array_equal(shared('choice', 'stepwise'), scale[[0, 3]])  # Stepwise: layers 0, B.

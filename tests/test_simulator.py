@@ -1,23 +1,13 @@
-"""Throughput simulator (rrt_jax.serve.simulator): the paper's headline ratios and scheduling invariants."""
+"""Throughput simulator (rrt_jax.serve.simulator): scheduling invariants, and the paper's headline ratios from its
+tables (experiments/paper_tables.py)."""
 
 import dataclasses
 
 import numpy as np
 import pytest
 
-from rrt_jax.serve.simulator import (
-  POLICIES,
-  TABLE_K1,
-  ExitTrace,
-  PaperSetting,
-  RequestStream,
-  SimConfig,
-  StageLatencies,
-  exit_trace,
-  paper_row,
-  run_policy,
-  simulate,
-)
+from experiments.paper_tables import TABLE_K1, PaperSetting, paper_row, run_policy
+from rrt_jax.serve.simulator import POLICIES, ExitTrace, RequestStream, SimConfig, StageLatencies, exit_trace, simulate
 
 # Small, fast setting: 8 slots, 40 requests of 16..64 tokens; latencies shaped like K.1 (fixed + per-row part).
 LAT = StageLatencies(n_max=8, emb_1=0.08, emb_max=0.02, stage_1=10.0, stage_max=1.5, head_1=0.8, head_max=0.15,

@@ -16,7 +16,8 @@ import pytest
 from experiments.configs import tiny_cpu
 from rrt_jax.data.byte_tokenizer import ByteTokenizer
 from rrt_jax.data.tfds_builder import text_source
-from rrt_jax.train.loop import initial_variables, load_original, recursion_config, train
+from rrt_jax.train.loop import train
+from rrt_jax.train.setup import initial_variables, load_original, recursion_config
 from rrt_jax.train.sharding import make_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

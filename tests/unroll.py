@@ -7,6 +7,8 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from rrt_jax.model import layer_tree, with_layer_tree
+
 
 def depth_order(looping: str, loops: int, shared: int) -> list[tuple[int, int]]:
   """(loop b, shared layer k) of each depth position, spelled out by hand."""
@@ -19,8 +21,8 @@ def unroll(variables: dict, looping: str, loops: int, lora_alpha: float | None =
            depths: int | None = None) -> dict:
   """Vanilla params whose depth position l holds shared[k] + its own LoRA / vector delta merged in."""
   params = jax.tree.map(np.asarray, variables['params'])
-  shared = traverse_util.flatten_dict(params['stack']['block']['layer'])
-  lora = traverse_util.flatten_dict(jax.tree.map(np.asarray, variables['lora']['stack']['block']['layer'])) \
+  shared = traverse_util.flatten_dict(layer_tree(params))
+  lora = traverse_util.flatten_dict(jax.tree.map(np.asarray, layer_tree(variables['lora']))) \
       if 'lora' in variables else {}
   num_shared = next(iter(shared.values())).shape[0]
   order = depth_order(looping, loops, num_shared)[:depths]
@@ -38,9 +40,7 @@ def unroll(variables: dict, looping: str, loops: int, lora_alpha: float | None =
         w = w + lora[module + (leaf + '_delta',)][b, k]
       per_depth.append(w.astype(np.float32))
     layers[path] = np.stack(per_depth)
-  out = {k: v for k, v in params.items() if k != 'stack'}
-  out['stack'] = {'block': {'layer': traverse_util.unflatten_dict(layers)}}
-  return {'params': out}
+  return {'params': with_layer_tree(params, traverse_util.unflatten_dict(layers))}
 
 
 def perturb(tree, seed: int, scale: float = 0.3):

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def base_config() -> ml_collections.ConfigDict:
+  """Sections unpack into their dataclasses (RecursionConfig(**c.recursion), LossConfig(**c.loss), ...), so their
+  keys are those dataclasses' fields; a None-able field is a typed placeholder (flags can set a value, not None)."""
   c = ml_collections.ConfigDict()
 
   c.model = ml_collections.ConfigDict()
@@ -13,15 +16,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.path = ''
   c.model.preset = 'smollm2_135m'
   c.model.dtype = 'float32'  # Compute dtype: 'bfloat16' on accelerators.
-  c.model.remat = 'none'  # none | full | dots | dots_no_batch
+  c.model.remat = 'none'  # none | full | dots | dots_no_batch (rrt_jax.config.RematPolicy)
 
   c.recursion = ml_collections.ConfigDict()
   c.recursion.loops = 3
   c.recursion.looping = 'cycle'
   c.recursion.init = 'average'
   c.recursion.norm_init = 'auto'
-  c.recursion.lora_rank = 64  # 0 = plain recursive model (no LoRA).
-  c.recursion.lora_alpha = 0.0  # 0 = alpha equal to the rank (scale 1).
+  c.recursion.lora_rank = ml_collections.FieldReference(64, field_type=int)  # None (variant r0): no LoRA.
+  c.recursion.lora_alpha = placeholder(float)  # None: alpha equal to the rank (scale 1).
   c.recursion.lora_targets = 'q,k,v,o,gate,up,down'
   c.recursion.lora_init = 'svd'
   c.recursion.relax_vectors = True
@@ -32,7 +35,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.seq_len = 256
   c.data.global_batch = 8
   c.data.worker_count = 0
-  c.data.shards = 0  # Virtual data shards (0 = one per process); fixed shards make runs host-count independent.
+  # Virtual data shards (None: one per process); a fixed number makes runs independent of the host count.
+  c.data.shards = placeholder(int)
   c.data.seed = 0
 
   c.train = ml_collections.ConfigDict()
@@ -83,7 +87,7 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
     if token[0] == 'b' and token[1:].isdigit():
       c.recursion.loops = int(token[1:])
     elif token[0] == 'r' and token[1:].isdigit():
-      c.recursion.lora_rank = int(token[1:])
+      c.recursion.lora_rank = int(token[1:]) or None
     elif token in ('stepwise', 'average', 'lower', 'upper', 'random', 'ends'):
       c.recursion.init = 'stepwise_ends' if token == 'ends' else token
     elif token in ('zero', 'svd'):

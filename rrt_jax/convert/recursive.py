@@ -19,7 +19,7 @@ import numpy as np
 from flax import traverse_util
 
 from rrt_jax.config import InitMethod, LoraInit, ModelConfig, NormInit, RecursionConfig
-from rrt_jax.model import layer_tree, lora_specs, variable_shapes
+from rrt_jax.model import layer_tree, lora_specs, variable_shapes, with_layer_tree
 from rrt_jax.model.layers import LORA
 from rrt_jax.model.lora import lora_a_init
 
@@ -143,9 +143,7 @@ def to_recursive(vanilla: dict, cfg: ModelConfig, rec: RecursionConfig, progress
   params = vanilla['params'] if 'params' in vanilla else vanilla
   vanilla_layers = jax.tree.map(np.asarray, layer_tree(params))
   shared = shared_layers_from(vanilla_layers, cfg, rec)
-  new_params = {name: value for name, value in params.items() if name != 'stack'}
-  new_params['stack'] = {'block': {'layer': shared}}
-  variables = {'params': new_params}
+  variables = {'params': with_layer_tree(params, shared)}
   if rec.has_lora:
-    variables[LORA] = {'stack': {'block': {'layer': relax(vanilla_layers, shared, cfg, rec, progress)}}}
+    variables[LORA] = with_layer_tree({}, relax(vanilla_layers, shared, cfg, rec, progress))
   return jax.tree.map(jnp.asarray, variables)

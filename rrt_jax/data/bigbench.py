@@ -1,6 +1,7 @@
 """Multiple-choice tasks from the BIG-bench sdist (Apache-2.0), stand-ins for the paper's few-shot suite.
 
-Nothing installable ships HellaSwag or WinoGrande; BIG-bench does ship related data as JSON (see DATA.md):
+Nothing installable ships HellaSwag or WinoGrande; BIG-bench does ship related data as JSON (BUILD_NOTES.md,
+"Few-shot scoring"):
 
   bb_wikihow_step      goal_step_wikihow/step_inference: pick the step that belongs to a wikiHow goal (4 choices,
                        like HellaSwag's WikiHow half, but goal -> step, not a story ending).

@@ -1,7 +1,7 @@
 """A byte-level tokenizer for tiny from-scratch models: id = byte + 3 (0 pad, 1 unused, 2 end of sequence).
 
 Same interface as the `tokenizers.Tokenizer` methods the pipeline uses (encode(...).ids, decode,
-get_vocab_size), so tiny CPU runs train on real text with a 259-token vocabulary.
+get_vocab_size) plus `eos_id`, so tiny CPU runs train on real text with a 259-token vocabulary.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 
 OFFSET = 3
-EOS_ID = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,6 +17,8 @@ class Encoding:
 
 
 class ByteTokenizer:
+  eos_id: int = 2
+
   def encode(self, text: str) -> Encoding:
     return Encoding([b + OFFSET for b in text.encode('utf-8')])
 

@@ -34,10 +34,11 @@ class PipelineConfig:
 
 
 class Tokenize(grain.transforms.Map):
-  """{'text': bytes} -> {'tokens': int32 ids + EOS}. Non-UTF-8 text is an error, not a silent skip."""
+  """{'text': bytes} -> {'tokens': int32 ids + the tokenizer's eos_id}. Non-UTF-8 text is an error, not a silent
+  skip."""
 
-  def __init__(self, tokenizer, eos_id: int):
-    self._tokenizer, self._eos_id = tokenizer, eos_id
+  def __init__(self, tokenizer):
+    self._tokenizer, self._eos_id = tokenizer, tokenizer.eos_id
 
   def map(self, element):
     text = element['text']
@@ -74,9 +75,10 @@ class PadBatch(grain.transforms.Map):
     return {k: np.concatenate([v, np.zeros((missing,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
 
 
-def lm_dataset(source, tokenizer, config: PipelineConfig, eos_id: int, max_seq_len: int | None = None,
+def lm_dataset(source, tokenizer, config: PipelineConfig, max_seq_len: int | None = None,
                shard_index: int | None = None, shard_count: int | None = None) -> grain.IterDataset:
-  """The training/eval pipeline over a random-access source of {'text'} documents."""
+  """The training/eval pipeline over a random-access source of {'text'} documents; `tokenizer` (see
+  rrt_jax.data.tokenizer) ends every document with its eos_id."""
   if max_seq_len is not None and config.seq_len > max_seq_len:
     raise ValueError(f'seq_len={config.seq_len} is longer than the model context ({max_seq_len}): '
                      f'use seq_len <= {max_seq_len}.')
@@ -91,7 +93,7 @@ def lm_dataset(source, tokenizer, config: PipelineConfig, eos_id: int, max_seq_l
     ds = ds.shuffle(seed=config.seed)
   ds = ds.repeat(config.num_epochs)
   ds = ds[shard_index::shard_count]
-  ds = ds.map(Tokenize(tokenizer, eos_id))
+  ds = ds.map(Tokenize(tokenizer))
   packed = ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct={'tokens': config.seq_len + 1})
   out = packed.map(to_model_inputs).batch(config.batch_size, drop_remainder=False)
   out = out.map(PadBatch(config.batch_size))

@@ -1,4 +1,4 @@
-"""Austen-LastWord: a LAMBADA-style last-word cloze built from the held-out Austen split (DATA.md's recipe).
+"""Austen-LastWord: a LAMBADA-style last-word cloze built from the held-out Austen split.
 
 Walk each novel's word stream (whitespace collapsed). A candidate target is a sentence-final word ([A-Za-z]{3,}
 followed by . ! ? or ;), not a stopword or an abbreviation ('Mrs.'), that also occurs in its context: the 60-160

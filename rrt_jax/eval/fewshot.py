@@ -1,8 +1,9 @@
 """Few-shot scoring by log-likelihood (lm-eval-harness style) at the exit of every loop.
 
-Tasks (real offline data, see DATA.md): the BIG-bench multiple-choice stand-ins of rrt_jax.data.bigbench
-(bb_wikihow_step, bb_social_iqa, bb_winogrande_objects, bb_winogrande_persons) and the Austen-LastWord cloze
-(austen_lastword). DEFAULT_TASKS are DATA.md's recommended four (signal above chance at 135M).
+Tasks (real offline data; sources and item counts in BUILD_NOTES.md, "Few-shot scoring"): the BIG-bench
+multiple-choice stand-ins of rrt_jax.data.bigbench (bb_wikihow_step, bb_social_iqa, bb_winogrande_objects,
+bb_winogrande_persons) and the Austen-LastWord cloze (austen_lastword). DEFAULT_TASKS are the four with signal
+above chance at 135M (bb_winogrande_persons is unnatural text, near chance).
 
 Each task is split once into evaluation items and a few-shot pool by a stable hash of the item's group (same
 question text, same twin pair, ...), so shots never share a group with the scored item. k-shot prompts are
@@ -12,8 +13,10 @@ item id): the same item gets the same shots whatever the subset or batch.
 Metrics per exit: multiple choice: acc (argmax of the summed continuation log-likelihood) and acc_norm (divided by
 the choice's length in characters, as lm-eval); cloze: exact_match (every continuation token is the argmax, i.e.
 greedy decoding reproduces the word: lm-eval lambada's acc) and ppl (exp of minus the mean log-likelihood).
+The command line is experiments/fewshot.py.
 
-  python -m rrt_jax.eval.fewshot --tasks bb_wikihow_step,austen_lastword --shots 0 --limit 200   # SmolLM2-135M
+Shapes: B batch (rows of one scoring call), S input length (bucketed), C continuation length (bucketed), D width,
+V vocab, E exits (one per loop), N scored requests (every choice of every item).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from rrt_jax.data.bigbench import MultipleChoice
 from rrt_jax.eval import austen_lastword
 from rrt_jax.eval.austen_lastword import Cloze
 from rrt_jax.model import Decoder
+from rrt_jax.utils.buckets import bucket
 
 MULTIPLE_CHOICE, CLOZE = 'multiple_choice', 'cloze'
 TASKS = {**{name: MULTIPLE_CHOICE for name in bigbench.TASKS}, austen_lastword.TASK: CLOZE}
@@ -121,12 +125,6 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
   return ctx, cont
 
 
-def _bucket(n: int, cap: int | None = None, floor: int = 1) -> int:
-  """Next power of two >= n (so batches of nearby lengths share one compiled shape), at most cap."""
-  size = max(floor, 1 << max(0, n - 1).bit_length())
-  return min(size, cap) if cap else size
-
-
 @functools.lru_cache(maxsize=8)
 def _scorer(model: Decoder):
   @jax.jit
@@ -167,8 +165,9 @@ def loglikelihoods(model: Decoder, variables: dict, requests: Sequence[tuple[Seq
   score = _scorer(model)
   ll, greedy = None, None
   for idx in batches:
-    seq = _bucket(max(len(rows[i][0]) for i in idx), cap=max_length, floor=MIN_BUCKET)
-    cont_len = _bucket(max(len(rows[i][2]) for i in idx))
+    # Power-of-two buckets, so batches of nearby lengths share one compiled shape; inputs never exceed max_length.
+    seq = min(bucket(max(len(rows[i][0]) for i in idx), MIN_BUCKET), max_length)
+    cont_len = bucket(max(len(rows[i][2]) for i in idx), minimum=1)
     tokens = np.zeros((batch_size, seq), np.int32)
     pos, targets = np.zeros((batch_size, cont_len), np.int32), np.zeros((batch_size, cont_len), np.int32)
     mask = np.zeros((batch_size, cont_len), np.float32)
@@ -251,36 +250,3 @@ def evaluate_tasks(model: Decoder, variables: dict, tokenizer, tasks: Sequence[s
       raise ValueError(f'Task {task.name!r} has kind {task.kind!r}: expected {MULTIPLE_CHOICE!r} or {CLOZE!r}.')
     results[task.name] = TaskResult(task.name, task.kind, len(items), shots, per_loop)
   return results
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-  import argparse
-  import json
-  import time
-
-  from rrt_jax import RecursionConfig
-  from rrt_jax.convert import to_recursive
-  from rrt_jax.convert.gguf import load_gguf, load_tokenizer
-
-  parser = argparse.ArgumentParser(description='Few-shot log-likelihood scoring of the packaged SmolLM2-135M.')
-  parser.add_argument('--tasks', default=','.join(DEFAULT_TASKS), help=f'comma-separated, from {sorted(TASKS)}')
-  parser.add_argument('--shots', type=int, default=0)
-  parser.add_argument('--limit', type=int, default=100)
-  parser.add_argument('--batch_size', type=int, default=8)
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--loops', type=int, default=1, help='>1: plain recursive conversion (no LoRA), per-loop scores')
-  args = parser.parse_args(argv)
-  cfg, variables = load_gguf()
-  rec = RecursionConfig(loops=args.loops)
-  if args.loops > 1:
-    variables = to_recursive(variables, cfg, rec)
-  start = time.perf_counter()
-  results = evaluate_tasks(Decoder(cfg, rec), variables, load_tokenizer(), args.tasks.split(','), args.shots,
-                           args.limit, args.batch_size, args.seed)
-  for r in results.values():
-    print(json.dumps(dataclasses.asdict(r)))
-  print(f'{time.perf_counter() - start:.1f} s')
-
-
-if __name__ == '__main__':
-  main()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rrt_jax.model import Decoder
+from rrt_jax.model.exits import confidence, first_exit, select_exit
 from rrt_jax.train.losses import cross_entropy
 
 
@@ -85,33 +87,34 @@ def per_loop_perplexity(model: Decoder, variables: dict, windows: Windows, batch
 def early_exit_perplexity(model: Decoder, variables: dict, windows: Windows, thresholds: Sequence[float],
                           confidence_kind: str = 'max_prob', batch_size: int = 1) -> list[dict]:
   """Teacher-forced quality of confidence-based early exit: each token takes the logits of the first loop whose
-  confidence reaches the threshold (else the last). Per threshold: perplexity and mean exit loop. The context
-  is computed at full depth (no propagated K/V), so this isolates the exit decision's cost."""
-  from rrt_jax.serve.generate import confidence  # Serving owns the confidence measures.
+  confidence reaches the threshold (else the last; the rule of rrt_jax.model.exits). Per threshold: perplexity
+  and mean exit loop. The context is computed at full depth (no propagated K/V), so this isolates the exit
+  decision's cost."""
 
   @jax.jit
-  def per_loop(variables, inputs):
+  def per_loop(variables, inputs, targets):
     hidden, _ = model.apply(variables, inputs, method=Decoder.hidden_states)  # [E, b, s, D]
     logits = model.apply(variables, hidden, method=Decoder.logits)
     prev = jnp.concatenate([model.apply(variables, inputs, method=Decoder.embed)[None], hidden[:-1]])
     flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
     conf = jnp.stack([confidence(confidence_kind, flat(logits[e]), flat(hidden[e]), flat(prev[e]))
                       for e in range(hidden.shape[0])]).reshape(logits.shape[:3])
-    return logits, conf
+    return cross_entropy(logits, targets), conf  # [E, b, s] each
+
+  @functools.partial(jax.jit, static_argnums=2)
+  def at_exit(ce_Exbxs, conf_Exbxs, threshold):
+    exit_loop = first_exit(conf_Exbxs, threshold)  # [b, s]
+    return select_exit(ce_Exbxs, exit_loop), exit_loop
 
   nll = np.zeros(len(thresholds))
   exit_sum = np.zeros(len(thresholds))
   for i in range(0, len(windows.inputs), batch_size):
     sl = slice(i, i + batch_size)
-    logits, conf = per_loop(variables, windows.inputs[sl])
-    ce = np.asarray(cross_entropy(logits, jnp.asarray(windows.targets[sl])))  # [E, b, s]
-    conf, mask = np.asarray(conf), windows.mask[sl]
+    ce, conf = per_loop(variables, windows.inputs[sl], jnp.asarray(windows.targets[sl]))
+    mask = windows.mask[sl]
     for j, threshold in enumerate(thresholds):
-      reached = conf >= threshold if threshold < 1.0 else np.zeros_like(conf, bool)
-      reached[-1] = True
-      exit_index = np.argmax(reached, axis=0)  # First loop that reaches it.
-      chosen = np.take_along_axis(ce, exit_index[None], axis=0)[0]
+      chosen, exit_loop = (np.asarray(x) for x in at_exit(ce, conf, float(threshold)))
       nll[j] += float((chosen * mask).sum())
-      exit_sum[j] += float(((exit_index + 1) * mask).sum())
+      exit_sum[j] += float(((exit_loop + 1) * mask).sum())
   return [{'threshold': t, 'perplexity': math.exp(n / windows.num_tokens), 'mean_exit_loop': e / windows.num_tokens}
           for t, n, e in zip(thresholds, nll, exit_sum, strict=True)]

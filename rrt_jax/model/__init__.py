@@ -1,6 +1,7 @@
 """Flax model: one decoder module for the vanilla, recursive and relaxed models."""
 
 from rrt_jax.model.decoder import Decoder, lora_specs, target_dims
+from rrt_jax.model.propagation import propagate_kv
 from rrt_jax.model.variables import (
     LAYER_PATH,
     ParamCount,
@@ -19,4 +20,4 @@ from rrt_jax.model.variables import (
 
 __all__ = ['LAYER_PATH', 'Decoder', 'ParamCount', 'check_variables', 'count_params', 'init_cache',
            'init_variables', 'layer_tree', 'logical_axes', 'loop_variables', 'lora_specs', 'multi_lora_variables',
-           'one_loop', 'target_dims', 'variable_shapes', 'with_layer_tree']
+           'one_loop', 'propagate_kv', 'target_dims', 'variable_shapes', 'with_layer_tree']

@@ -33,28 +33,43 @@ def write_cache(cache_BxTxHxD: jax.Array, new_BxSxHxD: jax.Array, start_B: jax.A
 
 
 class Attention(nn.Module):
+  """Self-attention over one layer's K/V (and cache). `project_kv` is the K/V half alone: the decoder uses it to
+  fill an early-exited token's skipped K/V from its exit state (see `propagate_kv` in model/propagation.py)."""
+
   cfg: ModelConfig
   lora: dict[str, LoraSpec]
 
-  @nn.compact
+  def setup(self):
+    cfg = self.cfg
+    dense = lambda name, features, axes: LoraDense(  # noqa: E731
+        features, axes, use_bias=cfg.attn_bias, lora=self.lora[name], dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    self.q = dense('q', h * hd, ('embed', 'heads'))
+    self.k = dense('k', kvh * hd, ('embed', 'kv'))
+    self.v = dense('v', kvh * hd, ('embed', 'kv'))
+    self.o = dense('o', cfg.d_model, ('heads', 'embed'))
+
+  def project_kv(self, x_BxSxD: jax.Array, positions_BxS: jax.Array,
+                 loop_onehot_BxR: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Rotated keys and values [B, S, kv_heads, head_dim] of the inputs (after the attention norm)."""
+    cfg = self.cfg
+    b, s, _ = x_BxSxD.shape
+    k = self.k(x_BxSxD, loop_onehot_BxR).reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
+    v = self.v(x_BxSxD, loop_onehot_BxR).reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
+    return apply_rotary(k, positions_BxS, cfg.rope_theta, cfg.rotary_dim), v
+
   def __call__(self, x_BxSxD: jax.Array, positions_BxS: jax.Array, mask_BxSxT: jax.Array,
                cache: KVCache | None = None, kv_x_BxSxD: jax.Array | None = None,
-               loop_onehot_BxL: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+               loop_onehot_BxR: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
     """kv_x: input of the K/V projections when it differs from the queries' (early-exit state propagation).
     loop_onehot: each row's loop, for multi-LoRA (see lora.py)."""
     cfg = self.cfg
-    kv_x = x_BxSxD if kv_x_BxSxD is None else kv_x_BxSxD
     b, s, _ = x_BxSxD.shape
     h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    dense = lambda name, features, axes: LoraDense(  # noqa: E731
-        features, axes, use_bias=cfg.attn_bias, lora=self.lora[name], dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype, name=name)
-    sel = loop_onehot_BxL
-    q = dense('q', h * hd, ('embed', 'heads'))(x_BxSxD, sel).reshape(b, s, h, hd)
-    k = dense('k', kvh * hd, ('embed', 'kv'))(kv_x, sel).reshape(b, s, kvh, hd)
-    v = dense('v', kvh * hd, ('embed', 'kv'))(kv_x, sel).reshape(b, s, kvh, hd)
+    sel = loop_onehot_BxR
+    q = self.q(x_BxSxD, sel).reshape(b, s, h, hd)
     q = apply_rotary(q, positions_BxS, cfg.rope_theta, cfg.rotary_dim)
-    k = apply_rotary(k, positions_BxS, cfg.rope_theta, cfg.rotary_dim)
+    k, v = self.project_kv(x_BxSxD if kv_x_BxSxD is None else kv_x_BxSxD, positions_BxS, sel)
 
     new_cache = None
     if cache is not None:
@@ -68,4 +83,4 @@ class Attention(nn.Module):
     logits = jnp.where(mask_BxSxT[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(dtype_of(cfg.dtype))
     out = jnp.einsum('bngst,btnd->bsngd', probs, v).reshape(b, s, h * hd)
-    return dense('o', cfg.d_model, ('heads', 'embed'))(out, sel), new_cache
+    return self.o(out, sel), new_cache

@@ -1,12 +1,18 @@
-"""The decoder: embed -> recursive stack (B loops over K shared layers) -> final norm -> head.
+"""The decoder: embed -> recursive stack (R loops over K shared layers) -> final norm -> head.
 
-One module runs the vanilla model (B = 1, no LoRA), the recursive model and the relaxed model, for training,
+One module runs the vanilla model (R = 1, no LoRA), the recursive model and the relaxed model, for training,
 scoring and KV-cached decoding.
 
-Variables (the same paths for CYCLE and SEQUENCE; see `layer_tree`):
+Shape letters used across rrt_jax (in names like x_BxSxD and in docstrings):
+  B batch rows          S sequence (new tokens)    T cache length (max_len)    D model width
+  V vocabulary          H heads                    R loops (the paper's B)     K shared layers per loop
+  L depth positions of the unrolled model (L = R * K)                          E exits (R under CYCLE, else 1)
+  N engine slots, or tokens flattened over batch and sequence
+
+Variables (the same paths for CYCLE and SEQUENCE; `variables.LAYER_PATH`, read through `layer_tree`):
   params/stack/block/layer/...   shared layers, leading axis K (no loop axis: broadcast over loops).
-  lora/stack/block/layer/...     per-(loop, layer) LoRA and vector deltas, leading axes [B, K].
-KV cache (an explicit pytree, not a collection): {'k', 'v'} of [B, K, batch, max_len, kv_heads, head_dim],
+  lora/stack/block/layer/...     per-(loop, layer) LoRA and vector deltas, leading axes [R, K].
+KV cache (an explicit pytree, not a collection): {'k', 'v'} of [R, K, B, T, kv_heads, head_dim],
 one slot per depth position, so loops never overwrite each other.
 """
 
@@ -23,7 +29,7 @@ from rrt_jax.model.attention import Attention, KVCache, cache_mask, causal_mask
 from rrt_jax.model.layers import LORA, Embed, Norm, activation, dtype_of
 from rrt_jax.model.lora import LoraDense, LoraSpec
 
-REMAT_POLICIES = {
+_CHECKPOINT_POLICIES = {  # ModelConfig.remat -> jax.checkpoint policy ('none' = no remat).
     'full': None,  # Save nothing, recompute the layer.
     'dots': jax.checkpoint_policies.checkpoint_dots,
     'dots_no_batch': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
@@ -58,8 +64,8 @@ class Mlp(nn.Module):
   lora: dict[str, LoraSpec]
 
   @nn.compact
-  def __call__(self, x_BxSxD: jax.Array, loop_onehot_BxL: jax.Array | None = None) -> jax.Array:
-    cfg, sel = self.cfg, loop_onehot_BxL
+  def __call__(self, x_BxSxD: jax.Array, loop_onehot_BxR: jax.Array | None = None) -> jax.Array:
+    cfg, sel = self.cfg, loop_onehot_BxR
     dense = lambda name, features, axes: LoraDense(  # noqa: E731
         features, axes, use_bias=cfg.mlp_bias, lora=self.lora[name], dtype=cfg.dtype,
         param_dtype=cfg.param_dtype, name=name)
@@ -78,38 +84,45 @@ class DecoderLayer(nn.Module):
   cfg: ModelConfig
   rec: RecursionConfig
 
-  @nn.compact
-  def __call__(self, h_BxSxD: jax.Array, cache: KVCache | None, positions_BxS: jax.Array,
-               mask_BxSxT: jax.Array, kv_state=None, loop_onehot_BxL=None) -> tuple[jax.Array, KVCache | None]:
-    """kv_state: None, or (state [B, S, D], rows [B] bool): for those rows the K/V written to the cache are
-    computed from `state` (CALM-style propagation of an early-exited token's hidden state).
-    loop_onehot_BxL: each row's loop when rows sit at different depths (multi-LoRA, see lora.py)."""
+  def setup(self):
     cfg, rec = self.cfg, self.rec
     specs = lora_specs(cfg, rec)
     norm = functools.partial(Norm, cfg.norm, cfg.norm_eps, rec.has_lora and rec.relax_vectors, cfg.dtype,
                              cfg.param_dtype)
-    attn_norm = norm(name='attn_norm')
-    sel = loop_onehot_BxL
-    attn_in = attn_norm(h_BxSxD, sel)
+    self.attn_norm = norm()
+    self.attn = Attention(cfg, specs)
+    self.mlp_norm = norm()
+    self.mlp = Mlp(cfg, specs)
+
+  def __call__(self, h_BxSxD: jax.Array, cache: KVCache | None, positions_BxS: jax.Array,
+               mask_BxSxT: jax.Array, kv_state=None, loop_onehot_BxR=None) -> tuple[jax.Array, KVCache | None]:
+    """kv_state: None, or (state [B, S, D], rows [B] bool): for those rows the K/V written to the cache are
+    computed from `state` (CALM-style propagation of an early-exited token's hidden state).
+    loop_onehot_BxR: each row's loop when rows sit at different depths (multi-LoRA, see lora.py)."""
+    sel = loop_onehot_BxR
+    attn_in = self.attn_norm(h_BxSxD, sel)
     kv_in = None
     if kv_state is not None:
       state, rows = kv_state
-      kv_in = jnp.where(rows[:, None, None], attn_norm(state, sel), attn_in)
-    attn_out, new_cache = Attention(cfg, specs, name='attn')(attn_in, positions_BxS, mask_BxSxT, cache, kv_in, sel)
-    mlp = Mlp(cfg, specs, name='mlp')
-    if cfg.parallel_residual:
-      h = h_BxSxD + attn_out + mlp(norm(name='mlp_norm')(h_BxSxD, sel), sel)
+      kv_in = jnp.where(rows[:, None, None], self.attn_norm(state, sel), attn_in)
+    attn_out, new_cache = self.attn(attn_in, positions_BxS, mask_BxSxT, cache, kv_in, sel)
+    if self.cfg.parallel_residual:
+      h = h_BxSxD + attn_out + self.mlp(self.mlp_norm(h_BxSxD, sel), sel)
     else:
       h = h_BxSxD + attn_out
-      h = h + mlp(norm(name='mlp_norm')(h, sel), sel)
-    return h.astype(dtype_of(cfg.dtype)), new_cache
+      h = h + self.mlp(self.mlp_norm(h, sel), sel)
+    return h.astype(dtype_of(self.cfg.dtype)), new_cache
+
+  def project_kv(self, h_BxSxD: jax.Array, positions_BxS: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The K/V this layer would cache for hidden states h (its attention norm, then the K/V projections)."""
+    return self.attn.project_kv(self.attn_norm(h_BxSxD), positions_BxS)
 
 
 def _maybe_remat(layer_cls: type[nn.Module], policy: str) -> type[nn.Module]:
   if policy == 'none':
     return layer_cls
   # prevent_cse=False is safe and faster under scan (the scan already blocks CSE across iterations).
-  return nn.remat(layer_cls, policy=REMAT_POLICIES[policy], prevent_cse=False)
+  return nn.remat(layer_cls, policy=_CHECKPOINT_POLICIES[policy], prevent_cse=False)
 
 
 # (cache slice, positions, mask, kv_state, loop_onehot)
@@ -145,24 +158,24 @@ class CycleLoop(nn.Module):
 
 
 class SequenceRepeat(nn.Module):
-  """One SEQUENCE group: a shared layer applied B times in a row (params broadcast, one LoRA per repeat)."""
+  """One SEQUENCE group: a shared layer applied R times in a row (params broadcast, one LoRA per repeat)."""
 
   cfg: ModelConfig
   rec: RecursionConfig
 
   @nn.compact
-  def __call__(self, h_BxSxD, cache_B, positions_BxS, mask_BxSxT, kv_state=None, loop_onehot=None):
+  def __call__(self, h_BxSxD, cache_R, positions_BxS, mask_BxSxT, kv_state=None, loop_onehot=None):
     repeats = _scan(_maybe_remat(DecoderLayer, self.cfg.remat), self.rec.loops, 'loops', params_scanned=False)
-    return repeats(self.cfg, self.rec, name='layer')(h_BxSxD, cache_B, positions_BxS, mask_BxSxT, kv_state,
+    return repeats(self.cfg, self.rec, name='layer')(h_BxSxD, cache_R, positions_BxS, mask_BxSxT, kv_state,
                                                      loop_onehot)
 
 
 class RecursiveStack(nn.Module):
-  """B loops over K shared layers. Returns ([E, batch, S, D] exit hidden states, new cache).
+  """R loops over K shared layers. Returns ([E, batch, S, D] exit hidden states, new cache).
 
-  CYCLE: outer scan over loops with the shared params broadcast and LoRA scanned; E = B exits.
+  CYCLE: outer scan over loops with the shared params broadcast and LoRA scanned; E = R exits.
   SEQUENCE: outer scan over shared layers, inner scan over repeats; E = 1 (only the last depth is complete).
-  Both store LoRA and cache with leading axes [B, K] (loop, layer).
+  Both store LoRA and cache with leading axes [R, K] (loop, layer).
   """
 
   cfg: ModelConfig
@@ -186,7 +199,7 @@ class Decoder(nn.Module):
   """Decoder LM of any family; recursive and relaxed by `rec`.
 
   __call__(tokens) -> (logits, cache): logits [batch, S, V] of the last exit, or [E, batch, S, V] with
-  all_exits=True (E = B for CYCLE). With a cache, `positions` are required and the new tokens are written
+  all_exits=True (E = R for CYCLE). With a cache, `positions` are required and the new tokens are written
   at them; the returned cache replaces the old one.
   """
 
@@ -228,12 +241,12 @@ class Decoder(nn.Module):
     return self.embedder(tokens_BxS)
 
   def decode_stack(self, h_BxSxD: jax.Array, positions_BxS: jax.Array, cache: KVCache, kv_state=None,
-                   loop_onehot_BxL: jax.Array | None = None):
+                   loop_onehot_BxR: jax.Array | None = None):
     """Runs the stack on already-embedded inputs against a cache (one loop when rec.loops == 1): the
     building block of loop-by-loop early-exit decoding and of depth-wise batching (rows at different loops:
     pass their one-hot and LoRA variables holding every loop, see lora.py)."""
     mask = cache_mask(positions_BxS, cache['k'].shape[3])
-    return self.stack(h_BxSxD, cache, positions_BxS, mask, kv_state, loop_onehot_BxL)
+    return self.stack(h_BxSxD, cache, positions_BxS, mask, kv_state, loop_onehot_BxR)
 
   def logits(self, hidden_xD: jax.Array) -> jax.Array:
     """The shared exit head: final norm then LM head, fp32 logits. Any loop's hidden state can go in."""

@@ -27,40 +27,40 @@ class Norm(nn.Module):
   param_dtype: str = 'float32'
 
   @nn.compact
-  def __call__(self, x_BxSxD: jax.Array, loop_onehot_BxL: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x_BxSxD: jax.Array, loop_onehot_BxR: jax.Array | None = None) -> jax.Array:
     """loop_onehot: per-row loop selection of the deltas (see `select_per_row`)."""
     d = x_BxSxD.shape[-1]
     scale_init = nn.initializers.zeros if self.kind == 'rms_one_plus' else nn.initializers.ones
     scale = self.param('scale', nn.with_logical_partitioning(scale_init, ('norm',)), (d,),
                        dtype_of(self.param_dtype))
-    scale = scale.astype(jnp.float32) + self._delta('scale_delta', d, loop_onehot_BxL)
+    scale = scale.astype(jnp.float32) + self._delta('scale_delta', d, loop_onehot_BxR)
     x = x_BxSxD.astype(jnp.float32)
     if self.kind == 'layer':
       x = x - jnp.mean(x, axis=-1, keepdims=True)
       y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
       bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('norm',)), (d,),
                         dtype_of(self.param_dtype))
-      y = y * scale + bias.astype(jnp.float32) + self._delta('bias_delta', d, loop_onehot_BxL)
+      y = y * scale + bias.astype(jnp.float32) + self._delta('bias_delta', d, loop_onehot_BxR)
     else:
       y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
       y = y * (1.0 + scale if self.kind == 'rms_one_plus' else scale)
     return y.astype(dtype_of(self.dtype))
 
-  def _delta(self, name: str, d: int, loop_onehot_BxL: jax.Array | None) -> jax.Array | float:
+  def _delta(self, name: str, d: int, loop_onehot_BxR: jax.Array | None) -> jax.Array | float:
     if not self.relax:
       return 0.0
     init = nn.with_logical_partitioning(nn.initializers.zeros, ('norm',))
     var = self.variable(LORA, name, init, None, (d,), dtype_of(self.param_dtype))
-    return select_per_row(var.value, loop_onehot_BxL).astype(jnp.float32)
+    return select_per_row(var.value, loop_onehot_BxR).astype(jnp.float32)
 
 
-def select_per_row(value: jax.Array, loop_onehot_BxL: jax.Array | None) -> jax.Array:
-  """Multi-LoRA selection for depth-wise batching: with a one-hot [rows, L] of each row's loop, a 'lora'
-  vector variable holds all L loops' values on a leading axis ([L, d]) and each row gets its own loop's,
+def select_per_row(value: jax.Array, loop_onehot_BxR: jax.Array | None) -> jax.Array:
+  """Multi-LoRA selection for depth-wise batching: with a one-hot [rows, R] of each row's loop, a 'lora'
+  vector variable holds all R loops' values on a leading axis ([R, d]) and each row gets its own loop's,
   shaped [rows, 1, d] to broadcast over the sequence. Without it the value is used as is."""
-  if loop_onehot_BxL is None:
+  if loop_onehot_BxR is None:
     return value
-  return jnp.einsum('bl,l...->b...', loop_onehot_BxL.astype(value.dtype), value)[:, None]
+  return jnp.einsum('br,r...->b...', loop_onehot_BxR.astype(value.dtype), value)[:, None]
 
 
 def apply_rotary(x_BxSxHxD: jax.Array, positions_BxS: jax.Array, theta: float,

@@ -5,10 +5,10 @@
 W and b live in 'params' (shared across loops); A [d_in, r], B [r, d_out] and b_delta live in the 'lora'
 collection, which the recursive stack scans over loops so each depth position has its own.
 
-Multi-LoRA (continuous depth-wise batching): given a one-hot [rows, L] of each row's loop, the 'lora'
-variables hold all L loops' adapters on a leading axis and every row uses its own loop's. x is multiplied by
-all L A's at once and the products of other loops are masked out before the B's, so one batched matmul serves
-rows at different depths (L times the LoRA FLOPs, no per-row weight gathers).
+Multi-LoRA (continuous depth-wise batching): given a one-hot [rows, R] of each row's loop, the 'lora'
+variables hold all R loops' adapters on a leading axis and every row uses its own loop's. x is multiplied by
+all R A's at once and the products of other loops are masked out before the B's, so one batched matmul serves
+rows at different depths (R times the LoRA FLOPs, no per-row weight gathers).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class LoraDense(nn.Module):
   param_dtype: str = 'float32'
 
   @nn.compact
-  def __call__(self, x: jax.Array, loop_onehot_BxL: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, loop_onehot_BxR: jax.Array | None = None) -> jax.Array:
     d_in = x.shape[-1]
     dtype, param_dtype = dtype_of(self.dtype), dtype_of(self.param_dtype)
     kernel = self.param('kernel', nn.with_logical_partitioning(nn.initializers.lecun_normal(), self.axes),
@@ -58,7 +58,7 @@ class LoraDense(nn.Module):
       if self.lora.relax_bias:
         init = nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:])
         delta = self.variable(LORA, 'bias_delta', init, None, (self.features,), param_dtype).value
-        bias = bias + select_per_row(delta, loop_onehot_BxL)
+        bias = bias + select_per_row(delta, loop_onehot_BxR)
       y = y + bias.astype(dtype)
     if self.lora.rank:
       r = self.lora.rank
@@ -68,10 +68,10 @@ class LoraDense(nn.Module):
       b = self.variable(LORA, 'b', nn.with_logical_partitioning(nn.initializers.zeros,
                                                                 ('lora_rank', self.axes[1])),
                         None, (r, self.features), param_dtype).value
-      if loop_onehot_BxL is None:
+      if loop_onehot_BxR is None:
         delta = jnp.einsum('...r,ro->...o', jnp.einsum('...i,ir->...r', x, a.astype(dtype)), b.astype(dtype))
-      else:  # x [rows, S, d_in]; a [L, d_in, r]; b [L, r, d_out].
-        xa = jnp.einsum('bsi,lir->bslr', x, a.astype(dtype)) * loop_onehot_BxL.astype(dtype)[:, None, :, None]
+      else:  # x [rows, S, d_in]; a [R, d_in, r]; b [R, r, d_out].
+        xa = jnp.einsum('bsi,lir->bslr', x, a.astype(dtype)) * loop_onehot_BxR.astype(dtype)[:, None, :, None]
         delta = jnp.einsum('bslr,lro->bso', xa, b.astype(dtype))
       y = y + jnp.asarray(self.lora.scale, dtype) * delta
     return y

@@ -3,17 +3,17 @@
 A fixed pool of slots each holds one request: its position, its loop index b and its hidden state. Every
 engine step runs the shared block ONCE over all slots, each at its own loop (relaxed models select each slot's
 LoRA by its loop inside one batched matmul, see model/lora.py), then the shared exit head. A slot whose token
-exits (confidence >= threshold, or b = B) emits it and starts its next token at loop 0 in the next step; a
+exits (confidence >= threshold, or the last loop) emits it and starts its next token at loop 0 in the next step; a
 finished request frees its slot for the next request in the queue. Exited tokens' skipped (loop, layer) K/V are
 filled by propagating the exit state through those layers' K/V projections (CALM-style, as
 `generate(..., ExitConfig(kv_fill='propagate'))` does), so greedy outputs equal sequential early-exit decoding.
 
 With `depthwise=False` the same engine is continuous sequence-wise batching (CSB, Orca-style): all slots run
 the same loop, a token that exits early leaves an idle slot until the batch's token finishes (or until every
-slot has exited), and new requests join only at token boundaries. The vanilla model (B = 1) runs through it.
+slot has exited), and new requests join only at token boundaries. The vanilla model (R = 1) runs through it.
 
-Cache layout: [B, K, slots, max_len, kv_heads, head_dim]. A step gathers each slot's [K, max_len] slice at its
-own loop, runs the block on the gathered copy and scatters only the new entries back.
+Cache layout: [R, K, N slots, T, kv_heads, head_dim] (shape letters: see model/decoder.py). A step gathers each
+slot's [K, T] slice at its own loop, runs the block on the gathered copy and scatters only the new entries back.
 """
 
 from __future__ import annotations
@@ -29,20 +29,10 @@ import numpy as np
 from tqdm import tqdm
 
 from rrt_jax.config import Looping
-from rrt_jax.model import Decoder, init_cache
-from rrt_jax.model.decoder import lora_specs
-from rrt_jax.model.layers import LORA, Norm, apply_rotary
-from rrt_jax.model.lora import LoraDense
-from rrt_jax.serve.generate import (
-  ExitConfig,
-  Generator,
-  SamplingConfig,
-  bucket,
-  confidence,
-  exits_at,
-  sample,
-  validate_prompts,
-)
+from rrt_jax.model import Decoder, init_cache, multi_lora_variables, one_loop, propagate_kv
+from rrt_jax.model.exits import ExitConfig, confidence, exits_at
+from rrt_jax.serve.generate import Generator, SamplingConfig, sample, validate_prompts
+from rrt_jax.utils.buckets import bucket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,11 +87,6 @@ class EngineStats:
     return self.busy_slot_steps / self.slot_steps if self.slot_steps else 0.0
 
 
-def multi_lora(lora: dict) -> dict:
-  """[B, K, ...] LoRA leaves -> [1, K, B, ...]: the one-loop block sees every loop's adapters per layer."""
-  return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1)[None], lora)
-
-
 class Engine:
   """Serves a stream of requests with continuous depth-wise (or sequence-wise) batching; see module doc."""
 
@@ -117,10 +102,10 @@ class Engine:
     self.model, self.config = model, config
     self.max_len = min(config.max_len, model.cfg.max_seq_len)
     self.generator = Generator(model, config.exit, config.sampling)
+    self.one_loop = one_loop(model)
     self.variables = variables
-    self.step_variables = {'params': variables['params']}
-    if LORA in variables:
-      self.step_variables[LORA] = multi_lora(variables[LORA])
+    self.step_variables = multi_lora_variables(variables)  # Every slot selects its own loop's LoRA.
+    self.relaxed = len(self.step_variables) > 1
     self._prefill = jax.jit(self._prefill_into_slot, donate_argnums=(1,))
     self._step = jax.jit(self._engine_step, donate_argnums=(2,))
 
@@ -133,67 +118,47 @@ class Engine:
     cache = jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=2), cache, row)
     return token[0], exit_loop[0], cache
 
-  def _engine_step(self, variables, step_variables, cache, tokens_S, h_Sx1xD, loops_S, positions_S, write_S, rng):
-    """One pass of the shared block over all slots, each at its own loop. Returns (token, exits, h, cache)."""
+  def _engine_step(self, variables, step_variables, cache, tokens_N, h_Nx1xD, loops_N, positions_N, write_N, rng):
+    """One pass of the shared block over all N slots, each at its own loop. Returns (token, exits, h, cache)."""
     model, loops = self.model, self.model.rec.loops
-    slots, max_len = tokens_S.shape[0], cache['k'].shape[3]
+    slots, max_len = tokens_N.shape[0], cache['k'].shape[3]
     slot_ids = jnp.arange(slots)
     head_vars = {'params': variables['params']}
-    embedded = model.apply(head_vars, tokens_S[:, None], method=Decoder.embed)
-    h_in = jnp.where((loops_S == 0)[:, None, None], embedded, h_Sx1xD)
-    # Each slot's cache at its own loop: [slots, K, T, ...] -> [1 loop, K, slots, T, ...].
-    gathered = jax.tree.map(lambda c: jnp.moveaxis(c[loops_S, :, slot_ids], 0, 1)[None], cache)
-    onehot = jax.nn.one_hot(loops_S, loops, dtype=jnp.float32) if LORA in step_variables else None
-    hidden, gathered = self.generator.one_loop.apply(step_variables, h_in, positions_S[:, None], gathered, None,
-                                                     onehot, method=Decoder.decode_stack)
+    embedded = model.apply(head_vars, tokens_N[:, None], method=Decoder.embed)
+    h_in = jnp.where((loops_N == 0)[:, None, None], embedded, h_Nx1xD)
+    # Each slot's cache at its own loop: [N, K, T, ...] -> [1 loop, K, N, T, ...].
+    gathered = jax.tree.map(lambda c: jnp.moveaxis(c[loops_N, :, slot_ids], 0, 1)[None], cache)
+    onehot = jax.nn.one_hot(loops_N, loops, dtype=jnp.float32) if self.relaxed else None
+    hidden, gathered = self.one_loop.apply(step_variables, h_in, positions_N[:, None], gathered, None, onehot,
+                                           method=Decoder.decode_stack)
     h_out = hidden[-1]
     logits = model.apply(head_vars, h_out, method=Decoder.logits)[:, -1]
     exit_cfg = self.config.exit
     conf = confidence(exit_cfg.confidence, logits, h_out[:, -1], h_in[:, -1])
-    exits = (loops_S == loops - 1) | exits_at(conf, exit_cfg.threshold)
+    exits = (loops_N == loops - 1) | exits_at(conf, exit_cfg.threshold)
     token = sample(logits, self.config.sampling, rng)
     # Scatter the new K/V: mode='drop' with an out-of-range position skips slots that must not write.
-    write_pos = jnp.where(write_S, positions_S, max_len)
+    write_pos = jnp.where(write_N, positions_N, max_len)
     cache = jax.tree.map(
-        lambda c, g: c.at[loops_S, :, slot_ids, write_pos].set(jnp.swapaxes(g[0][:, slot_ids, positions_S], 0, 1),
+        lambda c, g: c.at[loops_N, :, slot_ids, write_pos].set(jnp.swapaxes(g[0][:, slot_ids, positions_N], 0, 1),
                                                                mode='drop'), cache, gathered)
-    if loops > 1 and exit_cfg.threshold < 1.0:
-      fill = write_S & exits & (loops_S < loops - 1)
-      cache = jax.lax.cond(jnp.any(fill), self._propagate_kv, lambda _, c, *__: c, variables, cache, h_out,
-                           loops_S, positions_S, fill)
+    if loops > 1 and exit_cfg.early:
+      fill = write_N & exits & (loops_N < loops - 1)
+      cache = jax.lax.cond(jnp.any(fill), self._fill_skipped_kv, lambda _, c, *__: c, variables, cache, h_out,
+                           loops_N, positions_N, fill)
     return token, exits, h_out, cache
 
-  def _propagate_kv(self, variables, cache, h_Sx1xD, loops_S, positions_S, fill_S):
-    """Writes K/V computed from each exiting slot's exit state into every (loop, layer) after its exit loop."""
-    cfg, rec = self.model.cfg, self.model.rec
-    loops, max_len = rec.loops, cache['k'].shape[3]
-    specs = lora_specs(cfg, rec)
-    relax = rec.has_lora and rec.relax_vectors
-    norm = Norm(cfg.norm, cfg.norm_eps, relax, cfg.dtype, cfg.param_dtype)
-    # One module per projection: k and v may differ in LoRA (lora_targets can name one without the other).
-    dense = {name: LoraDense(cfg.num_kv_heads * cfg.head_dim, ('embed', 'kv'), use_bias=cfg.attn_bias,
-                             lora=specs[name], dtype=cfg.dtype, param_dtype=cfg.param_dtype) for name in ('k', 'v')}
-    positions = positions_S[:, None]
-
-    def layer_kv(params, lora):  # One (loop, layer): K/V of the exit states [slots, kv_heads, head_dim].
-      sub = lambda *path: {'params': _at(params, path), LORA: _at(lora or {}, path)}  # noqa: E731
-      x = norm.apply(sub('attn_norm'), h_Sx1xD)
-      kv = [dense[name].apply(sub('attn', name), x).reshape(*x.shape[:2], cfg.num_kv_heads, cfg.head_dim)
-            for name in ('k', 'v')]
-      return apply_rotary(kv[0], positions, cfg.rope_theta, cfg.rotary_dim)[:, 0], kv[1][:, 0]
-
-    layer_params = variables['params']['stack']['block']['layer']
-    layer_lora = variables[LORA]['stack']['block']['layer'] if LORA in variables else None
-    over_layers = jax.vmap(layer_kv, in_axes=(0, 0 if layer_lora is not None else None))
-    if layer_lora is None:  # No per-loop deltas: every later loop gets the same K/V.
-      k, v = (jnp.broadcast_to(x, (loops - 1,) + x.shape) for x in over_layers(layer_params, None))
-    else:  # Loops 1..B-1 (loop 0 is never skipped).
-      k, v = jax.vmap(over_layers, in_axes=(None, 0))(layer_params, jax.tree.map(lambda x: x[1:], layer_lora))
-    later = jnp.arange(1, loops)[:, None]  # [B-1, 1]
-    write_pos = jnp.where(fill_S[None] & (later > loops_S[None]), positions_S[None], max_len)  # [B-1, slots]
-    slot_ids = jnp.arange(loops_S.shape[0])[None]
-    put = lambda c, new: c.at[later, :, slot_ids, write_pos].set(jnp.swapaxes(new, 1, 2), mode='drop')  # noqa: E731
-    return {'k': put(cache['k'], k), 'v': put(cache['v'], v)}
+  def _fill_skipped_kv(self, variables, cache, h_Nx1xD, loops_N, positions_N, fill_N):
+    """Writes K/V propagated from each exiting slot's exit state into every (loop, layer) after its exit loop."""
+    loops, max_len = self.model.rec.loops, cache['k'].shape[3]
+    later = range(1, loops)  # Loop 0 is never skipped.
+    new = propagate_kv(self.model, variables, h_Nx1xD, positions_N[:, None], later)  # [R-1, K, N, 1, ...]
+    later_R = jnp.arange(1, loops)[:, None]  # [R-1, 1]
+    write_pos = jnp.where(fill_N[None] & (later_R > loops_N[None]), positions_N[None], max_len)  # [R-1, N]
+    slot_ids = jnp.arange(loops_N.shape[0])[None]
+    put = lambda c, x: c.at[later_R, :, slot_ids, write_pos].set(jnp.swapaxes(x[:, :, :, 0], 1, 2),  # noqa: E731
+                                                                 mode='drop')
+    return {'k': put(cache['k'], new['k']), 'v': put(cache['v'], new['v'])}
 
   # ---- Host scheduler --------------------------------------------------------------------------------------
 
@@ -305,11 +270,4 @@ class Engine:
     return None
 
 
-def _at(tree, path):
-  """The subtree at `path`; {} where it is absent (a projection or norm without relaxation variables)."""
-  for key in path:
-    tree = tree.get(key, {})
-  return tree
-
-
-__all__ = ['Completion', 'Engine', 'EngineConfig', 'EngineStats', 'Request', 'multi_lora']
+__all__ = ['Completion', 'Engine', 'EngineConfig', 'EngineStats', 'Request']

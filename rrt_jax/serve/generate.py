@@ -1,5 +1,7 @@
 """KV-cached generation with confidence-based early exit per token, inside jit.
 
+The exit rule itself (confidences, thresholds, first exit) lives in rrt_jax.model.exits.
+
 Prefill runs every loop over the (length-bucketed) prompts. Each decode step then runs the recursive block
 loop by loop: after loop b the shared final norm + head give a confidence; a token whose confidence reaches the
 threshold exits and emits its token from that loop. The (loop, layer) cache entries it skips are filled either
@@ -18,10 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from rrt_jax.config import Looping
-from rrt_jax.model import Decoder, init_cache
-
-CONFIDENCES = ('max_prob', 'margin', 'saturation')
-KV_FILLS = ('propagate', 'full')
+from rrt_jax.model import Decoder, init_cache, loop_variables, one_loop
+from rrt_jax.model.exits import ExitConfig, confidence, exits_at, first_exit, select_exit
+from rrt_jax.utils.buckets import bucket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,40 +33,10 @@ class SamplingConfig:
   seed: int = 0
 
 
-@dataclasses.dataclass(frozen=True)
-class ExitConfig:
-  threshold: float = 1.0  # >= 1 never exits early.
-  confidence: str = 'max_prob'  # max softmax prob | top-1 minus top-2 prob | cosine(h_b, h_{b-1})
-  kv_fill: str = 'propagate'
-
-  def __post_init__(self):
-    if self.confidence not in CONFIDENCES:
-      raise ValueError(f'Unknown confidence {self.confidence!r}: choose one of {CONFIDENCES}.')
-    if self.kv_fill not in KV_FILLS:
-      raise ValueError(f'Unknown kv_fill {self.kv_fill!r}: choose one of {KV_FILLS}.')
-
-
 @dataclasses.dataclass
 class Generation:
   tokens: list[list[int]]  # Generated ids per prompt (stop token excluded).
   exit_loops: list[list[int]]  # 1-based loop at which each generated token exited.
-
-
-def confidence(kind: str, logits_BxV: jax.Array, h_BxD: jax.Array, h_prev_BxD: jax.Array) -> jax.Array:
-  if kind == 'saturation':
-    cos = jnp.sum(h_BxD * h_prev_BxD, -1) / (jnp.linalg.norm(h_BxD, axis=-1) * jnp.linalg.norm(h_prev_BxD, axis=-1)
-                                             + 1e-6)
-    return cos.astype(jnp.float32)
-  probs = jax.nn.softmax(logits_BxV.astype(jnp.float32), axis=-1)
-  if kind == 'max_prob':
-    return jnp.max(probs, axis=-1)
-  top2 = jax.lax.top_k(probs, 2)[0]
-  return top2[:, 0] - top2[:, 1]
-
-
-def exits_at(conf_B: jax.Array, threshold: float) -> jax.Array:
-  """The exit rule: confidence reaches the threshold; threshold >= 1 never exits early."""
-  return conf_B >= threshold if threshold < 1.0 else jnp.zeros(conf_B.shape, bool)
 
 
 def sample(logits_BxV: jax.Array, sampling: SamplingConfig, rng: jax.Array) -> jax.Array:
@@ -85,11 +56,6 @@ def sample(logits_BxV: jax.Array, sampling: SamplingConfig, rng: jax.Array) -> j
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def bucket(n: int, minimum: int = 16) -> int:
-  """Next power of two >= n: prompts of similar length share one compiled prefill."""
-  return max(minimum, 1 << (max(n, 1) - 1).bit_length())
-
-
 class Generator:
   """Jitted prefill and early-exit decode step for one model; reuse it across calls to reuse compilations."""
 
@@ -97,22 +63,14 @@ class Generator:
     if exit_cfg.threshold < 1.0 and model.rec.looping != Looping.CYCLE:
       raise ValueError('Early exit needs looping=cycle: under SEQUENCE a loop does not end in a full state.')
     self.model, self.exit_cfg, self.sampling = model, exit_cfg, sampling
-    self.one_loop = Decoder(model.cfg.replace(num_layers=model.rec.shared_layers(model.cfg.num_layers)),
-                            model.rec.replace(loops=1))
+    self.one_loop = one_loop(model)
     self.prefill = jax.jit(self._prefill)
     self.step = jax.jit(self._step, donate_argnums=(3,))
 
-  def _choose(self, per_loop_logits, per_loop_conf, rng):
-    """First loop whose confidence reaches the threshold (else the last) -> (token, 1-based exit loop)."""
-    loops = len(per_loop_logits)
-    exited = jnp.zeros(per_loop_logits[0].shape[0], bool)
-    chosen, exit_loop = per_loop_logits[-1], jnp.full(exited.shape, loops, jnp.int32)
-    for b in range(loops):
-      newly = ~exited & exits_at(per_loop_conf[b], self.exit_cfg.threshold)
-      chosen = jnp.where(newly[:, None], per_loop_logits[b], chosen)
-      exit_loop = jnp.where(newly, b + 1, exit_loop)
-      exited |= newly
-    return sample(chosen, self.sampling, rng), exit_loop
+  def _choose(self, logits_RxBxV: jax.Array, conf_RxB: jax.Array, rng) -> tuple[jax.Array, jax.Array]:
+    """The exit rule on every loop's logits and confidences -> (token, 1-based exit loop)."""
+    exit_loop = first_exit(conf_RxB, self.exit_cfg.threshold)
+    return sample(select_exit(logits_RxBxV, exit_loop), self.sampling, rng), exit_loop + 1
 
   def _prefill(self, variables, tokens_BxS, lengths_B, cache, rng):
     positions = jnp.broadcast_to(jnp.arange(tokens_BxS.shape[1]), tokens_BxS.shape)
@@ -123,14 +81,8 @@ class Generator:
     prev = [self.model.apply(variables, tokens_BxS, method=Decoder.embed)[jnp.arange(tokens_BxS.shape[0]),
                                                                            lengths_B - 1]] + list(last[:-1])
     conf = [confidence(self.exit_cfg.confidence, logits[b], last[b], prev[b]) for b in range(len(logits))]
-    token, exit_loop = self._choose(logits, conf, rng)
+    token, exit_loop = self._choose(jnp.stack(logits), jnp.stack(conf), rng)
     return token, exit_loop, cache
-
-  def _loop_variables(self, variables, b):
-    out = {'params': variables['params']}
-    if 'lora' in variables:
-      out['lora'] = jax.tree.map(lambda x: x[b:b + 1], variables['lora'])
-    return out
 
   def _step(self, variables, tokens_B, positions_B, cache, rng):
     """One token per row at its own position: loop-by-loop with early exit."""
@@ -143,7 +95,7 @@ class Generator:
     for b in range(rec.loops):
       kv_state = (exit_h, exited) if self.exit_cfg.kv_fill == 'propagate' else None
       loop_cache = {'k': cache['k'][b:b + 1], 'v': cache['v'][b:b + 1]}
-      hidden, loop_cache = self.one_loop.apply(self._loop_variables(variables, b), h, positions, loop_cache,
+      hidden, loop_cache = self.one_loop.apply(loop_variables(variables, b), h, positions, loop_cache,
                                                kv_state, method=Decoder.decode_stack)
       h_next = hidden[-1]
       logits = model.apply(variables, h_next, method=Decoder.logits)[:, -1]
@@ -156,7 +108,7 @@ class Generator:
       new_k.append(loop_cache['k'])
       new_v.append(loop_cache['v'])
       h = h_next
-    token, exit_loop = self._choose(logits_per_loop, conf_per_loop, rng)
+    token, exit_loop = self._choose(jnp.stack(logits_per_loop), jnp.stack(conf_per_loop), rng)
     return token, exit_loop, {'k': jnp.concatenate(new_k), 'v': jnp.concatenate(new_v)}
 
 
@@ -219,3 +171,4 @@ def generate(model: Decoder, variables: dict, prompts: Sequence[Sequence[int]], 
   return Generation(out, exits)
 
 
+__all__ = ['ExitConfig', 'Generation', 'Generator', 'SamplingConfig', 'generate', 'sample', 'validate_prompts']

@@ -1,60 +1,51 @@
-"""Measuring serving: run the same requests through the engine for several models and exit thresholds.
+"""The serving benchmark: the same requests through the engine for several models and exit thresholds.
 
 Vanilla + continuous sequence-wise batching (CSB) against recursive/relaxed models under CSB without exit and
 continuous depth-wise batching (CDB) at every threshold, interleaved and repeated (median). Quality at each
 threshold: teacher-forced early-exit perplexity on held-out text, and agreement of the generated tokens with the
-same model's no-exit output. Also times the stages the paper's simulator needs. Used by experiments/bench_serve.py
-and the main job.
+same model's no-exit output. Also times the stages the simulator needs (rrt_jax.serve.simulator). A plain module
+(no flags) so that experiments/bench_serve.py and experiments/main.py can both drive it.
+
+Shapes: B batch (decode rows), D width, R loops, T cache length.
 """
 
 from __future__ import annotations
 
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from rrt_jax.eval.perplexity import early_exit_perplexity
-from rrt_jax.model import Decoder, count_params, init_cache
-from rrt_jax.serve.engine import Engine, EngineConfig, Request, multi_lora
-from rrt_jax.serve.generate import ExitConfig, Generator
-
-
-def median_time(fn, repeats: int = 5) -> float:
-  jax.block_until_ready(fn())  # Compile.
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+from rrt_jax.model import Decoder, count_params, init_cache, multi_lora_variables, one_loop
+from rrt_jax.serve.engine import Engine, EngineConfig, Request
+from rrt_jax.serve.generate import ExitConfig
+from rrt_jax.utils.timing import median_seconds
 
 
 def stage_latencies(model: Decoder, variables: dict, batch: int, cache_len: int) -> dict:
   """Median seconds of the embedding, one pass of the (shared) block and the head for `batch` decode tokens."""
   cfg, rec = model.cfg, model.rec
-  one_loop = Generator(model).one_loop
-  tokens = jnp.zeros((batch, 1), jnp.int32)
-  positions = jnp.full((batch, 1), cache_len - 1, jnp.int32)
-  cache = init_cache(one_loop.cfg, one_loop.rec, batch, cache_len)
-  step_vars = {'params': variables['params']}
-  onehot = None
-  if 'lora' in variables:
-    step_vars['lora'] = multi_lora(variables['lora'])
-    onehot = jax.nn.one_hot(jnp.arange(batch) % rec.loops, rec.loops)
-  h = jnp.zeros((batch, 1, cfg.d_model), jnp.dtype(cfg.dtype))
+  block_model = one_loop(model)
+  tokens_Bx1 = jnp.zeros((batch, 1), jnp.int32)
+  positions_Bx1 = jnp.full((batch, 1), cache_len - 1, jnp.int32)
+  cache = init_cache(block_model.cfg, block_model.rec, batch, cache_len)  # T = cache_len.
+  block_vars = multi_lora_variables(variables)  # Every loop's LoRA: rows at different loops share one pass.
+  onehot_BxR = jax.nn.one_hot(jnp.arange(batch) % rec.loops, rec.loops) if 'lora' in block_vars else None
+  h_Bx1xD = jnp.zeros((batch, 1, cfg.d_model), jnp.dtype(cfg.dtype))
   embed = jax.jit(lambda v, t: model.apply(v, t, method=Decoder.embed))
-  block = jax.jit(lambda v, h, c, o: one_loop.apply(v, h, positions, c, None, o, method=Decoder.decode_stack)[0])
+  block = jax.jit(lambda v, h, c, o: block_model.apply(v, h, positions_Bx1, c, None, o,
+                                                       method=Decoder.decode_stack)[0])
   head = jax.jit(lambda v, h: model.apply(v, h, method=Decoder.logits))
-  return {'embedding_s': median_time(lambda: embed(variables, tokens)),
-          'block_s': median_time(lambda: block(step_vars, h, cache, onehot)),
-          'head_s': median_time(lambda: head(variables, h))}
+  return {'embedding_s': median_seconds(embed, variables, tokens_Bx1),
+          'block_s': median_seconds(block, block_vars, h_Bx1xD, cache, onehot_BxR),
+          'head_s': median_seconds(head, variables, h_Bx1xD)}
 
 
 def simulator_latencies(measured: dict, max_batch: int) -> dict:
-  """Our stage timings as rrt_jax.serve.simulator.StageLatencies fields: ms per token, as in Table K.1."""
+  """Our stage timings as rrt_jax.serve.simulator.StageLatencies fields: ms per token, as in the paper's
+  Table K.1."""
   out = {'n_max': max_batch}
   for stage, key in (('emb', 'embedding_s'), ('stage', 'block_s'), ('head', 'head_s')):
     out[f'{stage}_1'] = measured['batch_1'][key] * 1e3

@@ -1,0 +1,41 @@
+"""K/V propagation: the keys and values an early-exited token would have cached in the loops it skipped.
+
+A token that exits after loop r never runs loops r+1..R-1, yet later tokens attend to its K/V there. CALM-style
+propagation fills those (loop, layer) cache entries from the token's exit state: each layer's attention norm and
+K/V projections (with that loop's LoRA) applied to the exit hidden state. Generation does this inside the
+remaining loops (`kv_state` of the decoder layer); the depth-wise batching engine, whose slots have left the
+block, calls `propagate_kv` directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from rrt_jax.model.attention import KVCache
+from rrt_jax.model.decoder import Decoder, DecoderLayer
+from rrt_jax.model.layers import LORA
+from rrt_jax.model.variables import layer_tree
+
+
+def propagate_kv(model: Decoder, variables: dict, h_BxSxD: jax.Array, positions_BxS: jax.Array,
+                 loops: Sequence[int]) -> KVCache:
+  """{'k', 'v'} of [len(loops), K, B, S, kv_heads, head_dim]: what layer k of each loop in `loops` caches for
+  hidden states h at these positions. Without LoRA every loop shares the layer, so it is computed once."""
+  cfg, rec = model.cfg, model.rec
+  layer = DecoderLayer(cfg, rec)
+
+  def layer_kv(layer_params: dict, layer_lora: dict | None) -> tuple[jax.Array, jax.Array]:
+    layer_vars = {'params': layer_params} if layer_lora is None else {'params': layer_params, LORA: layer_lora}
+    return layer.apply(layer_vars, h_BxSxD, positions_BxS, method=DecoderLayer.project_kv)
+
+  over_layers = jax.vmap(layer_kv, in_axes=(0, None if LORA not in variables else 0))  # Axis K.
+  params = layer_tree(variables['params'])
+  if LORA not in variables:
+    k, v = (jnp.broadcast_to(x, (len(loops),) + x.shape) for x in over_layers(params, None))
+  else:
+    lora = jax.tree.map(lambda x: x[jnp.asarray(list(loops))], layer_tree(variables[LORA]))  # [loops, K, ...]
+    k, v = jax.vmap(over_layers, in_axes=(None, 0))(params, lora)
+  return {'k': k, 'v': v}

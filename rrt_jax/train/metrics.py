@@ -1,0 +1,104 @@
+"""Training metrics out of the jitted step and into the workdir: metrics.jsonl and TensorBoard event files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import jax
+import numpy as np
+
+from rrt_jax.utils.uri import as_path, is_uri
+
+log = logging.getLogger(__name__)
+
+
+def to_scalars(metrics: dict) -> dict[str, float]:
+  """Step metrics on the host as floats; a per-loop vector [loops] becomes one scalar per loop, '<name>/loop<i>'."""
+  out = {}
+  for k, v in jax.device_get(metrics).items():
+    v = np.asarray(v)
+    if v.ndim == 0:
+      out[k] = float(v)
+    else:
+      out.update({f'{k}/loop{i + 1}': float(x) for i, x in enumerate(v)})
+  return out
+
+
+def tensorboard_unsupported(logdir: str) -> str | None:
+  """Why tensorboardX cannot write event files under `logdir`, or None if it can (local paths; gs:// and s3://
+  when their client libraries are installed)."""
+  if not is_uri(logdir):
+    return None
+  from tensorboardX import record_writer
+  scheme = logdir.split('://', 1)[0]
+  needs = {'gs': ('GCS_ENABLED', 'google-cloud-storage'), 's3': ('S3_ENABLED', 'boto3')}
+  if scheme not in needs:
+    return f'tensorboardX writes no {scheme}:// paths'
+  flag, package = needs[scheme]
+  if not getattr(record_writer, flag, False):
+    return f'tensorboardX needs {package} for {scheme}:// paths (pip install {package})'
+  return None
+
+
+class MetricsWriter:
+  """metrics.jsonl and TensorBoard event files in the workdir (process 0 only).
+
+  Object stores (gs://) neither append nor show a file before it is closed, so in a remote workdir metrics.jsonl is
+  rewritten whole (earlier runs' lines kept) and the events are uploaded at most every `sync_every_s` seconds and on
+  close; locally both are flushed at every write."""
+
+  def __init__(self, workdir: str, sync_every_s: float = 60.0):
+    self.enabled = jax.process_index() == 0
+    if not self.enabled:
+      return
+    self._path = as_path(workdir) / 'metrics.jsonl'
+    self._remote = is_uri(workdir)
+    self._sync_every_s, self._synced_at, self._unsynced = sync_every_s, time.monotonic(), False
+    if self._remote:
+      self._text = self._path.read_text() if self._path.exists() else ''
+    else:
+      self._jsonl = self._path.open('a')
+    logdir = str(as_path(workdir) / 'tensorboard')
+    reason = tensorboard_unsupported(logdir)
+    if reason is None:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(logdir)
+    else:
+      self._tb = None
+      log.warning('no TensorBoard events in %s: %s; metrics.jsonl has the same scalars', logdir, reason)
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    line = json.dumps({'step': step, **scalars}) + '\n'
+    if self._remote:
+      self._text, self._unsynced = self._text + line, True
+      if time.monotonic() - self._synced_at >= self._sync_every_s:
+        self._sync()
+    else:
+      self._jsonl.write(line)
+      self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in scalars.items():
+        self._tb.add_scalar(k, v, step)
+      if not self._remote:  # (tensorboardX re-uploads a remote events file whole at each flush.)
+        self._tb.flush()
+
+  def _sync(self) -> None:
+    if self._unsynced:
+      self._path.write_text(self._text)
+      if self._tb is not None:
+        self._tb.flush()
+    self._synced_at, self._unsynced = time.monotonic(), False
+
+  def close(self) -> None:
+    if not self.enabled:
+      return
+    if self._remote:
+      self._sync()
+    else:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()

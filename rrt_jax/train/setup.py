@@ -1,0 +1,109 @@
+"""What a training run builds from its ConfigDict before the first step: processes, model, variables, optimizer,
+losses and data.
+
+Config sections unpack into their dataclasses (RecursionConfig(**c.recursion), LossConfig(**c.loss)): a section's
+keys are the dataclass's fields, and a field that lives in another section is passed explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+import optax
+
+from rrt_jax import presets
+from rrt_jax.config import ModelConfig, RecursionConfig
+from rrt_jax.convert import to_recursive
+from rrt_jax.model import init_variables
+from rrt_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from rrt_jax.train.sharding import variable_shardings
+from rrt_jax.train.step import LossConfig
+
+
+def init_distributed(c: ml_collections.ConfigDict) -> None:
+  """jax.distributed for multi-process runs: distributed.coordinator 'host:port' with num_processes and
+  process_id, or 'auto' for jax's own cluster detection (Cloud TPU pods, SLURM, ...); empty = one process."""
+  d = c.distributed
+  if not d.coordinator:
+    return
+  if os.environ.get('JAX_PLATFORMS') == 'cpu':  # (Asking jax for its backend here would initialise it.)
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # Cross-process CPU collectives.
+  if d.coordinator == 'auto':
+    jax.distributed.initialize()
+  else:
+    jax.distributed.initialize(coordinator_address=d.coordinator, num_processes=d.num_processes,
+                               process_id=d.process_id)
+
+
+def recursion_config(c: ml_collections.ConfigDict) -> RecursionConfig:
+  return RecursionConfig(**c.recursion, seed=c.train.seed)  # The run's seed also draws Random init and LoRA A.
+
+
+def loss_config(c: ml_collections.ConfigDict) -> LossConfig:
+  return LossConfig(**c.loss)
+
+
+def optimizer(c: ml_collections.ConfigDict) -> tuple[optax.Schedule, optax.GradientTransformation]:
+  """(learning-rate schedule, AdamW) from c.train."""
+  t = c.train
+  schedule = learning_rate_schedule(t.lr, t.steps, t.warmup_steps, t.decay, t.end_lr_ratio)
+  return schedule, make_optimizer(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, clip_norm=t.clip_norm,
+                                  freeze_shared=t.freeze_shared)
+
+
+def load_original(c: ml_collections.ConfigDict, vocab_size: int) -> tuple[ModelConfig, dict | None]:
+  """The original (teacher) model: the packaged SmolLM2, an HF checkpoint, or a random preset (variables
+  None: random models are initialised directly into their shardings by `initial_variables`)."""
+  m = c.model
+  if m.source == 'smollm2':
+    from rrt_jax.convert.gguf import load_gguf
+    cfg, variables = load_gguf()
+  elif m.source == 'hf':
+    if not m.path:
+      raise ValueError('model.source=hf needs --config.model.path=/path/to/hf_checkpoint_dir.')
+    from rrt_jax.convert.hf import load_hf
+    cfg, variables = load_hf(m.path)
+  elif m.source == 'random':
+    cfg, variables = presets.get(m.preset).replace(vocab_size=vocab_size), None
+  else:
+    raise ValueError(f'Unknown model.source {m.source!r}: choose smollm2, hf or random.')
+  return cfg.replace(dtype=m.dtype, remat=m.remat), variables
+
+
+def initial_variables(c: ml_collections.ConfigDict, cfg: ModelConfig, rec: RecursionConfig, vanilla: dict | None,
+                      mesh: jax.sharding.Mesh, use_teacher: bool) -> tuple[dict, dict | None]:
+  """(student, teacher) variables placed with their shardings. Pretrained weights are converted on the host
+  and each leaf is placed sharded; random weights are created sharded (no full copy on one device)."""
+  student_shardings = variable_shardings(cfg, rec, mesh)
+  teacher_shardings = variable_shardings(cfg, RecursionConfig(), mesh)
+  if vanilla is None:
+    key = jax.random.key(c.train.seed)
+    student = init_variables(cfg, rec, key, student_shardings)
+    if not use_teacher:  # (A random teacher is its own draw: the student does not depend on it.)
+      return student, None
+    teacher = init_variables(cfg, RecursionConfig(), jax.random.fold_in(key, 1), teacher_shardings)
+  else:
+    student = jax.device_put(to_recursive(vanilla, cfg, rec), student_shardings)
+    teacher = jax.device_put(vanilla, teacher_shardings)
+  return student, teacher if use_teacher else None
+
+
+def data_iterators(c: ml_collections.ConfigDict, source, tokenizer, max_seq_len: int) -> list:
+  """This process's iterators: data.shards virtual shards (None = one per process) split over the processes, so
+  the global batch is the same whatever the number of hosts (rows of shard i are rows i*b .. (i+1)*b - 1)."""
+  from rrt_jax.data.pipeline import PipelineConfig, lm_dataset
+  shards = jax.process_count() if c.data.shards is None else c.data.shards
+  if shards < 1 or shards % jax.process_count():
+    raise ValueError(f'data.shards={shards} must be a positive multiple of the {jax.process_count()} processes.')
+  if c.data.global_batch % shards:
+    raise ValueError(f'data.global_batch={c.data.global_batch} must divide over data.shards={shards}.')
+  if c.data.global_batch % c.train.grad_accum:
+    raise ValueError(f'data.global_batch={c.data.global_batch} must be a multiple of train.grad_accum.')
+  per_process = shards // jax.process_count()
+  config = PipelineConfig(c.data.seq_len, c.data.global_batch // shards, seed=c.data.seed,
+                          worker_count=c.data.worker_count)
+  first = jax.process_index() * per_process
+  return [iter(lm_dataset(source, tokenizer, config, max_seq_len=max_seq_len, shard_index=i, shard_count=shards))
+          for i in range(first, first + per_process)]
