@@ -74,6 +74,9 @@ class NormInit(enum.StrEnum):
 
 class LoraInit(enum.StrEnum):
   SVD = 'svd'  # Truncated SVD of (original - shared) per depth position: exact at full rank.
+  # Truncated SVD of the residual whitened by calibration inputs (SVD-LLM): minimises ||X (R - A B)||_F for the
+  # projection's calibration inputs X; exact at full rank. Needs calibration statistics (convert/calibration.py).
+  WHITENED_SVD = 'whitened_svd'
   ZERO = 'zero'  # Standard LoRA: A random, B zero, so the relaxed model starts as the recursive one.
 
 

@@ -6,6 +6,9 @@ shared layer, here and in the model's scan order.
 SVD init, in our (d_in, d_out) kernel layout: the residual R_l = W_l - W'_k (fp32) of every depth position l
 and target is factored R = U S Vh; A = U_r, B = S_r Vh_r / scale, so that scale * x A B = x R_r for every
 lora_alpha, and = x R exactly at full rank (r = min(d_in, d_out)).
+
+Whitened SVD init (lora_init='whitened_svd', SVD-LLM): the same residual, factored to minimise the error on the
+projection's calibration inputs X rather than in weight space (`whitened_svd_lora`); also exact at full rank.
 """
 
 from __future__ import annotations
@@ -101,49 +104,118 @@ def svd_lora(residual_IxO: np.ndarray, rank: int, scale: float) -> tuple[np.ndar
   return a.astype(np.float32), b.astype(np.float32)
 
 
-def relax(vanilla_layers: dict, shared: dict, cfg: ModelConfig, rec: RecursionConfig,
-          progress: bool = False) -> dict:
-  """Per-(loop, layer) LoRA and vector deltas [B, K, ...] (the 'lora' layer subtree)."""
+def whitening_factor(gram_IxI: np.ndarray, ridge: float, what: str = 'the Gram matrix') -> np.ndarray:
+  """S with S S^T = G + ridge * mean(diag G) * I (lower Cholesky factor; a vector = diagonal S for a diagonal
+  Gram matrix given as its diagonal). `what` names the matrix in the error."""
+  gram = np.asarray(gram_IxI, np.float64)
+  diag = gram if gram.ndim == 1 else np.diag(gram)
+  damp = ridge * max(float(np.mean(diag)), 0.0)
+  fix = (f'raise the calibration ridge (now {ridge:g}; e.g. {max(ridge * 10, 1e-6):g}) or calibrate on more '
+         'tokens')
+  if gram.ndim == 1:
+    if not np.all(diag + damp > 0):
+      raise ValueError(f'{what} has non-positive diagonal entries: it is not positive definite; {fix}.')
+    return np.sqrt(diag + damp)
+  try:
+    return np.linalg.cholesky(gram + damp * np.eye(gram.shape[0]))
+  except np.linalg.LinAlgError:
+    raise ValueError(f'{what} is not positive definite; {fix}.') from None
+
+
+def whitened_svd_lora(residual_IxO: np.ndarray, gram_IxI: np.ndarray, rank: int, scale: float,
+                      ridge: float = 1e-3, what: str = 'the Gram matrix') -> tuple[np.ndarray, np.ndarray]:
+  """A [d_in, r], B [r, d_out] minimising ||X (R - scale A B)||_F given G = X^T X (SVD-LLM / EoRA).
+
+  With G + ridge = S S^T, ||X M||_F = ||S^T M||_F, so the best rank-r M is S^-T [S^T R]_r: take the SVD
+  S^T R = U s Vh and set A = S^-T U_r, B = s_r Vh_r / scale. At full rank A B = S^-T S^T R = R exactly."""
+  residual = np.asarray(residual_IxO, np.float64)
+  s_factor = whitening_factor(gram_IxI, ridge, what)
+  if s_factor.ndim == 1:  # Diagonal whitening: S^T R scales the rows of R.
+    u, s, vh = np.linalg.svd(s_factor[:, None] * residual, full_matrices=False)
+    a = u[:, :rank] / s_factor[:, None]
+  else:
+    u, s, vh = np.linalg.svd(s_factor.T @ residual, full_matrices=False)
+    a = np.linalg.solve(s_factor.T, u[:, :rank])
+  b = (s[:rank, None] * vh[:rank]) / scale
+  return a.astype(np.float32), b.astype(np.float32)
+
+
+def lora_template(cfg: ModelConfig, rec: RecursionConfig) -> dict:
+  """Flat {path: ShapeDtypeStruct} of the 'lora' layer subtree ([R, K, ...] leaves)."""
+  return traverse_util.flatten_dict(layer_tree(variable_shapes(cfg, rec)[LORA]))
+
+
+def relax_depth(depth: int, flat_vanilla: dict, flat_shared: dict, out: dict, cfg: ModelConfig,
+                rec: RecursionConfig, grams: dict | None = None, ridge: float = 1e-3) -> None:
+  """Fills depth position `depth`'s (loop, layer) entries of the flat 'lora' arrays `out` in place.
+
+  grams: for whitened SVD, {input name (model.layerwise.TARGET_INPUTS): G [d_in, d_in] or its diagonal} of
+  this depth position's calibration inputs."""
+  from rrt_jax.model.layerwise import TARGET_INPUTS
   num_layers = cfg.num_layers
   specs = lora_specs(cfg, rec)
+  b, k = rec.depth_to_loop(depth, num_layers), rec.depth_to_shared(depth, num_layers)
+  for path in list(out):
+    *module, leaf = path
+    module = tuple(module)
+    if leaf in ('scale_delta', 'bias_delta'):
+      if rec.lora_init != LoraInit.ZERO:  # Zero init leaves the deltas at 0: the recursive model.
+        name = module + (leaf.removesuffix('_delta'),)
+        out[path][b, k] = flat_vanilla[name][depth] - flat_shared[name][k]
+    elif leaf == 'a':
+      target = module[-1]
+      spec = specs[target]
+      kernel = module + ('kernel',)
+      if rec.lora_init == LoraInit.ZERO:
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(rec.seed), depth),
+                                 zlib.crc32('/'.join(module).encode()))
+        out[path][b, k] = np.asarray(lora_a_init(key, out[path].shape[2:], jnp.float32))
+        continue
+      residual = np.asarray(flat_vanilla[kernel][depth], np.float32) - flat_shared[kernel][k]
+      if rec.lora_init == LoraInit.SVD:
+        a, b_mat = svd_lora(residual, spec.rank, spec.scale)
+      else:
+        if grams is None:
+          raise ValueError("lora_init='whitened_svd' needs calibration statistics: convert with "
+                           'rrt_jax.convert.calibration.convert (or pass calibration= to to_recursive).')
+        name = TARGET_INPUTS[target]
+        a, b_mat = whitened_svd_lora(residual, grams[name], spec.rank, spec.scale, ridge,
+                                     f'The Gram matrix of {name} (input of {target}) at depth {depth}')
+      out[path][b, k], out[module + ('b',)][b, k] = a, b_mat
+
+
+def relax(vanilla_layers: dict, shared: dict, cfg: ModelConfig, rec: RecursionConfig,
+          progress: bool = False, calibration=None) -> dict:
+  """Per-(loop, layer) LoRA and vector deltas [R, K, ...] (the 'lora' layer subtree). calibration: a
+  convert.calibration.GramStats, needed for lora_init='whitened_svd'."""
   flat_vanilla = traverse_util.flatten_dict(vanilla_layers)
   flat_shared = traverse_util.flatten_dict(shared)
-  template = traverse_util.flatten_dict(layer_tree(variable_shapes(cfg, rec)[LORA]))
-  out = {path: np.zeros(t.shape, np.float32) for path, t in template.items()}
-  rng = jax.random.key(rec.seed)
-  depths = range(num_layers)
+  out = {path: np.zeros(t.shape, np.float32) for path, t in lora_template(cfg, rec).items()}
+  depths = range(cfg.num_layers)
   if progress:
     from tqdm import tqdm
     depths = tqdm(depths, desc=f'relax ({rec.lora_init.value} LoRA)', unit='layer')
   for depth in depths:
-    b = rec.depth_to_loop(depth, num_layers)
-    k = rec.depth_to_shared(depth, num_layers)
-    for path in template:
-      *module, leaf = path
-      module = tuple(module)
-      if leaf in ('scale_delta', 'bias_delta'):
-        if rec.lora_init == LoraInit.SVD:  # Zero init leaves the deltas at 0: the recursive model.
-          name = module + (leaf.removesuffix('_delta'),)
-          out[path][b, k] = flat_vanilla[name][depth] - flat_shared[name][k]
-      elif leaf == 'a':
-        spec = specs[module[-1]]
-        kernel = module + ('kernel',)
-        if rec.lora_init == LoraInit.SVD:
-          residual = np.asarray(flat_vanilla[kernel][depth], np.float32) - flat_shared[kernel][k]
-          a, b_mat = svd_lora(residual, spec.rank, spec.scale)
-          out[path][b, k], out[module + ('b',)][b, k] = a, b_mat
-        else:
-          key = jax.random.fold_in(jax.random.fold_in(rng, depth), zlib.crc32('/'.join(module).encode()))
-          out[path][b, k] = np.asarray(lora_a_init(key, template[path].shape[2:], jnp.float32))
+    grams = calibration.grams[depth] if calibration is not None else None
+    relax_depth(depth, flat_vanilla, flat_shared, out, cfg, rec, grams,
+                calibration.ridge if calibration is not None else 1e-3)
   return traverse_util.unflatten_dict(out)
 
 
-def to_recursive(vanilla: dict, cfg: ModelConfig, rec: RecursionConfig, progress: bool = False) -> dict:
-  """Vanilla variables {'params'} -> recursive variables {'params'[, 'lora']} for Decoder(cfg, rec)."""
+def vanilla_layer_arrays(vanilla: dict) -> dict:
+  """The vanilla model's layer subtree as numpy arrays [L, ...]."""
   params = vanilla['params'] if 'params' in vanilla else vanilla
-  vanilla_layers = jax.tree.map(np.asarray, layer_tree(params))
+  return jax.tree.map(np.asarray, layer_tree(params))
+
+
+def to_recursive(vanilla: dict, cfg: ModelConfig, rec: RecursionConfig, progress: bool = False,
+                 calibration=None) -> dict:
+  """Vanilla variables {'params'} -> recursive variables {'params'[, 'lora']} for Decoder(cfg, rec).
+  calibration: convert.calibration.GramStats of the original model, for lora_init='whitened_svd'."""
+  params = vanilla['params'] if 'params' in vanilla else vanilla
+  vanilla_layers = vanilla_layer_arrays(params)
   shared = shared_layers_from(vanilla_layers, cfg, rec)
   variables = {'params': with_layer_tree(params, shared)}
   if rec.has_lora:
-    variables[LORA] = with_layer_tree({}, relax(vanilla_layers, shared, cfg, rec, progress))
+    variables[LORA] = with_layer_tree({}, relax(vanilla_layers, shared, cfg, rec, progress, calibration))
   return jax.tree.map(jnp.asarray, variables)

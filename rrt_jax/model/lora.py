@@ -21,6 +21,8 @@ import jax.numpy as jnp
 
 from rrt_jax.model.layers import LORA, dtype_of, select_per_row
 
+INTERMEDIATES = 'intermediates'  # Collection of sown projection inputs (calibration only).
+
 # PEFT's LoRA A init (kaiming_uniform with a = sqrt(5)): U(-1/sqrt(d_in), 1/sqrt(d_in)).
 lora_a_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
 
@@ -47,6 +49,9 @@ class LoraDense(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, loop_onehot_BxR: jax.Array | None = None) -> jax.Array:
     d_in = x.shape[-1]
+    # Calibration (convert/calibration.py) reads every projection's input; a no-op unless 'intermediates'
+    # is mutable, so training and decoding never store it.
+    self.sow(INTERMEDIATES, 'inputs', x)
     dtype, param_dtype = dtype_of(self.dtype), dtype_of(self.param_dtype)
     kernel = self.param('kernel', nn.with_logical_partitioning(nn.initializers.lecun_normal(), self.axes),
                         (d_in, self.features), param_dtype)

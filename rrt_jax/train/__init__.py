@@ -1,1 +1,1 @@
-"""Training: losses and jitted steps."""
+"""Training: setup from the config, the loop, jitted steps and losses, metrics, checkpoints and preemption."""

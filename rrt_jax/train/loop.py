@@ -3,6 +3,9 @@
 What it builds from the config is in train/setup.py, its metrics go through train/metrics.py, and checkpoints and
 SIGTERM through train/checkpointing.py. The workdir is a local path or a URI (gs://bucket/run: what a multi-host pod
 needs); every workdir access goes through etils.epath and Orbax.
+
+Shapes: a batch is a dict of [global_batch, seq_len] arrays (rrt_jax/data/pipeline.py), sharded over the mesh's
+('data', 'fsdp') axes; per-loop metrics are [loops] vectors, logged as '<name>/loop<i>'.
 """
 
 from __future__ import annotations
