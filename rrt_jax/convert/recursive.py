@@ -127,7 +127,8 @@ def whitened_svd_lora(residual_IxO: np.ndarray, gram_IxI: np.ndarray, rank: int,
   """A [d_in, r], B [r, d_out] minimising ||X (R - scale A B)||_F given G = X^T X (SVD-LLM / EoRA).
 
   With G + ridge = S S^T, ||X M||_F = ||S^T M||_F, so the best rank-r M is S^-T [S^T R]_r: take the SVD
-  S^T R = U s Vh and set A = S^-T U_r, B = s_r Vh_r / scale. At full rank A B = S^-T S^T R = R exactly."""
+  S^T R = U s Vh and set A = S^-T U_r sqrt(s_r), B = sqrt(s_r) Vh_r / scale (the singular values split
+  between the factors, as PiSSA does, so both train at similar scales). At full rank A B = S^-T S^T R = R."""
   residual = np.asarray(residual_IxO, np.float64)
   s_factor = whitening_factor(gram_IxI, ridge, what)
   if s_factor.ndim == 1:  # Diagonal whitening: S^T R scales the rows of R.
@@ -136,8 +137,8 @@ def whitened_svd_lora(residual_IxO: np.ndarray, gram_IxI: np.ndarray, rank: int,
   else:
     u, s, vh = np.linalg.svd(s_factor.T @ residual, full_matrices=False)
     a = np.linalg.solve(s_factor.T, u[:, :rank])
-  b = (s[:rank, None] * vh[:rank]) / scale
-  return a.astype(np.float32), b.astype(np.float32)
+  root = np.sqrt(s[:rank])
+  return (a * root).astype(np.float32), ((root[:, None] * vh[:rank]) / scale).astype(np.float32)
 
 
 def lora_template(cfg: ModelConfig, rec: RecursionConfig) -> dict:

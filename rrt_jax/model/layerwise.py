@@ -17,7 +17,7 @@ from rrt_jax.model.attention import causal_mask
 from rrt_jax.model.decoder import Decoder, DecoderLayer, lora_specs
 from rrt_jax.model.layers import LORA
 from rrt_jax.model.lora import INTERMEDIATES
-from rrt_jax.model.variables import layer_tree
+from rrt_jax.model.variables import layer_tree, with_layer_tree
 
 # The input each LoRA target reads, by the name of the module that produces it: q, k and v read the attention
 # norm's output, gate and up the MLP norm's, o the attention context and down the activated MLP hidden.
@@ -66,3 +66,12 @@ def apply_layer(cfg: ModelConfig, rec: RecursionConfig, layer_variables: dict, h
     if target in lora_specs(cfg, rec) and name not in inputs:
       inputs[name] = sown[_MODULE_OF[target]][target]['inputs'][0]
   return h, inputs
+
+
+def with_depth_lora(variables: dict, cfg: ModelConfig, rec: RecursionConfig, depth: int, layer_lora: dict) -> dict:
+  """A copy of `variables` whose (loop, layer) LoRA of depth position `depth` is `layer_lora` (a tree like
+  `depth_variables(...)['lora']`)."""
+  k, r = rec.depth_to_shared(depth, cfg.num_layers), rec.depth_to_loop(depth, cfg.num_layers)
+  lora = jax.tree.map(lambda full, new: full.at[r, k].set(new.astype(full.dtype)), layer_tree(variables[LORA]),
+                      layer_lora)
+  return {**variables, LORA: with_layer_tree(variables[LORA], lora)}
