@@ -46,10 +46,15 @@ class Looping(enum.StrEnum):
   CYCLE: depth position l = b*K + k uses shared layer k (1..K, 1..K, ...); each loop ends in a complete
     hidden state, so every loop can be an exit. The paper's pattern.
   SEQUENCE: depth position l = k*B + b uses shared layer k (1, 1, 2, 2, ...); only the last depth is an exit.
+  MIDDLE_CYCLE: Mixture-of-Recursions' Middle-Cycle (Bae et al., 2025, arXiv 2507.10524, Table 12): the first and
+    last `unique_layers` (u) layers keep their own weights (the prelude and the coda); the L - 2u middle
+    positions loop CYCLE-wise over K = (L - 2u) / B shared layers, depth u + b*K + k using shared layer k.
+    Every loop is an exit, through the coda and the head. unique_layers=0 is CYCLE.
   """
 
   CYCLE = 'cycle'
   SEQUENCE = 'sequence'
+  MIDDLE_CYCLE = 'middle_cycle'
 
 
 class InitMethod(enum.StrEnum):
@@ -81,6 +86,8 @@ class LoraInit(enum.StrEnum):
 
 
 LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+# MIDDLE_CYCLE's two stacks of unique layers (before and after the loops), as `RecursionConfig.unique_part` names them.
+PRELUDE, CODA = 'prelude', 'coda'
 
 
 def _parse_enum(enum_cls: type[enum.Enum], value, field: str):
@@ -158,6 +165,8 @@ class RecursionConfig:
     so the converted model is exact for every alpha.
   relax_vectors: with LoRA, also give each (loop, layer) its own delta on norm scales and biases, so that
     full-rank relaxation reproduces the original model exactly (norms and biases cannot be reached by LoRA).
+  unique_layers: under looping='middle_cycle', how many first and last layers keep their own weights (u each);
+    they are exact copies of the original layers and get no LoRA. 0 elsewhere.
   """
 
   loops: int = 1
@@ -169,6 +178,7 @@ class RecursionConfig:
   lora_targets: Sequence[str] = LORA_TARGETS
   lora_init: LoraInit | str = LoraInit.SVD
   relax_vectors: bool = True
+  unique_layers: int = 0
   seed: int = 0  # For the Random init method and zero-init LoRA's A matrices.
 
   def __post_init__(self):
@@ -182,6 +192,12 @@ class RecursionConfig:
     set_('lora_targets', tuple(self.lora_targets))
     if not isinstance(self.loops, int) or self.loops < 1:
       raise ValueError(f'loops must be a positive integer, got {self.loops!r}.')
+    if not isinstance(self.unique_layers, int) or self.unique_layers < 0:
+      raise ValueError(f'unique_layers must be a non-negative integer, got {self.unique_layers!r}.')
+    if self.unique_layers and self.looping != Looping.MIDDLE_CYCLE:
+      raise ValueError(
+          f'unique_layers={self.unique_layers} needs looping=\'middle_cycle\' (got {self.looping.value!r}): set '
+          "looping='middle_cycle', or unique_layers=0.")
     if self.lora_rank is not None and (not isinstance(self.lora_rank, int) or self.lora_rank <= 0):
       raise ValueError(
           f'lora_rank must be a positive integer, got {self.lora_rank!r}; use lora_rank=None for a '
@@ -196,28 +212,82 @@ class RecursionConfig:
   def has_lora(self) -> bool:
     return self.lora_rank is not None
 
+  @property
+  def loops_are_exits(self) -> bool:
+    """Whether every loop ends in a complete hidden state, hence is an exit (CYCLE and MIDDLE_CYCLE)."""
+    return self.looping in (Looping.CYCLE, Looping.MIDDLE_CYCLE)
+
+  @property
+  def num_exits(self) -> int:
+    """E: exits of the model (R when every loop is an exit, else 1)."""
+    return self.loops if self.loops_are_exits else 1
+
   def shared_layers(self, num_layers: int) -> int:
-    """K = L / B, with a clear error when B does not divide L."""
-    if num_layers % self.loops:
+    """K = (L - 2u) / B (u = unique_layers, 0 unless MIDDLE_CYCLE), with a clear error when it is not a
+    positive integer."""
+    u = self.unique_layers
+    middle = num_layers - 2 * u
+    if middle >= 1 and middle % self.loops == 0:
+      return middle // self.loops
+    if not u:
       divisors = [b for b in range(1, num_layers + 1) if num_layers % b == 0]
       raise ValueError(
           f'loops={self.loops} does not divide num_layers={num_layers}; choose loops from {divisors}.')
-    return num_layers // self.loops
+    valid = [v for v in range((num_layers + 1) // 2) if (num_layers - 2 * v) % self.loops == 0]
+    if middle < 1:
+      why = f'leaves no middle layers to loop (num_layers={num_layers} - 2 * {u} = {middle});'
+    else:
+      loops = [b for b in range(1, middle + 1) if middle % b == 0]
+      why = (f'leaves {middle} middle layers (num_layers={num_layers} - 2 * {u}), which loops={self.loops} does '
+             f'not divide: choose loops from {loops}, or')
+    raise ValueError(f'unique_layers={u} {why} with loops={self.loops} choose unique_layers from {valid or "none"} '
+                     '(2 * unique_layers < num_layers and loops dividing the rest).')
+
+  def unique_part(self, depth: int, num_layers: int) -> tuple[str, int] | None:
+    """For a unique depth position of MIDDLE_CYCLE, ('prelude', i) or ('coda', i): its stack and index there;
+    None for a looped depth position (every depth under CYCLE and SEQUENCE)."""
+    self.shared_layers(num_layers)
+    if not 0 <= depth < num_layers:
+      raise ValueError(f'depth {depth} is outside 0..{num_layers - 1}.')
+    u = self.unique_layers
+    if depth < u:
+      return PRELUDE, depth
+    if depth >= num_layers - u:
+      return CODA, depth - (num_layers - u)
+    return None
+
+  def is_unique_depth(self, depth: int, num_layers: int) -> bool:
+    """Whether depth position `depth` is one of MIDDLE_CYCLE's unique layers (own weights, no shared layer,
+    no LoRA)."""
+    return self.unique_part(depth, num_layers) is not None
+
+  def _looped_depth(self, depth: int, num_layers: int) -> int:
+    """`depth` counted from the first looped position; a unique depth raises."""
+    part = self.unique_part(depth, num_layers)
+    if part is not None:
+      raise ValueError(f'depth {depth} is a unique {part[0]} layer under looping=\'middle_cycle\' (unique_layers='
+                       f'{self.unique_layers}): it has no shared layer nor loop; check is_unique_depth first.')
+    return depth - self.unique_layers
 
   def depth_to_shared(self, depth: int, num_layers: int) -> int:
-    """The shared layer used at depth position `depth` (0-indexed) of the unrolled model."""
+    """The shared layer used at depth position `depth` (0-indexed) of the unrolled model. Raises for a unique
+    depth of MIDDLE_CYCLE (see `is_unique_depth`)."""
     k = self.shared_layers(num_layers)
     if not 0 <= depth < num_layers:
       raise ValueError(f'depth {depth} is outside 0..{num_layers - 1}.')
     if self.looping == Looping.CYCLE:
       return depth % k
+    if self.looping == Looping.MIDDLE_CYCLE:
+      return self._looped_depth(depth, num_layers) % k
     return depth // self.loops
 
   def depth_to_loop(self, depth: int, num_layers: int) -> int:
-    """The loop index b of depth position `depth`."""
+    """The loop index b of depth position `depth`. Raises for a unique depth of MIDDLE_CYCLE."""
     k = self.shared_layers(num_layers)
     if self.looping == Looping.CYCLE:
       return depth // k
+    if self.looping == Looping.MIDDLE_CYCLE:
+      return self._looped_depth(depth, num_layers) // k
     return depth % self.loops
 
   def lora_scale(self, rank: int) -> float:
