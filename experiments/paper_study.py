@@ -31,7 +31,7 @@ from rrt_jax.convert.gguf import load_gguf
 from rrt_jax.data.pipeline import PipelineConfig, lm_dataset
 from rrt_jax.data.tfds_builder import text_source
 from rrt_jax.data.tokenizer import make_tokenizer
-from rrt_jax.eval.perplexity import per_loop_perplexity, sliding_windows
+from rrt_jax.eval.perplexity import heldout_windows, per_loop_perplexity
 from rrt_jax.model import count_params
 from rrt_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from rrt_jax.train.step import LossConfig, init_state, make_train_step
@@ -175,15 +175,7 @@ def main(argv):
   print(f'# paper study on SmolLM2-135M, {machine}', flush=True)
   cfg, vanilla = load_gguf()
   tokenizer = make_tokenizer('smollm2')
-  windows = {}
-  for corpus in _CORPORA.value:
-    source = text_source(corpus)
-    ids = []
-    for i in range(len(source)):
-      ids += tokenizer.encode(source[i]['text'].decode()).ids + [tokenizer.eos_id]
-      if len(ids) > _EVAL_TOKENS.value:
-        break
-    windows[corpus] = sliding_windows(ids[:_EVAL_TOKENS.value + 1], 512)
+  windows = {corpus: heldout_windows(tokenizer, corpus, _EVAL_TOKENS.value) for corpus in _CORPORA.value}
   fewshot = fewshot_suite(tokenizer)
   batches = uptraining_batches(tokenizer, cfg.max_seq_len) if _UPTRAIN_STEPS.value else []
   teacher = Decoder(cfg)

@@ -7,7 +7,8 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from rrt_jax.model import layer_tree, with_layer_tree
+from rrt_jax.config import CODA, PRELUDE
+from rrt_jax.model import PART_PATHS, layer_tree, with_layer_tree
 
 
 def depth_order(looping: str, loops: int, shared: int) -> list[tuple[int, int]]:
@@ -49,3 +50,18 @@ def perturb(tree, seed: int, scale: float = 0.3):
   rng = np.random.default_rng(seed)
   return jax.tree.unflatten(treedef, [np.asarray(x) + scale * rng.standard_normal(np.shape(x)).astype(np.float32)
                                       for x in leaves])
+
+
+def unroll_middle_cycle(variables: dict, loops: int, lora_alpha: float | None = None,
+                        exit_loops: int | None = None) -> dict:
+  """Vanilla params of a MIDDLE_CYCLE model: [prelude layers, the middle's first `exit_loops` loops (all by
+  default) as tied copies with their LoRA merged, coda layers]: the model behind exit `exit_loops`."""
+  params = jax.tree.map(np.asarray, variables['params'])
+  shared = next(iter(traverse_util.flatten_dict(layer_tree(params)).values())).shape[0]
+  middle = unroll(variables, 'cycle', loops, lora_alpha, depths=None if exit_loops is None else exit_loops * shared)
+  parts = [traverse_util.flatten_dict(layer_tree(params, PRELUDE)),
+           traverse_util.flatten_dict(layer_tree(middle['params'])),
+           traverse_util.flatten_dict(layer_tree(params, CODA))]
+  layers = {path: np.concatenate([part[path] for part in parts]) for path in parts[1]}
+  plain = {key: value for key, value in params.items() if key not in (PART_PATHS[PRELUDE][0], PART_PATHS[CODA][0])}
+  return {'params': with_layer_tree(plain, traverse_util.unflatten_dict(layers))}

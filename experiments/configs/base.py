@@ -20,7 +20,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.recursion = ml_collections.ConfigDict()
   c.recursion.loops = 3
-  c.recursion.looping = 'cycle'
+  c.recursion.looping = 'cycle'  # cycle | sequence | middle_cycle (with unique_layers > 0)
+  c.recursion.unique_layers = 0  # middle_cycle: first and last layers that keep their own weights.
   c.recursion.init = 'average'
   c.recursion.norm_init = 'auto'
   c.recursion.lora_rank = ml_collections.FieldReference(64, field_type=int)  # None (variant r0): no LoRA.

@@ -42,6 +42,7 @@ from tqdm import tqdm
 from rrt_jax.config import VANILLA, LoraInit, ModelConfig, RecursionConfig
 from rrt_jax.convert.recursive import (
   lora_template,
+  recursive_params,
   relax_depth,
   shared_layers_from,
   to_recursive,
@@ -214,7 +215,8 @@ def collect_grams(cfg: ModelConfig, vanilla: dict, batches: Sequence[dict], conf
 def convert_sequential(vanilla: dict, cfg: ModelConfig, rec: RecursionConfig, batches: Sequence[dict],
                        config: CalibrationConfig, progress: bool = True) -> dict:
   """Relaxed variables whose LoRA at depth position l is fitted (whitened SVD) to the inputs that the
-  converted positions 0..l-1 produce, against the original layer l's weights."""
+  converted positions 0..l-1 produce, against the original layer l's weights. MIDDLE_CYCLE's unique layers are
+  copies of the original ones: the stream passes through them, nothing is fitted there."""
   if rec.lora_init != LoraInit.WHITENED_SVD:
     raise ValueError(f"Sequential calibration fits whitened SVD LoRA: use lora_init='whitened_svd', not "
                      f'{rec.lora_init.value!r}.')
@@ -224,11 +226,12 @@ def convert_sequential(vanilla: dict, cfg: ModelConfig, rec: RecursionConfig, ba
   shared = shared_layers_from(vanilla_layers, cfg, rec)
   flat_vanilla, flat_shared = traverse_util.flatten_dict(vanilla_layers), traverse_util.flatten_dict(shared)
   out = {path: np.zeros(t.shape, np.float32) for path, t in lora_template(cfg, rec).items()}
-  converted_params = with_layer_tree(params, shared)
+  converted_params = recursive_params(params, vanilla_layers, shared, cfg, rec)
   hidden = [embed(cfg, vanilla, b['inputs']) for b in batches]
   for depth in tqdm(range(cfg.num_layers), desc='sequential calibration', unit='layer', disable=not progress):
-    _, grams = _accumulate(cfg, VANILLA, config.diagonal, _vanilla_depth(vanilla, cfg, depth), hidden, batches)
-    relax_depth(depth, flat_vanilla, flat_shared, out, cfg, rec, grams, config.ridge)
+    if not rec.is_unique_depth(depth, cfg.num_layers):
+      _, grams = _accumulate(cfg, VANILLA, config.diagonal, _vanilla_depth(vanilla, cfg, depth), hidden, batches)
+      relax_depth(depth, flat_vanilla, flat_shared, out, cfg, rec, grams, config.ridge)
     converted = {'params': converted_params, LORA: with_layer_tree({}, traverse_util.unflatten_dict(out))}
     layer = depth_variables(converted, cfg, rec, depth)
     hidden = [_layer(cfg, rec, layer, h, b['positions'], b['segment_ids']) for h, b in zip(hidden, batches,

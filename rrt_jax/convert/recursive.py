@@ -1,7 +1,9 @@
 """Vanilla params -> recursive params (looping init) -> relaxed (per-depth LoRA, SVD or zero init).
 
 Paper section 2. The same `RecursionConfig.depth_to_shared` decides which depth positions are tied to which
-shared layer, here and in the model's scan order.
+shared layer, here and in the model's scan order. Under looping='middle_cycle' the first and last U layers are
+copied as they are (the prelude and the coda, no LoRA) and the looping inits and relaxation apply to the middle
+L - 2U layers alone.
 
 SVD init, in our (d_in, d_out) kernel layout: the residual R_l = W_l - W'_k (fp32) of every depth position l
 and target is factored R = U S Vh; A = U_r, B = S_r Vh_r / scale, so that scale * x A B = x R_r for every
@@ -21,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from rrt_jax.config import InitMethod, LoraInit, ModelConfig, NormInit, RecursionConfig
+from rrt_jax.config import CODA, PRELUDE, InitMethod, Looping, LoraInit, ModelConfig, NormInit, RecursionConfig
 from rrt_jax.model import layer_tree, lora_specs, variable_shapes, with_layer_tree
 from rrt_jax.model.layers import LORA
 from rrt_jax.model.lora import lora_a_init
@@ -32,7 +34,12 @@ NORM_MODULES = ('attn_norm', 'mlp_norm')
 
 
 def source_layers(rec: RecursionConfig, num_layers: int) -> list[int]:
-  """0-indexed source layer of each shared layer for the selection inits (not Average)."""
+  """0-indexed source layer of each shared layer for the selection inits (not Average). MIDDLE_CYCLE: the
+  init picks among the middle layers (depths U..L-U-1) as CYCLE would among the layers of an L - 2U model."""
+  if rec.looping == Looping.MIDDLE_CYCLE:
+    u = rec.unique_layers
+    middle = rec.replace(looping=Looping.CYCLE, unique_layers=0)
+    return [u + d for d in source_layers(middle, num_layers - 2 * u)]
   k = rec.shared_layers(num_layers)
   b = rec.loops
   if rec.init == InitMethod.STEPWISE:
@@ -53,7 +60,12 @@ def source_layers(rec: RecursionConfig, num_layers: int) -> list[int]:
 
 def tied_depths(rec: RecursionConfig, num_layers: int, shared: int) -> list[int]:
   """Depth positions of the unrolled model that use shared layer `shared`."""
-  return [d for d in range(num_layers) if rec.depth_to_shared(d, num_layers) == shared]
+  return [d for d in looped_depths(rec, num_layers) if rec.depth_to_shared(d, num_layers) == shared]
+
+
+def looped_depths(rec: RecursionConfig, num_layers: int) -> list[int]:
+  """The depth positions that use a shared layer (all of them but MIDDLE_CYCLE's unique ones)."""
+  return [d for d in range(num_layers) if not rec.is_unique_depth(d, num_layers)]
 
 
 def _norm_init(rec: RecursionConfig) -> NormInit:
@@ -192,7 +204,7 @@ def relax(vanilla_layers: dict, shared: dict, cfg: ModelConfig, rec: RecursionCo
   flat_vanilla = traverse_util.flatten_dict(vanilla_layers)
   flat_shared = traverse_util.flatten_dict(shared)
   out = {path: np.zeros(t.shape, np.float32) for path, t in lora_template(cfg, rec).items()}
-  depths = range(cfg.num_layers)
+  depths = looped_depths(rec, cfg.num_layers)  # Unique layers are exact copies: nothing to relax.
   if progress:
     from tqdm import tqdm
     depths = tqdm(depths, desc=f'relax ({rec.lora_init.value} LoRA)', unit='layer')
@@ -209,6 +221,18 @@ def vanilla_layer_arrays(vanilla: dict) -> dict:
   return jax.tree.map(np.asarray, layer_tree(params))
 
 
+def recursive_params(params: dict, vanilla_layers: dict, shared: dict, cfg: ModelConfig,
+                     rec: RecursionConfig) -> dict:
+  """The recursive model's 'params': the vanilla ones with the shared layers [K, ...] in place of the L layers
+  and, under MIDDLE_CYCLE, the first and last U vanilla layers as the prelude and the coda."""
+  out = with_layer_tree(params, shared)
+  u = rec.unique_layers
+  if u:
+    out = with_layer_tree(out, jax.tree.map(lambda x: x[:u], vanilla_layers), PRELUDE)
+    out = with_layer_tree(out, jax.tree.map(lambda x: x[cfg.num_layers - u:], vanilla_layers), CODA)
+  return out
+
+
 def to_recursive(vanilla: dict, cfg: ModelConfig, rec: RecursionConfig, progress: bool = False,
                  calibration=None) -> dict:
   """Vanilla variables {'params'} -> recursive variables {'params'[, 'lora']} for Decoder(cfg, rec).
@@ -216,7 +240,7 @@ def to_recursive(vanilla: dict, cfg: ModelConfig, rec: RecursionConfig, progress
   params = vanilla['params'] if 'params' in vanilla else vanilla
   vanilla_layers = vanilla_layer_arrays(params)
   shared = shared_layers_from(vanilla_layers, cfg, rec)
-  variables = {'params': with_layer_tree(params, shared)}
+  variables = {'params': recursive_params(params, vanilla_layers, shared, cfg, rec)}
   if rec.has_lora:
     variables[LORA] = with_layer_tree({}, relax(vanilla_layers, shared, cfg, rec, progress, calibration))
   return jax.tree.map(jnp.asarray, variables)

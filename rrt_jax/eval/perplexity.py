@@ -118,3 +118,16 @@ def early_exit_perplexity(model: Decoder, variables: dict, windows: Windows, thr
       exit_sum[j] += float(((exit_loop + 1) * mask).sum())
   return [{'threshold': t, 'perplexity': math.exp(n / windows.num_tokens), 'mean_exit_loop': e / windows.num_tokens}
           for t, n, e in zip(thresholds, nll, exit_sum, strict=True)]
+
+
+def heldout_windows(tokenizer, split: str, tokens: int, window: int = 512) -> Windows:
+  """Windows over the first `tokens` tokens of a prepared corpus split ('austen', 'brown', 'wikipedia',
+  'validation'; see rrt_jax.data.tfds_builder), documents joined with the tokenizer's eos_id."""
+  from rrt_jax.data.tfds_builder import text_source
+  source = text_source(split)
+  ids = []
+  for i in range(len(source)):
+    ids += tokenizer.encode(source[i]['text'].decode()).ids + [tokenizer.eos_id]
+    if len(ids) > tokens:
+      break
+  return sliding_windows(ids[:tokens + 1], window)

@@ -4,6 +4,8 @@ from rrt_jax.model.decoder import Decoder, lora_specs, target_dims
 from rrt_jax.model.propagation import propagate_kv
 from rrt_jax.model.variables import (
     LAYER_PATH,
+    MIDDLE,
+    PART_PATHS,
     ParamCount,
     check_variables,
     count_params,
@@ -18,6 +20,7 @@ from rrt_jax.model.variables import (
     with_layer_tree,
 )
 
-__all__ = ['LAYER_PATH', 'Decoder', 'ParamCount', 'check_variables', 'count_params', 'init_cache',
-           'init_variables', 'layer_tree', 'logical_axes', 'loop_variables', 'lora_specs', 'multi_lora_variables',
-           'one_loop', 'propagate_kv', 'target_dims', 'variable_shapes', 'with_layer_tree']
+__all__ = ['LAYER_PATH', 'MIDDLE', 'PART_PATHS', 'Decoder', 'ParamCount', 'check_variables', 'count_params',
+           'init_cache', 'init_variables', 'layer_tree', 'logical_axes', 'loop_variables',
+           'lora_specs', 'multi_lora_variables', 'one_loop', 'propagate_kv', 'target_dims', 'variable_shapes',
+           'with_layer_tree']

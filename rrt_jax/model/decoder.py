@@ -1,19 +1,27 @@
-"""The decoder: embed -> recursive stack (R loops over K shared layers) -> final norm -> head.
+"""The decoder: embed -> [prelude] -> recursive stack (R loops over K shared layers) -> [coda] -> final norm -> head.
 
 One module runs the vanilla model (R = 1, no LoRA), the recursive model and the relaxed model, for training,
-scoring and KV-cached decoding.
+scoring and KV-cached decoding. Under looping='middle_cycle' (unique_layers U > 0) U layers with their own
+weights run before the loops (the prelude) and U after them (the coda); the coda runs on every exit.
 
 Shape letters used across rrt_jax (in names like x_BxSxD and in docstrings):
   B batch rows          S sequence (new tokens)    T cache length (max_len)    D model width
   V vocabulary          H heads                    R loops (the paper's B)     K shared layers per loop
-  L depth positions of the unrolled model (L = R * K)                          E exits (R under CYCLE, else 1)
+  L depth positions of the unrolled model (L = R * K + 2U)    E exits (R under CYCLE and MIDDLE_CYCLE, else 1)
+  U unique layers at each end (unique_layers, MIDDLE_CYCLE only; else 0)
   N engine slots, or tokens flattened over batch and sequence
 
-Variables (the same paths for CYCLE and SEQUENCE; `variables.LAYER_PATH`, read through `layer_tree`):
+Variables (the same paths for every looping; `variables.LAYER_PATH` / `PART_PATHS`, read through `layer_tree`):
   params/stack/block/layer/...   shared layers, leading axis K (no loop axis: broadcast over loops).
   lora/stack/block/layer/...     per-(loop, layer) LoRA and vector deltas, leading axes [R, K].
-KV cache (an explicit pytree, not a collection): {'k', 'v'} of [R, K, B, T, kv_heads, head_dim],
-one slot per depth position, so loops never overwrite each other.
+  params/prelude/layer/..., params/coda/layer/...   MIDDLE_CYCLE's unique layers, leading axis U, no LoRA
+                                 (`layer_tree(collection, 'prelude')`).
+KV cache (an explicit pytree, not a collection; `variables.init_cache`): {'k', 'v'} of
+[R, K, B, T, kv_heads, head_dim], one slot per depth position, so loops never overwrite each other. MIDDLE_CYCLE
+adds 'prelude': {'k', 'v'} of [1, U, B, T, ...] and 'coda': {'k', 'v'} of [E, U, B, T, ...]: the coda's K/V of a
+token depend on the exit its hidden state came from, so each exit has its own coda slots (exit e's coda attends
+to every earlier token's exit-e coda K/V, exactly as when all exits are scored at once). Every cache leaf has the
+batch on axis 2.
 """
 
 from __future__ import annotations
@@ -24,10 +32,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rrt_jax.config import LORA_TARGETS, VANILLA, Looping, ModelConfig, RecursionConfig, lora_rank_for
+from rrt_jax.config import CODA, LORA_TARGETS, PRELUDE, VANILLA, ModelConfig, RecursionConfig, lora_rank_for
 from rrt_jax.model.attention import Attention, KVCache, cache_mask, causal_mask
 from rrt_jax.model.layers import LORA, Embed, Norm, activation, dtype_of
-from rrt_jax.model.lora import LoraDense, LoraSpec
+from rrt_jax.model.lora import INTERMEDIATES, LoraDense, LoraSpec
 
 _CHECKPOINT_POLICIES = {  # ModelConfig.remat -> jax.checkpoint policy ('none' = no remat).
     'full': None,  # Save nothing, recompute the layer.
@@ -173,7 +181,8 @@ class SequenceRepeat(nn.Module):
 class RecursiveStack(nn.Module):
   """R loops over K shared layers. Returns ([E, batch, S, D] exit hidden states, new cache).
 
-  CYCLE: outer scan over loops with the shared params broadcast and LoRA scanned; E = R exits.
+  CYCLE (and MIDDLE_CYCLE's middle): outer scan over loops with the shared params broadcast and LoRA scanned;
+  E = R exits.
   SEQUENCE: outer scan over shared layers, inner scan over repeats; E = 1 (only the last depth is complete).
   Both store LoRA and cache with leading axes [R, K] (loop, layer).
   """
@@ -184,7 +193,7 @@ class RecursiveStack(nn.Module):
   @nn.compact
   def __call__(self, h_BxSxD, cache, positions_BxS, mask_BxSxT, kv_state=None, loop_onehot=None):
     cfg, rec = self.cfg, self.rec
-    if rec.looping == Looping.CYCLE:
+    if rec.loops_are_exits:  # CYCLE, and MIDDLE_CYCLE's middle.
       loops = _scan(CycleLoop, rec.loops, 'loops', params_scanned=False)
       _, (hidden_ExBxSxD, new_cache) = loops(cfg, rec, name='block')(h_BxSxD, cache, positions_BxS,
                                                                      mask_BxSxT, kv_state, loop_onehot)
@@ -195,22 +204,47 @@ class RecursiveStack(nn.Module):
     return h[None], new_cache
 
 
+class UniqueStack(nn.Module):
+  """MIDDLE_CYCLE's prelude or coda: `length` layers with their own weights (params scanned over U, no LoRA)."""
+
+  cfg: ModelConfig
+  length: int
+
+  @nn.compact
+  def __call__(self, h_BxSxD, cache_U, positions_BxS, mask_BxSxT):
+    layers = _scan(_maybe_remat(DecoderLayer, self.cfg.remat), self.length, 'layers', params_scanned=True)
+    return layers(self.cfg, VANILLA, name='layer')(h_BxSxD, cache_U, positions_BxS, mask_BxSxT, None, None)
+
+
+# The coda over exits: one set of weights (broadcast), each exit with its own hidden states and cache slots.
+_OverExits = nn.vmap(UniqueStack, in_axes=(0, 0, None, None), out_axes=0, variable_axes={'params': None,
+                     INTERMEDIATES: 0}, split_rngs={'params': False})
+
+
+def _middle_cache(cache: KVCache | None) -> KVCache | None:
+  """The looped stack's part of a cache: {'k', 'v'} of [R, K, ...]."""
+  return None if cache is None else {'k': cache['k'], 'v': cache['v']}
+
+
 class Decoder(nn.Module):
   """Decoder LM of any family; recursive and relaxed by `rec`.
 
   __call__(tokens) -> (logits, cache): logits [batch, S, V] of the last exit, or [E, batch, S, V] with
-  all_exits=True (E = R for CYCLE). With a cache, `positions` are required and the new tokens are written
-  at them; the returned cache replaces the old one.
+  all_exits=True (E = R for CYCLE and MIDDLE_CYCLE). With a cache, `positions` are required and the new tokens
+  are written at them; the returned cache replaces the old one.
   """
 
   cfg: ModelConfig
   rec: RecursionConfig = VANILLA
 
   def setup(self):
-    cfg = self.cfg
-    self.rec.shared_layers(cfg.num_layers)  # Fails early, naming valid loop counts.
+    cfg, rec = self.cfg, self.rec
+    rec.shared_layers(cfg.num_layers)  # Fails early, naming valid loop counts.
     self.embedder = Embed(cfg.vocab_size, cfg.d_model, cfg.embed_scale, cfg.dtype, cfg.param_dtype)
-    self.stack = RecursiveStack(cfg, self.rec)
+    if rec.unique_layers:
+      self.prelude = UniqueStack(cfg, rec.unique_layers, name=PRELUDE)
+      self.coda = _OverExits(cfg, rec.unique_layers, name=CODA)
+    self.stack = RecursiveStack(cfg, rec)
     self.final_norm = Norm(cfg.norm, cfg.norm_eps, False, cfg.dtype, cfg.param_dtype)
     if not cfg.tie_embeddings:
       init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ('embed', 'vocab'))
@@ -219,11 +253,17 @@ class Decoder(nn.Module):
   def __call__(self, tokens_BxS: jax.Array, positions_BxS: jax.Array | None = None,
                segment_ids_BxS: jax.Array | None = None, cache: KVCache | None = None,
                all_exits: bool = False) -> tuple[jax.Array, KVCache | None]:
-    hidden, new_cache = self.hidden_states(tokens_BxS, positions_BxS, segment_ids_BxS, cache)
+    # Without a cache only the last exit needs the coda; with one, every exit's coda slots are written.
+    hidden, new_cache = self._hidden(tokens_BxS, positions_BxS, segment_ids_BxS, cache,
+                                     all_exits or cache is not None)
     return self.logits(hidden if all_exits else hidden[-1]), new_cache
 
   def hidden_states(self, tokens_BxS, positions_BxS=None, segment_ids_BxS=None, cache=None):
-    """Embeds and runs the stack: ([E, batch, S, D] exit hidden states before the final norm, cache)."""
+    """Embeds and runs the model up to the head: ([E, batch, S, D] exit hidden states before the final norm
+    (after the coda under MIDDLE_CYCLE), cache)."""
+    return self._hidden(tokens_BxS, positions_BxS, segment_ids_BxS, cache, True)
+
+  def _hidden(self, tokens_BxS, positions_BxS, segment_ids_BxS, cache, all_exits: bool):
     batch, seq = tokens_BxS.shape
     if cache is None:
       if positions_BxS is None:
@@ -235,21 +275,59 @@ class Decoder(nn.Module):
       if segment_ids_BxS is not None:
         raise ValueError('segment_ids are for packed training sequences; decode one sequence per row.')
       mask = cache_mask(positions_BxS, cache['k'].shape[3])
-    return self.stack(self.embedder(tokens_BxS), cache, positions_BxS, mask)
+    h = self.embedder(tokens_BxS)
+    if not self.rec.unique_layers:
+      return self.stack(h, cache, positions_BxS, mask)
+    h, prelude_cache = self._prelude(h, positions_BxS, mask, cache)
+    hidden_ExBxSxD, middle_cache = self.stack(h, _middle_cache(cache), positions_BxS, mask)
+    if not all_exits:
+      hidden_ExBxSxD = hidden_ExBxSxD[-1:]
+    hidden_ExBxSxD, coda_cache = self.coda(hidden_ExBxSxD, None if cache is None else cache[CODA], positions_BxS,
+                                           mask)
+    if cache is None:
+      return hidden_ExBxSxD, None
+    return hidden_ExBxSxD, {**middle_cache, PRELUDE: prelude_cache, CODA: coda_cache}
+
+  def _prelude(self, h_BxSxD, positions_BxS, mask, cache):
+    """The prelude against the cache's [1, U, ...] prelude slots -> (h, new prelude slots or None)."""
+    slots = None if cache is None else jax.tree.map(lambda x: x[0], cache[PRELUDE])
+    h, slots = self.prelude(h_BxSxD, slots, positions_BxS, mask)
+    return h, None if slots is None else jax.tree.map(lambda x: x[None], slots)
 
   def embed(self, tokens_BxS: jax.Array) -> jax.Array:
     return self.embedder(tokens_BxS)
 
+  def decode_prelude(self, h_BxSxD: jax.Array, positions_BxS: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """MIDDLE_CYCLE: runs the prelude on embedded inputs against the cache -> (its output, the cache with the
+    prelude's K/V written). Without unique layers: (h, cache) unchanged."""
+    if not self.rec.unique_layers:
+      return h_BxSxD, cache
+    h, slots = self._prelude(h_BxSxD, positions_BxS, cache_mask(positions_BxS, cache['k'].shape[3]), cache)
+    return h, {**cache, PRELUDE: slots}
+
+  def decode_coda(self, h_BxSxD: jax.Array, positions_BxS: jax.Array, cache: KVCache,
+                  exit_index: int) -> tuple[jax.Array, KVCache]:
+    """MIDDLE_CYCLE: runs the coda on the middle's output after loop `exit_index` (0-based) against that exit's
+    coda slots -> (the exit hidden state, the cache with those slots written). Without unique layers:
+    (h, cache) unchanged. Loop-by-loop early-exit decoding calls it after every loop."""
+    if not self.rec.unique_layers:
+      return h_BxSxD, cache
+    mask = cache_mask(positions_BxS, cache['k'].shape[3])
+    slot = jax.tree.map(lambda x: x[exit_index:exit_index + 1], cache[CODA])
+    h, slot = self.coda(h_BxSxD[None], slot, positions_BxS, mask)
+    coda = jax.tree.map(lambda full, new: full.at[exit_index].set(new[0]), cache[CODA], slot)
+    return h[0], {**cache, CODA: coda}
+
   def decode_stack(self, h_BxSxD: jax.Array, positions_BxS: jax.Array, cache: KVCache, kv_state=None,
                    loop_onehot_BxR: jax.Array | None = None):
-    """Runs the stack on already-embedded inputs against a cache (one loop when rec.loops == 1): the
-    building block of loop-by-loop early-exit decoding and of depth-wise batching (rows at different loops:
-    pass their one-hot and LoRA variables holding every loop, see lora.py)."""
+    """Runs the looped stack on already-embedded inputs against a cache (one loop when rec.loops == 1; no
+    prelude or coda): the building block of loop-by-loop early-exit decoding and of depth-wise batching (rows
+    at different loops: pass their one-hot and LoRA variables holding every loop, see lora.py)."""
     mask = cache_mask(positions_BxS, cache['k'].shape[3])
-    return self.stack(h_BxSxD, cache, positions_BxS, mask, kv_state, loop_onehot_BxR)
+    return self.stack(h_BxSxD, _middle_cache(cache), positions_BxS, mask, kv_state, loop_onehot_BxR)
 
   def logits(self, hidden_xD: jax.Array) -> jax.Array:
-    """The shared exit head: final norm then LM head, fp32 logits. Any loop's hidden state can go in."""
+    """The shared exit head: final norm then LM head, fp32 logits. Any exit's hidden state can go in."""
     x = self.final_norm(hidden_xD)
     if self.cfg.tie_embeddings:
       out = self.embedder.attend(x)

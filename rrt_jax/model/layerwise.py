@@ -4,7 +4,8 @@ Conversion (calibration statistics, sequential calibration) and layer-wise heali
 depth by depth; this module is how they do it without knowing variable paths or scan order.
 
 Depth position l of the unrolled model (L = R * K positions) uses shared layer `rec.depth_to_shared(l)` and the
-LoRA of (loop `rec.depth_to_loop(l)`, that layer).
+LoRA of (loop `rec.depth_to_loop(l)`, that layer). Under MIDDLE_CYCLE the first and last U positions are unique
+layers instead (`rec.unique_part(l)`): their own weights, no LoRA.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ _MODULE_OF = {'q': 'attn', 'k': 'attn', 'v': 'attn', 'o': 'attn', 'gate': 'mlp',
 
 def depth_variables(variables: dict, cfg: ModelConfig, rec: RecursionConfig, depth: int) -> dict:
   """{'params'[, 'lora']} of the ONE layer at depth position `depth` (no leading axes): the shared layer it
-  uses and its own (loop, layer) LoRA."""
+  uses and its own (loop, layer) LoRA; for a unique layer of MIDDLE_CYCLE, {'params'} of that layer."""
+  part = rec.unique_part(depth, cfg.num_layers)
+  if part is not None:
+    return {'params': jax.tree.map(lambda x: x[part[1]], layer_tree(variables['params'], part[0]))}
   k, r = rec.depth_to_shared(depth, cfg.num_layers), rec.depth_to_loop(depth, cfg.num_layers)
   out = {'params': jax.tree.map(lambda x: x[k], layer_tree(variables['params']))}
   if LORA in variables:
@@ -36,9 +40,9 @@ def depth_variables(variables: dict, cfg: ModelConfig, rec: RecursionConfig, dep
   return out
 
 
-def layer_module(cfg: ModelConfig, rec: RecursionConfig) -> DecoderLayer:
-  """The decoder layer of (cfg, rec), for `depth_variables`."""
-  return DecoderLayer(cfg, rec)
+def layer_module(cfg: ModelConfig, rec: RecursionConfig, relaxed: bool = True) -> DecoderLayer:
+  """The decoder layer of (cfg, rec), for `depth_variables`; relaxed=False: without LoRA (a unique layer)."""
+  return DecoderLayer(cfg, rec if relaxed else rec.replace(lora_rank=None))
 
 
 def embed(cfg: ModelConfig, variables: dict, tokens_BxS: jax.Array) -> jax.Array:
@@ -51,12 +55,13 @@ def apply_layer(cfg: ModelConfig, rec: RecursionConfig, layer_variables: dict, h
                 capture_inputs: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Runs one layer on full sequences (no cache). Returns (h_out [B, S, D], inputs): with capture_inputs, the
   input of every projection by TARGET_INPUTS name ({'attn_in', 'attn_context', 'mlp_in', 'mlp_hidden'},
-  [B, S, d_in] each), else {}."""
+  [B, S, d_in] each), else {}. Layer variables without 'lora' (a unique layer of MIDDLE_CYCLE, or a model
+  without LoRA) run as a plain layer whatever rec's LoRA settings."""
   b, s, _ = h_BxSxD.shape
   if positions_BxS is None:
     positions_BxS = jnp.broadcast_to(jnp.arange(s), (b, s))
   mask = causal_mask(positions_BxS, segment_ids_BxS)
-  layer = layer_module(cfg, rec)
+  layer = layer_module(cfg, rec, LORA in layer_variables)
   if not capture_inputs:
     return layer.apply(layer_variables, h_BxSxD, None, positions_BxS, mask)[0], {}
   (h, _), state = layer.apply(layer_variables, h_BxSxD, None, positions_BxS, mask, mutable=[INTERMEDIATES])
@@ -70,7 +75,7 @@ def apply_layer(cfg: ModelConfig, rec: RecursionConfig, layer_variables: dict, h
 
 def with_depth_lora(variables: dict, cfg: ModelConfig, rec: RecursionConfig, depth: int, layer_lora: dict) -> dict:
   """A copy of `variables` whose (loop, layer) LoRA of depth position `depth` is `layer_lora` (a tree like
-  `depth_variables(...)['lora']`)."""
+  `depth_variables(...)['lora']`). A unique depth of MIDDLE_CYCLE has no LoRA: it raises."""
   k, r = rec.depth_to_shared(depth, cfg.num_layers), rec.depth_to_loop(depth, cfg.num_layers)
   lora = jax.tree.map(lambda full, new: full.at[r, k].set(new.astype(full.dtype)), layer_tree(variables[LORA]),
                       layer_lora)

@@ -9,41 +9,56 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from rrt_jax.config import ModelConfig, RecursionConfig
+from rrt_jax.config import CODA, PRELUDE, Looping, ModelConfig, RecursionConfig
 from rrt_jax.model.attention import KVCache
 from rrt_jax.model.decoder import Decoder
 from rrt_jax.model.layers import LORA, dtype_of
 
 EMBEDDING_PARAMS = (('embedder', 'embedding'), ('lm_head',))
-# Where the decoder layers' variables live in 'params' (leading axis K) and 'lora' (leading axes [R, K]), for
-# CYCLE and SEQUENCE alike. The only place outside decoder.py's module names that knows the path.
+# Where the looped layers' variables live in 'params' (leading axis K) and 'lora' (leading axes [R, K]), for
+# every looping. The only place outside decoder.py's module names that knows the path.
 LAYER_PATH = ('stack', 'block', 'layer')
+MIDDLE = 'middle'  # The looped (shared) layers, as a `layer_tree` part.
+# Every part's path: the looped layers and MIDDLE_CYCLE's unique prelude and coda ('params' only, leading axis U).
+PART_PATHS = {MIDDLE: LAYER_PATH, PRELUDE: (PRELUDE, 'layer'), CODA: (CODA, 'layer')}
 
 
-def layer_tree(collection: dict) -> dict:
-  """The per-layer subtree of a 'params' or 'lora' collection."""
-  for key in LAYER_PATH:
+def _path(part: str) -> tuple[str, ...]:
+  if part not in PART_PATHS:
+    raise ValueError(f'Unknown layer part {part!r}: choose one of {sorted(PART_PATHS)}.')
+  return PART_PATHS[part]
+
+
+def layer_tree(collection: dict, part: str = MIDDLE) -> dict:
+  """The per-layer subtree of a 'params' or 'lora' collection: the looped layers, or with part='prelude' /
+  'coda' MIDDLE_CYCLE's unique layers."""
+  for key in _path(part):
     collection = collection[key]
   return collection
 
 
-def with_layer_tree(collection: dict, layers: dict) -> dict:
-  """A copy of a 'params' or 'lora' collection (or of {} for a new one) whose layer subtree is `layers`."""
+def with_layer_tree(collection: dict, layers: dict, part: str = MIDDLE) -> dict:
+  """A copy of a 'params' or 'lora' collection (or of {} for a new one) whose layer subtree of `part` is
+  `layers`."""
+  path = _path(part)
   out = dict(collection)
   node = out
-  for key in LAYER_PATH[:-1]:
+  for key in path[:-1]:
     node[key] = dict(node.get(key, {}))
     node = node[key]
-  node[LAYER_PATH[-1]] = layers
+  node[path[-1]] = layers
   return out
 
 
 def one_loop(model: Decoder) -> Decoder:
   """The decoder that runs ONE loop of `model`'s recursive block (its K shared layers, R = 1): the building
   block of loop-by-loop early-exit decoding, depth-wise batching and K/V propagation. Its variables are the
-  model's 'params' with one loop's LoRA (`loop_variables`) or every loop's (`multi_lora_variables`)."""
+  model's 'params' with one loop's LoRA (`loop_variables`) or every loop's (`multi_lora_variables`). Under
+  MIDDLE_CYCLE it is the middle's loop alone (no prelude or coda: `Decoder.decode_prelude` / `decode_coda`)."""
   cfg, rec = model.cfg, model.rec
-  return Decoder(cfg.replace(num_layers=rec.shared_layers(cfg.num_layers)), rec.replace(loops=1))
+  looping = Looping.CYCLE if rec.looping == Looping.MIDDLE_CYCLE else rec.looping
+  return Decoder(cfg.replace(num_layers=rec.shared_layers(cfg.num_layers)),
+                 rec.replace(loops=1, looping=looping, unique_layers=0))
 
 
 def loop_variables(variables: dict, loop: int) -> dict:
@@ -89,10 +104,17 @@ def logical_axes(cfg: ModelConfig, rec: RecursionConfig) -> dict:
 
 def init_cache(cfg: ModelConfig, rec: RecursionConfig, batch: int, max_len: int,
                dtype: str | None = None) -> KVCache:
-  """Zero KV cache with one slot per depth position: [B, K, batch, max_len, kv_heads, head_dim]."""
-  shape = (rec.loops, rec.shared_layers(cfg.num_layers), batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  """Zero KV cache with one slot per depth position: {'k', 'v'} of [R, K, batch, max_len, kv_heads, head_dim];
+  MIDDLE_CYCLE adds 'prelude' {'k', 'v'} of [1, U, ...] and 'coda' {'k', 'v'} of [E, U, ...] (one coda per
+  exit; see model/decoder.py)."""
+  tail = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
   dt = dtype_of(dtype or cfg.dtype)
-  return {'k': jnp.zeros(shape, dt), 'v': jnp.zeros(shape, dt)}
+  zeros = lambda *lead: {'k': jnp.zeros(lead + tail, dt), 'v': jnp.zeros(lead + tail, dt)}  # noqa: E731
+  cache = zeros(rec.loops, rec.shared_layers(cfg.num_layers))
+  if rec.unique_layers:
+    cache[PRELUDE] = zeros(1, rec.unique_layers)
+    cache[CODA] = zeros(rec.num_exits, rec.unique_layers)
+  return cache
 
 
 def check_variables(variables: dict, cfg: ModelConfig, rec: RecursionConfig, source: str = 'variables'):
@@ -106,7 +128,8 @@ def check_variables(variables: dict, cfg: ModelConfig, rec: RecursionConfig, sou
   problems += [f'unexpected {"/".join(p)}' for p in got if p not in want]
   if problems:
     raise ValueError(f'{source} do not match the config ({cfg.family}, {cfg.num_layers} layers, '
-                     f'loops={rec.loops}, lora_rank={rec.lora_rank}): ' + '; '.join(problems[:6]) +
+                     f'loops={rec.loops}, looping={rec.looping.value}, unique_layers={rec.unique_layers}, '
+                     f'lora_rank={rec.lora_rank}): ' + '; '.join(problems[:6]) +
                      (f'; and {len(problems) - 6} more' if len(problems) > 6 else '') +
                      '. Load them with the config they were saved with, or convert them with to_recursive.')
 
@@ -125,6 +148,7 @@ class ParamCount:
 
 
 def count_params(cfg: ModelConfig, rec: RecursionConfig) -> ParamCount:
+  """Counts from shapes alone; MIDDLE_CYCLE's unique layers are non-embedding, like the shared ones."""
   shapes = variable_shapes(cfg, rec)
   size = lambda tree: sum(int(x.size) for x in jax.tree.leaves(tree))
   flat = traverse_util.flatten_dict(shapes['params'])

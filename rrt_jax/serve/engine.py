@@ -92,7 +92,11 @@ class Engine:
 
   def __init__(self, model: Decoder, variables: dict, config: EngineConfig = EngineConfig()):
     rec = model.rec
-    if rec.loops > 1 and rec.looping != Looping.CYCLE:
+    if rec.unique_layers:  # Its slots step through loops of one block; a prelude and per-exit coda are not scheduled.
+      raise ValueError(f"The depth-wise batching engine needs the whole depth to be the loop: looping='middle_cycle' "
+                       f'with unique_layers={rec.unique_layers} has a prelude and a coda it cannot schedule. Use '
+                       "looping='cycle' (unique_layers=0), or serve this model with rrt_jax.serve.generate.generate.")
+    if rec.loops > 1 and rec.looping == Looping.SEQUENCE:
       raise ValueError('Depth-wise batching needs looping=cycle: under SEQUENCE a loop is not a full pass.')
     if config.exit.kv_fill != 'propagate':
       raise ValueError("The engine fills skipped K/V by propagation (ExitConfig(kv_fill='propagate')); the 'full' "

@@ -8,6 +8,13 @@ threshold exits and emits its token from that loop. The (loop, layer) cache entr
 by propagating its exit hidden state through those layers' K/V projections (kv_fill='propagate', CALM-style)
 or by computing the skipped loops in full (kv_fill='full', the oracle). threshold >= 1 disables exiting, which
 gives exactly the no-exit output.
+
+MIDDLE_CYCLE: the prelude runs once per token before the loops; after every loop b the coda runs on the middle's
+output against exit b's own coda slots (the cache has one coda per exit, see model/decoder.py) and the head reads
+its result. Exit b's coda slots of a token thus hold the coda K/V of its state after loop b, except that under
+kv_fill='propagate' a token that exited before loop b has the coda run on its frozen exit state (the same state
+the propagated middle K/V come from), so every exit's coda sees each earlier token at the depth it really
+reached. With kv_fill='full' or threshold >= 1 every slot is the no-exit one (exact against full recompute).
 """
 
 from __future__ import annotations
@@ -19,7 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rrt_jax.config import Looping
 from rrt_jax.model import Decoder, init_cache, loop_variables, one_loop
 from rrt_jax.model.exits import ExitConfig, confidence, exits_at, first_exit, select_exit
 from rrt_jax.utils.buckets import bucket
@@ -60,8 +66,9 @@ class Generator:
   """Jitted prefill and early-exit decode step for one model; reuse it across calls to reuse compilations."""
 
   def __init__(self, model: Decoder, exit_cfg: ExitConfig = ExitConfig(), sampling: SamplingConfig = SamplingConfig()):
-    if exit_cfg.threshold < 1.0 and model.rec.looping != Looping.CYCLE:
-      raise ValueError('Early exit needs looping=cycle: under SEQUENCE a loop does not end in a full state.')
+    if exit_cfg.threshold < 1.0 and not model.rec.loops_are_exits:
+      raise ValueError("Early exit needs looping='cycle' or 'middle_cycle': under SEQUENCE a loop does not end in a "
+                       'full state.')
     self.model, self.exit_cfg, self.sampling = model, exit_cfg, sampling
     self.one_loop = one_loop(model)
     self.prefill = jax.jit(self._prefill)
@@ -87,19 +94,24 @@ class Generator:
   def _step(self, variables, tokens_B, positions_B, cache, rng):
     """One token per row at its own position: loop-by-loop with early exit."""
     model, rec = self.model, self.model.rec
+    propagate = self.exit_cfg.kv_fill == 'propagate'
     tokens, positions = tokens_B[:, None], positions_B[:, None]
     h = model.apply(variables, tokens, method=Decoder.embed)
+    prev = h  # The previous exit's hidden state (the embedding before the first), for saturation.
+    h, cache = model.apply(variables, h, positions, cache, method=Decoder.decode_prelude)
     exited = jnp.zeros(tokens_B.shape, bool)
-    exit_h = jnp.zeros_like(h)
+    exit_h = jnp.zeros_like(h)  # The middle's state at each row's exit.
     logits_per_loop, conf_per_loop, new_k, new_v = [], [], [], []
     for b in range(rec.loops):
-      kv_state = (exit_h, exited) if self.exit_cfg.kv_fill == 'propagate' else None
+      kv_state = (exit_h, exited) if propagate else None
       loop_cache = {'k': cache['k'][b:b + 1], 'v': cache['v'][b:b + 1]}
       hidden, loop_cache = self.one_loop.apply(loop_variables(variables, b), h, positions, loop_cache,
                                                kv_state, method=Decoder.decode_stack)
       h_next = hidden[-1]
-      logits = model.apply(variables, h_next, method=Decoder.logits)[:, -1]
-      conf = confidence(self.exit_cfg.confidence, logits, h_next[:, -1], h[:, -1])
+      coda_in = jnp.where(exited[:, None, None], exit_h, h_next) if propagate and rec.unique_layers else h_next
+      out, cache = model.apply(variables, coda_in, positions, cache, b, method=Decoder.decode_coda)
+      logits = model.apply(variables, out, method=Decoder.logits)[:, -1]
+      conf = confidence(self.exit_cfg.confidence, logits, out[:, -1], prev[:, -1])
       newly = ~exited & exits_at(conf, self.exit_cfg.threshold)
       exit_h = jnp.where(newly[:, None, None], h_next, exit_h)
       exited |= newly
@@ -107,9 +119,9 @@ class Generator:
       conf_per_loop.append(conf)
       new_k.append(loop_cache['k'])
       new_v.append(loop_cache['v'])
-      h = h_next
+      h, prev = h_next, out
     token, exit_loop = self._choose(jnp.stack(logits_per_loop), jnp.stack(conf_per_loop), rng)
-    return token, exit_loop, {'k': jnp.concatenate(new_k), 'v': jnp.concatenate(new_v)}
+    return token, exit_loop, {**cache, 'k': jnp.concatenate(new_k), 'v': jnp.concatenate(new_v)}
 
 
 def validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_new_tokens: int,

@@ -52,14 +52,15 @@ def train(c: ml_collections.ConfigDict, workdir: str, source=None, tokenizer=Non
   del vanilla
 
   schedule, tx = setup.optimizer(c)
+  trainable = setup.trainable(c)  # Frozen shared weights: only LoRA is differentiated and has moments.
   # Optimizer moments are zeros_like(variables): sharding propagation gives them the variables' shardings.
-  state = jax.jit(lambda v: init_state(v, tx))(student_vars)
+  state = jax.jit(lambda v: init_state(v, tx, trainable))(student_vars)
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   del student_vars
 
   teacher = Decoder(cfg) if use_teacher else None
-  step_fn = jax.jit(make_train_step(Decoder(cfg, rec), teacher, tx, setup.loss_config(c), c.train.grad_accum),
-                    donate_argnums=(0,), out_shardings=(state_shardings, replicated(mesh)))
+  step_fn = jax.jit(make_train_step(Decoder(cfg, rec), teacher, tx, setup.loss_config(c), c.train.grad_accum,
+                                    trainable), donate_argnums=(0,), out_shardings=(state_shardings, replicated(mesh)))
 
   data_iter = CheckpointableIterator(setup.data_iterators(c, source, tokenizer, cfg.max_seq_len))
 

@@ -17,7 +17,7 @@ from rrt_jax import presets
 from rrt_jax.config import ModelConfig, RecursionConfig
 from rrt_jax.convert import to_recursive
 from rrt_jax.model import init_variables
-from rrt_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from rrt_jax.train.optimizer import learning_rate_schedule, make_optimizer, trainable_collections
 from rrt_jax.train.sharding import variable_shardings
 from rrt_jax.train.step import LossConfig
 
@@ -51,6 +51,11 @@ def optimizer(c: ml_collections.ConfigDict) -> tuple[optax.Schedule, optax.Gradi
   schedule = learning_rate_schedule(t.lr, t.steps, t.warmup_steps, t.decay, t.end_lr_ratio)
   return schedule, make_optimizer(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, clip_norm=t.clip_norm,
                                   freeze_shared=t.freeze_shared)
+
+
+def trainable(c: ml_collections.ConfigDict) -> tuple[str, ...] | None:
+  """The collections that get gradients (train.step's `trainable`): LoRA alone with train.freeze_shared."""
+  return trainable_collections(c.train.freeze_shared)
 
 
 def load_original(c: ml_collections.ConfigDict, vocab_size: int) -> tuple[ModelConfig, dict | None]:
