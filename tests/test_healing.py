@@ -60,3 +60,38 @@ def test_healing_needs_a_relaxed_model_and_enough_batches(original):
   relaxed_rec = rec.replace(lora_rank=2)
   with pytest.raises(ValueError, match='heldout_batches'):
     heal(vanilla, cfg, relaxed_rec, to_recursive(vanilla, cfg, relaxed_rec), _batches(cfg.vocab_size, 1))
+
+
+def test_the_training_recipe_calibrates_and_heals(original):
+  """train.setup.convert_student: whitened-SVD sequential conversion + healing from a text source, and the plain
+  conversion when resuming (recipe=False)."""
+  from experiments.configs import smollm2
+  from rrt_jax.convert.calibration import CalibrationConfig, calibration_batches, convert
+  from rrt_jax.model import check_variables
+  from rrt_jax.train.setup import convert_student, recursion_config
+
+  class Chars:  # Ids 2..97 (bytes 'a'..), 1 = EOS: fits the tiny model's vocabulary.
+    eos_id = 1
+
+    def encode(self, text):
+      return type('E', (), {'ids': [2 + (ord(ch) - 97) % 90 for ch in text]})()
+
+  rng = np.random.default_rng(0)
+  source = [{'text': ''.join(chr(97 + int(x)) for x in rng.integers(0, 26, 60))} for _ in range(80)]
+  cfg, vanilla = original
+  c = smollm2.get_config('b2_r2_average')
+  c.calibration.tokens, c.calibration.seq_len, c.calibration.batch_size = 256, 32, 2
+  c.healing.steps_per_layer, c.healing.tokens = 3, 192
+  rec = recursion_config(c)
+  student = convert_student(c, cfg, rec, vanilla, source, Chars(), workdir='unused', recipe=True)
+  check_variables(student, cfg, rec)
+  calibration = CalibrationConfig(**c.calibration)
+  unhealed = convert(vanilla, cfg, rec, calibration_batches(source, Chars(), calibration, cfg.max_seq_len),
+                     calibration, progress=False)
+  diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(student['lora']),
+                                                        jax.tree.leaves(unhealed['lora']), strict=True))
+  assert diff > 0, 'healing must change the calibrated LoRA'
+  plain = convert_student(c, cfg, rec, vanilla, source, Chars(), workdir='unused', recipe=False)
+  expected = to_recursive(vanilla, cfg, rec.replace(lora_init='svd'))
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

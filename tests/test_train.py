@@ -50,9 +50,10 @@ def test_loss_decreases_on_real_text(real_text, tmp_path):
     assert [json.loads(line)['step'] for line in f] == [5, 10, 15, 20, 25, 30]
 
 
-def test_kill_and_resume_reproduces_the_losses(real_text, tmp_path):
+@pytest.mark.parametrize('freeze_shared', [False, True])  # True: the optimizer state holds only LoRA's moments.
+def test_kill_and_resume_reproduces_the_losses(real_text, tmp_path, freeze_shared):
   config = tiny(**{'train.steps': 8, 'log_every': 1, 'checkpoint.every_steps': 4, 'loss.kd_weight': 1.0,
-                   'loss.early_exit': 'weighted'})
+                   'loss.early_exit': 'weighted', 'train.freeze_shared': freeze_shared})
   full = train(config, str(tmp_path / 'a'), source=real_text, tokenizer=ByteTokenizer())
   first = train(config, str(tmp_path / 'b'), source=real_text, tokenizer=ByteTokenizer(), stop_after=4)
   assert [h['step'] for h in first] == [1, 2, 3, 4]

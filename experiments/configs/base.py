@@ -30,6 +30,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.recursion.lora_init = 'svd'
   c.recursion.relax_vectors = True
 
+  # The conversion recipe (train/setup.py convert_student): calibration for whitened-SVD LoRA
+  # (CalibrationConfig), then layer-wise healing (HealingConfig; steps_per_layer 0 = off).
+  c.calibration = ml_collections.ConfigDict()
+  c.calibration.tokens = 32_768
+  c.calibration.seq_len = 512
+  c.calibration.batch_size = 4
+  c.calibration.ridge = 1e-3
+  c.calibration.diagonal = False  # True for models whose MLP width makes full Gram matrices too big (Gemma-2B).
+  c.calibration.sequential = True
+
+  c.healing = ml_collections.ConfigDict()
+  c.healing.steps_per_layer = 0
+  c.healing.lr = 1e-3
+  c.healing.heldout_batches = 1
+  c.healing.dtype = 'float32'
+  c.healing.tokens = 16_384
+
   c.data = ml_collections.ConfigDict()
   c.data.split = 'train'
   c.data.tokenizer = 'smollm2'  # smollm2 | bytes (tiny from-scratch models)
@@ -91,11 +108,11 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
       c.recursion.lora_rank = int(token[1:]) or None
     elif token in ('stepwise', 'average', 'lower', 'upper', 'random', 'ends'):
       c.recursion.init = 'stepwise_ends' if token == 'ends' else token
-    elif token in ('zero', 'svd'):
-      c.recursion.lora_init = token
+    elif token in ('zero', 'svd', 'whitened'):
+      c.recursion.lora_init = 'whitened_svd' if token == 'whitened' else token
     else:
       raise ValueError(f'Unknown variant token {token!r} in {variant!r}: use bN (loops), rN (rank), an init '
-                       '(stepwise, ends, average, lower, upper, random) or a LoRA init (svd, zero).')
+                       '(stepwise, ends, average, lower, upper, random) or a LoRA init (svd, whitened, zero).')
   return c
 
 

@@ -112,23 +112,26 @@ class GramStats:
 
 
 def calibration_batches(source, tokenizer, config: CalibrationConfig, max_seq_len: int | None = None,
-                        seed: int = 1234) -> list[dict]:
+                        seed: int = 1234, replicated: bool = False) -> list[dict]:
   """This process's calibration batches: packed windows of `source` documents ({'inputs', 'positions',
-  'segment_ids', ...} of [batch_size, seq_len], as the training pipeline makes them)."""
+  'segment_ids', ...} of [batch_size, seq_len], as the training pipeline makes them). replicated: every process
+  reads the same config.tokens tokens (instead of its shard of them)."""
   from rrt_jax.data.pipeline import PipelineConfig, lm_dataset
   pipeline = PipelineConfig(config.seq_len, config.batch_size, seed=seed, num_epochs=1)
-  it = iter(lm_dataset(source, tokenizer, pipeline, max_seq_len=max_seq_len))
+  shard = dict(shard_index=0, shard_count=1) if replicated else {}
+  it = iter(lm_dataset(source, tokenizer, pipeline, max_seq_len=max_seq_len, **shard))
+  count = -(-config.tokens // (config.seq_len * config.batch_size)) if replicated else config.batches
   batches = []
-  for _ in range(config.batches):
+  for _ in range(count):
     try:
       batches.append(jax.tree.map(np.asarray, next(it)))
     except StopIteration:
       break
   got = sum(int((b['segment_ids'] > 0).sum()) for b in batches)
-  if got < min(config.tokens // jax.process_count(), config.seq_len * config.batches * config.batch_size) // 2:
-    raise ValueError(f'The calibration source gave {got} tokens on this process, far fewer than the '
-                     f'{config.tokens // jax.process_count()} asked for: lower calibration tokens or use a larger '
-                     'split.')
+  wanted = config.tokens if replicated else config.tokens // jax.process_count()
+  if got < wanted // 2:
+    raise ValueError(f'The calibration source gave {got} tokens on this process, far fewer than the {wanted} asked '
+                     'for: lower calibration tokens or use a larger split.')
   return batches
 
 

@@ -60,6 +60,10 @@ class TrainCheckpoints:
       log.info('checkpoint saved at step %d', step)
     return saved
 
+  def latest_step(self) -> int | None:
+    """The newest saved step, or None before the first save."""
+    return self.manager.latest_step()
+
   def restore_latest(self, abstract_state, data_iterator) -> tuple[int, object] | None:
     """(step, state) of the newest checkpoint that restores (data_iterator is set to its state in place);
     None if there is none."""

@@ -38,6 +38,7 @@ class HealingConfig:
   lr: float = 1e-3
   heldout_batches: int = 1  # The last batches, never trained on, measure the error before and after.
   dtype: str = 'float32'  # Compute dtype of the trained layer ('bfloat16': bf16 matmuls, fp32 params).
+  tokens: int = 16_384  # Healing text for pipelines that draw the batches (train.setup); heal() takes batches.
 
   def __post_init__(self):
     if self.steps_per_layer < 0 or self.lr <= 0 or self.heldout_batches < 0:

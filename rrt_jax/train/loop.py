@@ -30,9 +30,10 @@ log = logging.getLogger(__name__)
 
 
 def train(c: ml_collections.ConfigDict, workdir: str, source=None, tokenizer=None,
-          stop_after: int | None = None) -> list[dict]:
+          stop_after: int | None = None, student_variables: dict | None = None) -> list[dict]:
   """Runs uptraining; returns the logged metrics. `source`/`tokenizer` override the TFDS split and data.tokenizer
-  (tests); `stop_after` stops (with a checkpoint) after that many steps of this run."""
+  (tests); `stop_after` stops (with a checkpoint) after that many steps of this run; `student_variables` (host
+  arrays for Decoder(cfg, rec)) replace the conversion recipe (e.g. a model converted and healed elsewhere)."""
   from rrt_jax.data.pipeline import CheckpointableIterator
   setup.init_distributed(c)
   as_path(workdir).mkdir(parents=True, exist_ok=True)
@@ -48,8 +49,14 @@ def train(c: ml_collections.ConfigDict, workdir: str, source=None, tokenizer=Non
   log.info('model %s, %s; mesh %s', cfg.family, rec, dict(mesh.shape))
 
   use_teacher = c.loss.kd_weight > 0
-  student_vars, teacher_vars = setup.initial_variables(c, cfg, rec, vanilla, mesh, use_teacher)
-  del vanilla
+  ckpts = TrainCheckpoints(workdir, **c.checkpoint)
+  if student_variables is None and vanilla is not None:
+    # The conversion recipe (calibration, healing) runs only for a fresh run: a resumed run restores its state,
+    # so the plain conversion is enough as a template.
+    fresh = ckpts.latest_step() is None
+    student_variables = setup.convert_student(c, cfg, rec, vanilla, source, tokenizer, workdir, recipe=fresh)
+  student_vars, teacher_vars = setup.initial_variables(c, cfg, rec, vanilla, mesh, use_teacher, student_variables)
+  del vanilla, student_variables
 
   schedule, tx = setup.optimizer(c)
   trainable = setup.trainable(c)  # Frozen shared weights: only LoRA is differentiated and has moments.
@@ -64,7 +71,6 @@ def train(c: ml_collections.ConfigDict, workdir: str, source=None, tokenizer=Non
 
   data_iter = CheckpointableIterator(setup.data_iterators(c, source, tokenizer, cfg.max_seq_len))
 
-  ckpts = TrainCheckpoints(workdir, **c.checkpoint)
   ckpts.write_configs(workdir, cfg, rec)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
   restored = ckpts.restore_latest(abstract, data_iter)

@@ -7,19 +7,24 @@ keys are the dataclass's fields, and a field that lives in another section is pa
 
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
 import ml_collections
+import numpy as np
 import optax
 
 from rrt_jax import presets
-from rrt_jax.config import ModelConfig, RecursionConfig
+from rrt_jax.config import LoraInit, ModelConfig, RecursionConfig
 from rrt_jax.convert import to_recursive
 from rrt_jax.model import init_variables
 from rrt_jax.train.optimizer import learning_rate_schedule, make_optimizer, trainable_collections
 from rrt_jax.train.sharding import variable_shardings
 from rrt_jax.train.step import LossConfig
+from rrt_jax.utils.uri import is_uri
+
+log = logging.getLogger(__name__)
 
 
 def init_distributed(c: ml_collections.ConfigDict) -> None:
@@ -77,10 +82,43 @@ def load_original(c: ml_collections.ConfigDict, vocab_size: int) -> tuple[ModelC
   return cfg.replace(dtype=m.dtype, remat=m.remat), variables
 
 
+def convert_student(c: ml_collections.ConfigDict, cfg: ModelConfig, rec: RecursionConfig, vanilla: dict, source,
+                    tokenizer, workdir: str, recipe: bool = True) -> dict:
+  """The conversion recipe on the host: vanilla -> recursive/relaxed (whitened SVD LoRA calibrated on
+  c.calibration.tokens of the training source, sequentially if c.calibration.sequential), then layer-wise
+  healing for c.healing.steps_per_layer steps per depth position. recipe=False: the plain weight-space
+  conversion (a template for a run that resumes from a checkpoint)."""
+  from rrt_jax.convert.calibration import CalibrationConfig, calibration_batches, convert
+  from rrt_jax.train.healing import HealingConfig, heal
+  if not recipe:
+    return to_recursive(vanilla, cfg, rec.replace(lora_init='svd') if rec.has_lora else rec)
+  calibration = CalibrationConfig(**c.calibration)
+  needs_data = rec.has_lora and rec.lora_init == LoraInit.WHITENED_SVD
+  batches = calibration_batches(source, tokenizer, calibration, cfg.max_seq_len) if needs_data else None
+  cache = None if is_uri(workdir) else os.path.join(os.fspath(workdir), 'calibration')  # Local files only.
+  student = convert(vanilla, cfg, rec, batches, calibration, cache_dir=cache, progress=jax.process_index() == 0)
+  healing = HealingConfig(**c.healing)
+  if healing.steps_per_layer and rec.has_lora:
+    # Every process heals on the same text, so all of them end with the same variables.
+    heal_batches = calibration_batches(source, tokenizer, CalibrationConfig(
+        tokens=healing.tokens, seq_len=calibration.seq_len, batch_size=calibration.batch_size), cfg.max_seq_len,
+        seed=calibration_seed(c) + 1, replicated=True)
+    student, report = heal(vanilla, cfg, rec, student, heal_batches, healing, progress=jax.process_index() == 0)
+    log.info('healing: held-out relative layer error %.4f -> %.4f (mean over depth positions)',
+             float(np.mean(report.before)), float(np.mean(report.after)))
+  return student
+
+
+def calibration_seed(c: ml_collections.ConfigDict) -> int:
+  return 1234 + c.data.seed
+
+
 def initial_variables(c: ml_collections.ConfigDict, cfg: ModelConfig, rec: RecursionConfig, vanilla: dict | None,
-                      mesh: jax.sharding.Mesh, use_teacher: bool) -> tuple[dict, dict | None]:
+                      mesh: jax.sharding.Mesh, use_teacher: bool,
+                      student: dict | None = None) -> tuple[dict, dict | None]:
   """(student, teacher) variables placed with their shardings. Pretrained weights are converted on the host
-  and each leaf is placed sharded; random weights are created sharded (no full copy on one device)."""
+  (`student`, see convert_student; plain conversion when None) and each leaf is placed sharded; random weights
+  are created sharded (no full copy on one device)."""
   student_shardings = variable_shardings(cfg, rec, mesh)
   teacher_shardings = variable_shardings(cfg, RecursionConfig(), mesh)
   if vanilla is None:
@@ -90,7 +128,7 @@ def initial_variables(c: ml_collections.ConfigDict, cfg: ModelConfig, rec: Recur
       return student, None
     teacher = init_variables(cfg, RecursionConfig(), jax.random.fold_in(key, 1), teacher_shardings)
   else:
-    student = jax.device_put(to_recursive(vanilla, cfg, rec), student_shardings)
+    student = jax.device_put(to_recursive(vanilla, cfg, rec) if student is None else student, student_shardings)
     teacher = jax.device_put(vanilla, teacher_shardings)
   return student, teacher if use_teacher else None
 
