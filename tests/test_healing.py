@@ -26,14 +26,17 @@ def original(tiny_hf):
   return load_hf(tiny_hf['llama'][0])
 
 
-def test_healing_lowers_heldout_error_and_keeps_shared_weights(original):
+@pytest.mark.parametrize('rec', [RecursionConfig(loops=2, init='average', lora_rank=2),
+                                 RecursionConfig(loops=2, looping='middle_cycle', unique_layers=1, init='average',
+                                                 lora_rank=2)], ids=['cycle', 'middle_cycle'])
+def test_healing_lowers_heldout_error_and_keeps_shared_weights(original, rec):
   cfg, vanilla = original
-  rec = RecursionConfig(loops=2, init='average', lora_rank=2)
   relaxed = to_recursive(vanilla, cfg, rec)
   batches = _batches(cfg.vocab_size, 9)
   healed, report = heal(vanilla, cfg, rec, relaxed, batches, HealingConfig(steps_per_layer=30, lr=3e-3),
                         progress=False)
-  assert len(report.before) == cfg.num_layers
+  looped = [d for d in range(cfg.num_layers) if not rec.is_unique_depth(d, cfg.num_layers)]
+  assert len(report.before) == len(looped)
   assert all(a <= b for a, b in zip(report.after, report.before, strict=True))
   assert np.mean(report.after) < 0.95 * np.mean(report.before)
   for x, y in zip(jax.tree.leaves(relaxed['params']), jax.tree.leaves(healed['params']), strict=True):
@@ -41,11 +44,14 @@ def test_healing_lowers_heldout_error_and_keeps_shared_weights(original):
   changed = [not np.array_equal(np.asarray(x), np.asarray(y))
              for x, y in zip(jax.tree.leaves(relaxed['lora']), jax.tree.leaves(healed['lora']), strict=True)]
   assert any(changed)
-  # Independently, at depth 0 (whose input is the embedding for every model): the healed layer is closer to the
-  # original layer on the held-out batch than the converted one was.
-  held = batches[-1]
+  # Independently, at the first looped depth (whose input is the original model's there: the unique layers before
+  # it are the original ones): the healed layer is closer to the original layer on the held-out batch.
+  held, first = batches[-1], looped[0]
   h = Decoder(cfg).apply(vanilla, jnp.asarray(held['inputs']), method=Decoder.embed)
-  run = lambda c, r, v: apply_layer(c, r, depth_variables(v, c, r, 0), h, held['positions'])[0]  # noqa: E731
+  for depth in range(first):
+    h = apply_layer(cfg, RecursionConfig(), depth_variables(vanilla, cfg, RecursionConfig(), depth), h,
+                    held['positions'])[0]
+  run = lambda c, r, v: apply_layer(c, r, depth_variables(v, c, r, first), h, held['positions'])[0]  # noqa: E731
   target = run(cfg, RecursionConfig(), vanilla)
   err = lambda v: float(jnp.linalg.norm(run(cfg, rec, v) - target))  # noqa: E731
   assert err(healed) < err(relaxed)

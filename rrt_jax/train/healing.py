@@ -47,7 +47,7 @@ class HealingConfig:
 
 @dataclasses.dataclass
 class HealingReport:
-  """Per depth position: held-out relative error of the layer output before and after healing."""
+  """Per healed depth position (the looped ones): held-out relative error of the layer output before and after."""
 
   before: list[float] = dataclasses.field(default_factory=list)
   after: list[float] = dataclasses.field(default_factory=list)
@@ -116,6 +116,11 @@ def heal(vanilla: dict, cfg: ModelConfig, rec: RecursionConfig, variables: dict,
   report = HealingReport()
   depths = tqdm(range(cfg.num_layers), desc='healing', unit='layer', disable=not progress)
   for depth in depths:
+    if rec.is_unique_depth(depth, cfg.num_layers):  # Middle-cycle's unique layers are the original ones.
+      layer = depth_variables(variables, cfg, rec, depth)
+      hidden = [_forward(cfg, rec, layer, h, b['positions'], b['segment_ids']) for h, b in zip(hidden, batches,
+                                                                                              strict=True)]
+      continue
     original = depth_variables(vanilla, cfg, VANILLA, depth)
     targets = [_forward(cfg, VANILLA, original, h, b['positions'], b['segment_ids']).astype(jnp.float32)
                for h, b in zip(hidden, batches, strict=True)]
