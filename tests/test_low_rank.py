@@ -1,7 +1,6 @@
 """The low-rank baseline (untied whitened low-rank compression): exact at full rank, beats plain SVD on the
 calibration inputs, its parameter count is what a factored model stores, and the budget picks the largest rank."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
