@@ -56,7 +56,7 @@ def low_rank_compress(vanilla: dict, cfg: ModelConfig, calibration: GramStats, r
     for module in modules:
       target = module[-1]
       name = TARGET_INPUTS[target]
-      a, b = whitened_svd_lora(layers[module + ("kernel",)][depth], np.ones(layers[module + ("kernel",)].shape[1]),
+      a, b = whitened_svd_lora(layers[module + ('kernel',)][depth], calibration.grams[depth][name],
                                specs[target].rank, specs[target].scale, calibration.ridge,
                                f'The Gram matrix of {name} (input of {target}) at depth {depth}')
       lora[module + ('a',)][loop, layer], lora[module + ('b',)][loop, layer] = a, b
