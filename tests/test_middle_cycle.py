@@ -158,7 +158,8 @@ def test_param_counts_count_the_unique_layers_as_non_embedding():
   assert relaxed.non_embedding == middle.non_embedding + relaxed.lora
 
 
-@pytest.mark.parametrize('preset,lora_rank', [('tiny_llama', 4), ('tiny_pythia', None)])
+@pytest.mark.parametrize('preset,lora_rank', [('tiny_llama', 4),
+                                              pytest.param('tiny_pythia', None, marks=pytest.mark.slow)])
 def test_cached_decoding_equals_full_recompute(preset, lora_rank):
   cfg = presets.get(preset)
   rec = MC.replace(lora_rank=lora_rank)
@@ -288,6 +289,7 @@ def test_experiment_config_accepts_middle_cycle():
   assert rec.looping == 'middle_cycle' and rec.unique_layers == 1
 
 
+@pytest.mark.slow
 def test_training_gradients_reach_the_unique_layers():
   cfg = TINY['llama']
   rec = MC.replace(lora_rank=4)

@@ -50,7 +50,8 @@ def test_loss_decreases_on_real_text(real_text, tmp_path):
     assert [json.loads(line)['step'] for line in f] == [5, 10, 15, 20, 25, 30]
 
 
-@pytest.mark.parametrize('freeze_shared', [False, True])  # True: the optimizer state holds only LoRA's moments.
+# True: the optimizer state holds only LoRA's moments (slow: the default run keeps the plain resume test).
+@pytest.mark.parametrize('freeze_shared', [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_kill_and_resume_reproduces_the_losses(real_text, tmp_path, freeze_shared):
   config = tiny(**{'train.steps': 8, 'log_every': 1, 'checkpoint.every_steps': 4, 'loss.kd_weight': 1.0,
                    'loss.early_exit': 'weighted', 'train.freeze_shared': freeze_shared})
