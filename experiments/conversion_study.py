@@ -193,7 +193,8 @@ def main(argv):
     if name in _FINETUNE.value:
       built[name] = (model, variables, rows[-1])
 
-  baseline = next((r for r in rows if r['model'] == _BASELINE_OF.value), None)
+  # The first converted variant whose name starts with --baseline_of sets the size (all its LoRA inits share it).
+  baseline = next((r for r in rows[1:] if _BASELINE_OF.value and r['model'].startswith(_BASELINE_OF.value)), None)
   if baseline is not None:
     budget = baseline['non_embedding_params']
     loops = int(_BASELINE_OF.value.split('R=')[1].split()[0])
