@@ -23,7 +23,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
@@ -38,8 +37,7 @@ from rrt_jax.data.tokenizer import make_tokenizer
 from rrt_jax.eval.perplexity import heldout_windows, per_loop_perplexity
 from rrt_jax.model import count_params
 from rrt_jax.train.healing import HealingConfig, heal
-from rrt_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from rrt_jax.train.step import LossConfig, init_state, make_train_step
+from rrt_jax.train.loop import uptrain_on_batches
 from rrt_jax.utils.timing import machine_description
 
 _WORKDIR = flags.DEFINE_string('workdir', 'workdir/conversion_study', 'Where results, tables and plots go.')
@@ -96,21 +94,6 @@ def kd_batches(tokenizer, max_seq_len: int) -> list[dict]:
   config = PipelineConfig(_KD_SEQ.value, _KD_BATCH.value, seed=7)
   it = iter(lm_dataset(text_source('train'), tokenizer, config, max_seq_len=max_seq_len))
   return [jax.tree.map(np.asarray, next(it)) for _ in range(_KD_STEPS.value)]
-
-
-def uptrain(model: Decoder, variables: dict, teacher_vars: dict, batches: list[dict]) -> tuple[dict, list[float]]:
-  """KD from the original model + aggressive early-exit losses, shared weights trainable (the paper's setup)."""
-  steps = len(batches)
-  tx = make_optimizer(learning_rate_schedule(_KD_LR.value, steps, max(1, steps // 10)))
-  loss_cfg = LossConfig(ce_weight=1.0, kd_weight=1.0, early_exit='aggressive' if model.rec.loops > 1 else 'none')
-  student = Decoder(model.cfg.replace(dtype=_DTYPE.value), model.rec)
-  step_fn = jax.jit(make_train_step(student, Decoder(model.cfg), tx, loss_cfg), donate_argnums=(0,))
-  state = init_state(jax.tree.map(jnp.array, variables), tx)  # A copy: conversion shares arrays with the teacher.
-  losses = []
-  for batch in batches:
-    state, metrics = step_fn(state, teacher_vars, batch)
-    losses.append(float(metrics['loss']))
-  return state.variables, losses
 
 
 def evaluate(model: Decoder, variables: dict, windows: dict) -> dict:
@@ -233,7 +216,9 @@ def main(argv):
             flush=True)
     if train_batches:
       t0 = time.perf_counter()
-      variables, losses = uptrain(model, variables, vanilla, train_batches)
+      student = Decoder(model.cfg.replace(dtype=_DTYPE.value), model.rec)
+      variables, losses = uptrain_on_batches(student, variables, Decoder(cfg), vanilla, train_batches,
+                                            _KD_LR.value)
       row['kd_losses'] = losses
       tokens = _KD_STEPS.value * _KD_BATCH.value * _KD_SEQ.value
       row['stages'].append({'stage': f'+ KD {_KD_STEPS.value} steps ({tokens} tokens)',

@@ -21,7 +21,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
@@ -33,8 +32,7 @@ from rrt_jax.data.tfds_builder import text_source
 from rrt_jax.data.tokenizer import make_tokenizer
 from rrt_jax.eval.perplexity import heldout_windows, per_loop_perplexity
 from rrt_jax.model import count_params
-from rrt_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from rrt_jax.train.step import LossConfig, init_state, make_train_step
+from rrt_jax.train.loop import uptrain_on_batches
 from rrt_jax.utils.timing import machine_description
 
 _WORKDIR = flags.DEFINE_string('workdir', 'workdir/paper_study', 'Where results, tables and plots go.')
@@ -85,20 +83,6 @@ def uptraining_batches(tokenizer, max_seq_len: int) -> list[dict]:
   config = PipelineConfig(_SEQ_LEN.value, _BATCH.value, seed=0)
   it = iter(lm_dataset(text_source('train'), tokenizer, config, max_seq_len=max_seq_len))
   return [jax.tree.map(np.asarray, next(it)) for _ in range(_UPTRAIN_STEPS.value)]
-
-
-def uptrain(model: Decoder, variables: dict, teacher: Decoder, teacher_vars: dict, batches: list[dict]) -> tuple:
-  steps = len(batches)
-  tx = make_optimizer(learning_rate_schedule(_LR.value, steps, max(1, steps // 10)))
-  loss_cfg = LossConfig(ce_weight=1.0, kd_weight=1.0, early_exit='aggressive' if model.rec.loops > 1 else 'none')
-  step_fn = jax.jit(make_train_step(model, teacher, tx, loss_cfg), donate_argnums=(0,))
-  # A fresh copy: conversion shares arrays (the embedding) with the teacher, and the state is donated.
-  state = init_state(jax.tree.map(jnp.array, variables), tx)
-  losses = []
-  for batch in batches:
-    state, metrics = step_fn(state, teacher_vars, batch)
-    losses.append(float(metrics['loss']))
-  return state.variables, losses
 
 
 def fewshot_suite(tokenizer) -> dict | None:
@@ -188,7 +172,7 @@ def main(argv):
            # Few-shot once per variant (the slow part on CPU): after uptraining when there is uptraining.
            'converted': evaluate(model, variables, windows, fewshot if name == 'vanilla' or not batches else None)}
     if name != 'vanilla' and batches:
-      variables, losses = uptrain(model, variables, teacher, vanilla, batches)
+      variables, losses = uptrain_on_batches(model, variables, teacher, vanilla, batches, _LR.value)
       row['uptrain_losses'] = losses
       row['uptrained'] = evaluate(model, variables, windows, fewshot)
     row['seconds'] = time.perf_counter() - t0

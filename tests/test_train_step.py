@@ -81,3 +81,24 @@ def test_trainable_collections_missing_from_the_variables_are_an_error():
   vanilla = init_variables(CFG, RecursionConfig(), jax.random.key(0))
   with pytest.raises(ValueError, match='lora_rank'):
     init_state(vanilla, tx, trainable_collections(True))
+
+
+def test_uptrain_on_batches_lowers_the_loss_and_leaves_the_input_untouched():
+  """The studies' in-memory KD run: the loss falls on repeated batches, and the given variables (shared with the
+  teacher after conversion) are copied, not donated."""
+  from rrt_jax.convert import to_recursive
+  from rrt_jax.train.loop import uptrain_on_batches
+  cfg = presets.TINY_LLAMA
+  teacher_vars = init_variables(cfg, RecursionConfig(), jax.random.key(0))
+  rec = RecursionConfig(loops=2, init='average', lora_rank=4)
+  student_vars = to_recursive(teacher_vars, cfg, rec)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, cfg.vocab_size, (2, 17)).astype(np.int32)
+  batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
+           'positions': np.tile(np.arange(16, dtype=np.int32), (2, 1)),
+           'segment_ids': np.ones((2, 16), np.int32), 'loss_mask': np.ones((2, 16), np.float32)}
+  before = jax.tree.map(np.asarray, student_vars)
+  _, losses = uptrain_on_batches(Decoder(cfg, rec), student_vars, Decoder(cfg), teacher_vars, [batch] * 6, lr=1e-2)
+  assert losses[-1] < losses[0]
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(student_vars), strict=True):
+    np.testing.assert_array_equal(a, np.asarray(b))
