@@ -153,5 +153,7 @@ def test_bad_calibration_input_gets_a_clear_error(originals):
     to_recursive(variables, cfg, rec)
   with pytest.raises(ValueError, match='calibration batches'):
     convert(variables, cfg, rec, None)
+  with pytest.raises(ValueError, match='calibration batches'):
+    convert(variables, cfg, rec, [])
   with pytest.raises(ValueError, match='whitened_svd'):
     convert_sequential(variables, cfg, rec.replace(lora_init='svd'), _batches(cfg.vocab_size), CALIB)

@@ -250,9 +250,9 @@ def convert(vanilla: dict, cfg: ModelConfig, rec: RecursionConfig, batches: Iter
   matrices of the original model (cached in cache_dir), or sequential calibration with config.sequential."""
   if not rec.has_lora or rec.lora_init != LoraInit.WHITENED_SVD:
     return to_recursive(vanilla, cfg, rec, progress=progress)
-  if batches is None:
-    raise ValueError("lora_init='whitened_svd' needs calibration batches (see calibration_batches).")
-  batches = list(batches)
+  batches = list(batches or [])
+  if not batches or not any((b['segment_ids'] > 0).any() for b in batches):
+    raise ValueError("lora_init='whitened_svd' needs calibration batches with real tokens (see calibration_batches).")
   if config.sequential:
     return convert_sequential(vanilla, cfg, rec, batches, config, progress)
   stats = collect_grams(cfg, vanilla, batches, config, cache_dir, progress)
