@@ -85,6 +85,40 @@ class LoraInit(enum.StrEnum):
   ZERO = 'zero'  # Standard LoRA: A random, B zero, so the relaxed model starts as the recursive one.
 
 
+ROPE_SCALING_TYPES = ('linear', 'llama3')  # Beside none ('default' in HF configs).
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """RoPE frequency scaling of long-context checkpoints, as HF transformers computes it (modeling_rope_utils).
+
+  linear: every inverse frequency divided by `factor` (position interpolation).
+  llama3: Llama 3.1's: wavelengths above original_max_position_embeddings / low_freq_factor divided by `factor`,
+    below original_max_position_embeddings / high_freq_factor kept, smoothly interpolated in between.
+  """
+
+  rope_type: str
+  factor: float
+  low_freq_factor: float | None = None  # llama3 only, like the two below.
+  high_freq_factor: float | None = None
+  original_max_position_embeddings: int | None = None
+
+  def __post_init__(self):
+    if self.rope_type not in ROPE_SCALING_TYPES:
+      raise ValueError(f'RoPE scaling type {self.rope_type!r} is not supported: rrt_jax implements '
+                       f'{", ".join(ROPE_SCALING_TYPES)} (and none).')
+    if not self.factor > 0:
+      raise ValueError(f'RoPE scaling factor must be positive, got {self.factor!r}.')
+    if self.rope_type == 'llama3':
+      llama3 = ('low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings')
+      missing = [k for k in llama3 if getattr(self, k) is None]
+      if missing:
+        raise ValueError(f'llama3 RoPE scaling needs {", ".join(missing)}.')
+      if not 0 < self.low_freq_factor < self.high_freq_factor:
+        raise ValueError(f'llama3 RoPE scaling needs 0 < low_freq_factor < high_freq_factor, got '
+                         f'{self.low_freq_factor} and {self.high_freq_factor}.')
+
+
 LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 # MIDDLE_CYCLE's two stacks of unique layers (before and after the loops), as `RecursionConfig.unique_part` names them.
 PRELUDE, CODA = 'prelude', 'coda'
@@ -117,6 +151,7 @@ class ModelConfig:
   norm_eps: float = 1e-6
   mlp: MlpType | str = MlpType.SWIGLU
   rope_theta: float = 10_000.0
+  rope_scaling: RopeScaling | None = None  # None: plain RoPE. A dict (JSON) is read as RopeScaling's fields.
   rotary_fraction: float = 1.0
   parallel_residual: bool = False
   attn_bias: bool = False
@@ -133,6 +168,11 @@ class ModelConfig:
     set_('norm', _parse_enum(NormType, self.norm, 'norm'))
     set_('mlp', _parse_enum(MlpType, self.mlp, 'mlp'))
     set_('remat', _parse_enum(RematPolicy, self.remat, 'remat policy'))
+    if isinstance(self.rope_scaling, dict):
+      known = {f.name for f in dataclasses.fields(RopeScaling)}
+      if unknown := sorted(set(self.rope_scaling) - known):
+        raise ValueError(f'Unknown rope_scaling field(s) {", ".join(unknown)}: RopeScaling has {sorted(known)}.')
+      set_('rope_scaling', RopeScaling(**self.rope_scaling))
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f'num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}.')

@@ -49,7 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.split = 'train'
-  c.data.tokenizer = 'smollm2'  # smollm2 | bytes (tiny from-scratch models)
+  # auto (the model's own: SmolLM2's, or model.path's tokenizer.json for hf; random models must name one) |
+  # smollm2 | bytes (tiny from-scratch models) | hf:<dir with tokenizer.json> (rrt_jax.data.tokenizer).
+  c.data.tokenizer = 'auto'
   c.data.seq_len = 256
   c.data.global_batch = 8
   c.data.worker_count = 0

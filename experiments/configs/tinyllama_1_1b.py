@@ -3,7 +3,8 @@
   python -m experiments.train --config=experiments/configs/tinyllama_1_1b.py:b2_r512_average \
       --config.model.path=/ckpt/tinyllama_1_1b --workdir=/ckpt/runs/tinyllama_1_1b
 Variants: b2 / b3 (loops), r0 / r64 / r128 / r256 / r512 (LoRA rank), stepwise / ends / average / lower.
-With --config.model.source=random the same shapes run with random weights (throughput and MFU checks).
+With --config.model.source=random --config.data.tokenizer=smollm2 the same shapes run with random weights
+(throughput and MFU checks; a random model has no tokenizer of its own).
 """
 
 from experiments.configs.base import paper_config

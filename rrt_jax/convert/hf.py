@@ -17,12 +17,33 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from rrt_jax.config import ModelConfig
+from rrt_jax.config import ROPE_SCALING_TYPES, ModelConfig, RopeScaling
 from rrt_jax.convert.safetensors_io import Checkpoint
 from rrt_jax.model import LAYER_PATH as LAYER
 from rrt_jax.model import Decoder
 
 _IGNORED = re.compile(r'.*(rotary_emb\.inv_freq|attention\.bias|attention\.masked_bias)$')
+
+
+def rope_scaling_from_hf(hf: dict) -> RopeScaling | None:
+  """The RoPE scaling of an HF config.json: transformers 5's rope_parameters or 4.x's rope_scaling (whose type
+  may be spelled 'type'). None for plain RoPE; a type we do not implement is an error, not silently ignored."""
+  rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
+  rope_type = rope.get('rope_type', rope.get('type', 'default'))
+  if rope_type in (None, 'default'):
+    return None
+  if rope_type not in ROPE_SCALING_TYPES:
+    raise ValueError(f'This checkpoint uses RoPE scaling type {rope_type!r}, which rrt_jax does not implement '
+                     f'(supported: {", ".join(ROPE_SCALING_TYPES)} and none): its logits would be wrong.')
+  if 'factor' not in rope:
+    raise ValueError(f'RoPE scaling {rope_type!r} in config.json has no factor.')
+  if rope_type == 'linear':
+    return RopeScaling('linear', float(rope['factor']))
+  # A missing llama3 field stays None, for RopeScaling to name.
+  number = lambda key, cast: None if rope.get(key) is None else cast(rope[key])  # noqa: E731
+  original = number('original_max_position_embeddings', int) or hf.get('max_position_embeddings')
+  return RopeScaling('llama3', float(rope['factor']), low_freq_factor=number('low_freq_factor', float),
+                     high_freq_factor=number('high_freq_factor', float), original_max_position_embeddings=original)
 
 
 def config_from_hf(hf: dict, **overrides) -> ModelConfig:
@@ -33,6 +54,7 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
   heads = hf['num_attention_heads']
   common = dict(vocab_size=hf['vocab_size'], num_layers=hf['num_hidden_layers'], d_model=hf['hidden_size'],
                 num_heads=heads, mlp_dim=hf['intermediate_size'], rope_theta=float(theta),
+                rope_scaling=rope_scaling_from_hf(hf),
                 max_seq_len=hf.get('max_position_embeddings', 2048))
   if model_type in ('llama', 'gemma'):
     act = hf.get('hidden_activation') or hf.get('hidden_act')

@@ -20,6 +20,8 @@ import jax
 import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset
 
+from rrt_jax.data.tokenizer import check_ids
+
 log = logging.getLogger(__name__)
 
 
@@ -35,17 +37,19 @@ class PipelineConfig:
 
 class Tokenize(grain.transforms.Map):
   """{'text': bytes} -> {'tokens': int32 ids + the tokenizer's eos_id}. Non-UTF-8 text is an error, not a silent
-  skip."""
+  skip; with `vocab_size`, so is an id the model has no embedding for."""
 
-  def __init__(self, tokenizer):
-    self._tokenizer, self._eos_id = tokenizer, tokenizer.eos_id
+  def __init__(self, tokenizer, vocab_size: int | None = None):
+    self._tokenizer, self._eos_id, self._vocab_size = tokenizer, tokenizer.eos_id, vocab_size
 
   def map(self, element):
     text = element['text']
     if isinstance(text, bytes):
       text = text.decode('utf-8')  # Raises on non-UTF-8: the corpora were validated when prepared.
-    ids = self._tokenizer.encode(text).ids
-    return {'tokens': np.asarray(ids + [self._eos_id], np.int32)}
+    tokens = np.asarray(self._tokenizer.encode(text).ids + [self._eos_id], np.int32)
+    if self._vocab_size is not None:
+      check_ids(tokens, self._vocab_size, self._tokenizer)
+    return {'tokens': tokens}
 
 
 def to_model_inputs(packed: dict) -> dict:
@@ -76,9 +80,11 @@ class PadBatch(grain.transforms.Map):
 
 
 def lm_dataset(source, tokenizer, config: PipelineConfig, max_seq_len: int | None = None,
-               shard_index: int | None = None, shard_count: int | None = None) -> grain.IterDataset:
+               shard_index: int | None = None, shard_count: int | None = None,
+               vocab_size: int | None = None) -> grain.IterDataset:
   """The training/eval pipeline over a random-access source of {'text'} documents; `tokenizer` (see
-  rrt_jax.data.tokenizer) ends every document with its eos_id."""
+  rrt_jax.data.tokenizer) ends every document with its eos_id. `vocab_size`: the model's, to refuse ids beyond it
+  on the host (an out-of-range id gives NaN inside jit, not an error)."""
   if max_seq_len is not None and config.seq_len > max_seq_len:
     raise ValueError(f'seq_len={config.seq_len} is longer than the model context ({max_seq_len}): '
                      f'use seq_len <= {max_seq_len}.')
@@ -93,7 +99,7 @@ def lm_dataset(source, tokenizer, config: PipelineConfig, max_seq_len: int | Non
     ds = ds.shuffle(seed=config.seed)
   ds = ds.repeat(config.num_epochs)
   ds = ds[shard_index::shard_count]
-  ds = ds.map(Tokenize(tokenizer))
+  ds = ds.map(Tokenize(tokenizer, vocab_size))
   packed = ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct={'tokens': config.seq_len + 1})
   out = packed.map(to_model_inputs).batch(config.batch_size, drop_remainder=False)
   out = out.map(PadBatch(config.batch_size))

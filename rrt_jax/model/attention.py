@@ -56,7 +56,7 @@ class Attention(nn.Module):
     b, s, _ = x_BxSxD.shape
     k = self.k(x_BxSxD, loop_onehot_BxR).reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
     v = self.v(x_BxSxD, loop_onehot_BxR).reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
-    return apply_rotary(k, positions_BxS, cfg.rope_theta, cfg.rotary_dim), v
+    return apply_rotary(k, positions_BxS, cfg.rope_theta, cfg.rotary_dim, cfg.rope_scaling), v
 
   def __call__(self, x_BxSxD: jax.Array, positions_BxS: jax.Array, mask_BxSxT: jax.Array,
                cache: KVCache | None = None, kv_x_BxSxD: jax.Array | None = None,
@@ -68,7 +68,7 @@ class Attention(nn.Module):
     h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     sel = loop_onehot_BxR
     q = self.q(x_BxSxD, sel).reshape(b, s, h, hd)
-    q = apply_rotary(q, positions_BxS, cfg.rope_theta, cfg.rotary_dim)
+    q = apply_rotary(q, positions_BxS, cfg.rope_theta, cfg.rotary_dim, cfg.rope_scaling)
     k, v = self.project_kv(x_BxSxD if kv_x_BxSxD is None else kv_x_BxSxD, positions_BxS, sel)
 
     new_cache = None

@@ -6,9 +6,13 @@ scale (and bias) in the 'lora' collection, so full-rank relaxation can reproduce
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from rrt_jax.config import RopeScaling
 
 LORA = 'lora'  # Collection of per-(loop, layer) relaxation variables.
 
@@ -63,10 +67,28 @@ def select_per_row(value: jax.Array, loop_onehot_BxR: jax.Array | None) -> jax.A
   return jnp.einsum('br,r...->b...', loop_onehot_BxR.astype(value.dtype), value)[:, None]
 
 
-def apply_rotary(x_BxSxHxD: jax.Array, positions_BxS: jax.Array, theta: float,
-                 rotary_dim: int) -> jax.Array:
-  """Rotate-half RoPE (HF convention) on the first `rotary_dim` dims of each head, in fp32."""
+def rope_inv_freq(theta: float, rotary_dim: int, scaling: RopeScaling | None = None) -> jax.Array:
+  """[rotary_dim / 2] fp32 inverse frequencies, scaled as HF transformers' 'linear' and 'llama3' RoPE types."""
   inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
+  if scaling is None:
+    return inv_freq
+  if scaling.rope_type == 'linear':
+    return inv_freq / scaling.factor
+  # llama3: keep short wavelengths, divide long ones by `factor`, interpolate in between.
+  old_len, factor = scaling.original_max_position_embeddings, scaling.factor
+  low, high = scaling.low_freq_factor, scaling.high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rotary(x_BxSxHxD: jax.Array, positions_BxS: jax.Array, theta: float,
+                 rotary_dim: int, scaling: RopeScaling | None = None) -> jax.Array:
+  """Rotate-half RoPE (HF convention) on the first `rotary_dim` dims of each head, in fp32."""
+  inv_freq = rope_inv_freq(theta, rotary_dim, scaling)
   freqs = positions_BxS[..., None].astype(jnp.float32) * inv_freq  # [B, S, rotary_dim / 2]
   angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, S, 1, rotary_dim]
   x = x_BxSxHxD.astype(jnp.float32)
