@@ -20,104 +20,254 @@ from etils import epath
 
 from rrt_jax import checkpoint
 from rrt_jax.config import ModelConfig, RecursionConfig
-from rrt_jax.model import Decoder, check_variables
+from rrt_jax.model import Decoder, check_variables, variable_shapes
 from rrt_jax.utils.uri import as_path
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = 'checkpoints'
 STATE, DATA = 'state', 'data'  # The items of each step.
+# Config fields a resumed run may change: how it computes, not what it trains.
+RESUMABLE_CHANGES = ('dtype', 'remat', 'seed')
 
 
 def checkpoints_dir(workdir: str | os.PathLike) -> epath.Path:
   return as_path(workdir) / CHECKPOINTS_DIR  # Absolute if local; a URI stays a URI.
 
 
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be written or read, with the directory and the fix in the message."""
+
+
 class TrainCheckpoints:
-  """Checkpoints under <workdir>/checkpoints/<step>/{state, data}; model configs in <workdir>/model_config.json."""
+  """Checkpoints under <workdir>/checkpoints/<step>/{state, data}; model configs in <workdir>/model_config.json.
+
+  A step that fails to restore is moved to <workdir>/checkpoints.unreadable/<step> (kept for inspection, no longer
+  "latest"), so the steps retrained after it are saved again. A failed asynchronous save is raised at the next
+  step (`check_for_errors`), naming the step and the directory."""
 
   def __init__(self, workdir: str | os.PathLike, every_steps: int, keep: int = 3, async_save: bool = True):
+    if keep < 1:
+      raise ValueError(f'checkpoint.keep={keep}: keep at least 1 checkpoint (a run without one cannot resume).')
+    self.workdir = as_path(workdir)
     self.directory = checkpoints_dir(workdir)
     self.every_steps = every_steps
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                            create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA))
+    self._saving: int | None = None  # The step of the save in flight, for error messages.
 
-  def write_configs(self, workdir: str | os.PathLike, cfg: ModelConfig, rec: RecursionConfig) -> None:
+  def check_configs(self, cfg: ModelConfig, rec: RecursionConfig) -> None:
+    """Refuses a workdir whose checkpoints were trained with another model or recursion config (restoring them
+    would fail, or silently mix two runs when the shapes agree, e.g. cycle vs sequence)."""
+    if not (self.workdir / checkpoint.CONFIG_FILE).exists() or self.latest_step() is None:
+      return
+    old = checkpoint.configs_to_json(*checkpoint.read_configs(self.workdir, 'holds no training run'))
+    new = checkpoint.configs_to_json(cfg, rec)
+    changed = [f'{section}.{k}: {v!r} in the workdir, {new[section].get(k)!r} now'
+               for section in ('model', 'recursion') for k, v in old[section].items()
+               if k not in RESUMABLE_CHANGES and new[section].get(k) != v]
+    if changed:
+      raise ValueError(f'{self.workdir} holds checkpoints (up to step {self.latest_step()}) of another model: '
+                       + '; '.join(changed) + '. Train into a new --workdir, or rerun with the workdir\'s config.')
+
+  def write_configs(self, workdir: str | os.PathLike, cfg: ModelConfig, rec: RecursionConfig,
+                    tokenizer=None) -> None:
+    """model_config.json with the tokenizer the run trains with (rrt_jax.checkpoint.write_configs)."""
     if jax.process_index() == 0:
-      checkpoint.write_configs(workdir, cfg, rec)
+      checkpoint.write_configs(workdir, cfg, rec, tokenizer)
 
   def save(self, step: int, state, data_iterator, force: bool = False) -> bool:
     if not force and (self.every_steps <= 0 or step % self.every_steps):
       return False
     if step in self.manager.all_steps():  # Already saved (e.g. the periodic save at the final step).
       return False
+    self.wait()  # Orbax waits for the previous save anyway; a failure of it is reported as its own step's.
     # grain's handler writes one state file per process, so every host resumes its own shard.
     args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
                                  DATA: grain.checkpoint.CheckpointSave(data_iterator)})
-    saved = self.manager.save(step, args=args, force=force)
+    try:
+      saved = self.manager.save(step, args=args, force=force)
+    except Exception as e:  # noqa: BLE001  (Orbax and TensorStore raise many types)
+      raise self._save_error(step, e) from e
     if saved:
+      self._saving = step
       log.info('checkpoint saved at step %d', step)
     return saved
+
+  def check_for_errors(self) -> None:
+    """Raises CheckpointError if an asynchronous save failed (disk full, permissions, a lost bucket)."""
+    try:
+      self.manager.check_for_errors()
+    except Exception as e:  # noqa: BLE001
+      raise self._save_error(self._saving, e) from e
+
+  def _save_error(self, step: int | None, error: Exception) -> CheckpointError:
+    reason = ' '.join(str(error).split())[-400:]
+    good = [s for s in self.manager.all_steps() if s != step]
+    resume = f'the run resumes from step {max(good)}' if good else 'no earlier checkpoint exists'
+    return CheckpointError(f'saving the checkpoint of step {step} in {self.directory} failed ({type(error).__name__}: '
+                           f'{reason}). Free space or fix access there and rerun the same command: {resume}.')
 
   def latest_step(self) -> int | None:
     """The newest saved step, or None before the first save."""
     return self.manager.latest_step()
 
   def restore_latest(self, abstract_state, data_iterator) -> tuple[int, object] | None:
-    """(step, state) of the newest checkpoint that restores (data_iterator is set to its state in place);
-    None if there is none."""
+    """(step, state) of the newest checkpoint that restores (data_iterator is set to its state in place); None if
+    there is none. Unreadable newer steps are moved aside; if no step restores, CheckpointError."""
+    failures = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(**{
             STATE: ocp.args.StandardRestore(abstract_state), DATA: grain.checkpoint.CheckpointRestore(data_iterator)}))
-      except Exception as e:  # Orbax raises several types for missing or corrupt files.
+      except Exception as e:  # noqa: BLE001  (Orbax raises several types for missing or corrupt files)
+        reason = ' '.join(str(e).split())[:300]
         log.error('checkpoint at step %d could not be restored (%s: %s); trying the previous one', step,
-                  type(e).__name__, str(e)[:300])
+                  type(e).__name__, reason)
+        failures.append((step, f'{type(e).__name__}: {reason}'))
         continue
+      if failures:
+        self._move_aside([s for s, _ in failures])
       return step, restored[STATE]
+    if failures:
+      raise CheckpointError(
+          f'no checkpoint in {self.directory} restores (steps {[s for s, _ in failures]}; step {failures[0][0]}: '
+          f'{failures[0][1]}). If the model or mesh config changed, train into a new --workdir; if the files are '
+          'damaged, move the checkpoints/ directory away to start over.')
     return None
 
+  def _move_aside(self, steps: list[int]) -> None:
+    """Unreadable steps -> checkpoints.unreadable/<step> (process 0; every process then rereads the steps)."""
+    aside = self.workdir / f'{CHECKPOINTS_DIR}.unreadable'
+    if jax.process_index() == 0:
+      aside.mkdir(parents=True, exist_ok=True)
+      for step in steps:
+        target = aside / str(step)
+        if target.exists():
+          target.rmtree()
+        (self.directory / str(step)).rename(target)
+        log.warning('moved the unreadable checkpoint of step %d to %s', step, target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices('rrt_jax: unreadable checkpoints moved aside')
+    self.manager.reload()
+
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for the save in flight; raises CheckpointError if it failed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise self._save_error(self._saving, e) from e
+    self.check_for_errors()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
 
-def load_training_checkpoint(workdir: str | os.PathLike, step: int | None = None) -> tuple[Decoder, dict, int]:
-  """(Decoder(cfg, rec), variables, step) from a training workdir (the latest checkpoint by default)."""
+def _restorable_steps(ckpt_dir: epath.Path) -> list[int]:
+  # Orbax's finalized steps: on GCS an unfinished step directory has its final name, only without its commit file.
+  return sorted(ocp.utils.checkpoint_steps(ckpt_dir))
+
+
+def load_training_checkpoint(workdir: str | os.PathLike, step: int | None = None,
+                             shardings: dict | None = None) -> tuple[Decoder, dict, int]:
+  """(Decoder(cfg, rec), variables, step) from a training workdir (the latest readable checkpoint by default).
+
+  Only the variables are read (not the optimizer state), onto this process's first device or onto `shardings`
+  (a pytree of jax.sharding.Sharding matching the variables, e.g. train.sharding.variable_shardings): a checkpoint
+  written on any topology (a pod slice, 8 GPUs) loads in a 1-device notebook."""
   cfg, rec = checkpoint.read_configs(workdir, 'holds no training run')
   ckpt_dir = checkpoints_dir(workdir)
   if not ckpt_dir.is_dir():
     raise FileNotFoundError(f'{workdir} holds no training run (no {CHECKPOINTS_DIR}/).')
-  # Orbax's finalized steps: on GCS an unfinished step directory has its final name, only without its commit file.
-  steps = sorted(ocp.utils.checkpoint_steps(ckpt_dir))
+  steps = _restorable_steps(ckpt_dir)
   if not steps:
     raise FileNotFoundError(f'No finished checkpoint in {ckpt_dir}.')
-  step = steps[-1] if step is None else step
-  if step not in steps:
+  if step is not None and step not in steps:
     raise FileNotFoundError(f'No checkpoint for step {step} in {ckpt_dir}; there are {steps}.')
-  with ocp.StandardCheckpointer() as ckptr:
-    state = ckptr.restore(ckpt_dir / str(step) / STATE)  # The TrainState's fields, as a dict.
-  variables = jax.tree.map(jax.numpy.asarray, state['variables'])
-  check_variables(variables, cfg, rec, f'checkpoint {ckpt_dir}/{step}')
-  return Decoder(cfg, rec), variables, step
+  shapes = variable_shapes(cfg, rec)
+  if shardings is None:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: device, shapes)
+  target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+  candidates = [step] if step is not None else steps[::-1]
+  errors = []
+  for candidate in candidates:
+    try:
+      variables = _restore_variables(ckpt_dir / str(candidate) / STATE, target)
+    except Exception as e:  # noqa: BLE001  (Orbax/TensorStore raise many types for damaged files)
+      errors.append(f'step {candidate}: {type(e).__name__}: {" ".join(str(e).split())[:300]}')
+      log.error('checkpoint %s/%d could not be read (%s); trying the previous one', ckpt_dir, candidate, errors[-1])
+      continue
+    check_variables(variables, cfg, rec, f'checkpoint {ckpt_dir}/{candidate}')
+    return Decoder(cfg, rec), variables, candidate
+  raise CheckpointError(f'no checkpoint in {ckpt_dir} can be read ({"; ".join(errors)}): the files are damaged or '
+                        f'were written for another config than {checkpoint.CONFIG_FILE} describes.')
+
+
+def _restore_variables(state_dir: epath.Path, target: dict) -> dict:
+  """The 'variables' of a saved TrainState, restored onto `target`'s shardings (a partial restore: the optimizer
+  state and step stay on disk)."""
+  restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    restored = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item={'variables': target}, restore_args={'variables': restore_args}, partial_restore=True))
+  return restored['variables']
 
 
 class Preemption:
-  """SIGTERM (a preempted or stopped job) sets `requested`; the loop saves a checkpoint and stops at the next step
-  boundary. `restore` puts the previous handler back."""
+  """A stop request at a step boundary that every process agrees on: SIGTERM (a preempted VM, `kill`, a scheduler)
+  or SIGINT (Ctrl-C) saves a checkpoint and stops; a second Ctrl-C interrupts at once.
+
+  One process: our own signal handlers. Several processes (jax.distributed): a signal reaches one host only, so
+  the stop goes through JAX's preemption sync point (the coordination service hears SIGTERM and names one step at
+  which `reached(step)` is True on every process), the way MaxText and Orbax do; Ctrl-C is turned into SIGTERM."""
 
   def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self.signal: int | None = None
+    self._multi = jax.process_count() > 1
+    self._previous = {}
+    signals = (signal.SIGINT,) if self._multi else (signal.SIGTERM, signal.SIGINT)
+    for signum in signals:
+      self._previous[signum] = signal.signal(signum, self._handle)
 
   def _handle(self, signum, frame):
-    del signum, frame
-    log.warning('SIGTERM received: saving a checkpoint and stopping')
-    self.requested = True
+    del frame
+    if self.signal is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # The second Ctrl-C.
+    name = signal.Signals(signum).name
+    log.warning('%s received: saving a checkpoint and stopping (Ctrl-C again to abort without one)', name)
+    self.signal = signum
+    if self._multi:
+      os.kill(os.getpid(), signal.SIGTERM)  # To JAX's notifier, which tells the other processes.
+
+  def reached(self, step: int) -> bool:
+    """Whether to save and stop after `step` (call it at every step on every process: it is collective)."""
+    if self._multi:
+      from jax.experimental import multihost_utils
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.signal = self.signal or signal.SIGTERM
+        return True
+      return False
+    return self.signal is not None
+
+  @property
+  def requested(self) -> bool:
+    return self.signal is not None
 
   def restore(self) -> None:
-    signal.signal(signal.SIGTERM, self._previous)
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+
+class Interrupted(Exception):  # noqa: N818  (a stop, not an error)
+  """Training stopped by a signal after saving a checkpoint; rerunning the same command resumes."""
+
+  def __init__(self, signum: int, step: int, directory):
+    self.signum, self.step = signum, step
+    super().__init__(f'stopped by {signal.Signals(signum).name} at step {step} with a checkpoint in {directory}: '
+                     'rerun the same command to resume.')

@@ -10,22 +10,24 @@ Shapes: a batch is a dict of [global_batch, seq_len] arrays (rrt_jax/data/pipeli
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from rrt_jax.data.tokenizer import make_tokenizer
+from rrt_jax.data.tokenizer import check_vocab, tokenizer_for_model
 from rrt_jax.model import Decoder
 from rrt_jax.train import flops, setup
-from rrt_jax.train.checkpointing import Preemption, TrainCheckpoints
+from rrt_jax.train.checkpointing import Interrupted, Preemption, TrainCheckpoints
 from rrt_jax.train.metrics import MetricsWriter, to_scalars
 from rrt_jax.train.sharding import global_batch, make_mesh, replicated
 from rrt_jax.train.step import init_state, make_train_step
-from rrt_jax.utils.uri import as_path
+from rrt_jax.train.validate import check_config, check_mesh
+from rrt_jax.utils.locking import file_lock
+from rrt_jax.utils.uri import as_path, is_uri
 
 log = logging.getLogger(__name__)
 
@@ -34,23 +36,46 @@ def train(c: ml_collections.ConfigDict, workdir: str, source=None, tokenizer=Non
           stop_after: int | None = None, student_variables: dict | None = None) -> list[dict]:
   """Runs uptraining; returns the logged metrics. `source`/`tokenizer` override the TFDS split and data.tokenizer
   (tests); `stop_after` stops (with a checkpoint) after that many steps of this run; `student_variables` (host
-  arrays for Decoder(cfg, rec)) replace the conversion recipe (e.g. a model converted and healed elsewhere)."""
-  from rrt_jax.data.pipeline import CheckpointableIterator
+  arrays for Decoder(cfg, rec)) replace the conversion recipe (e.g. a model converted and healed elsewhere).
+
+  The whole config is checked before anything is loaded or written (validate.py). A workdir is trained by one run
+  at a time (a lock file). SIGTERM or Ctrl-C saves a checkpoint and raises `Interrupted`; a non-finite loss raises
+  FloatingPointError before any checkpoint of it is written."""
+  check_config(c, workdir)
   setup.init_distributed(c)
+  check_mesh(c, jax.device_count())
   as_path(workdir).mkdir(parents=True, exist_ok=True)
+  with workdir_lock(workdir):
+    return _train(c, workdir, source, tokenizer, stop_after, student_variables)
+
+
+def workdir_lock(workdir: str):
+  """One trainer per workdir: process 0 holds <workdir>/.lock (local workdirs; object stores have no locks)."""
+  if jax.process_index() or is_uri(workdir):
+    return contextlib.nullcontext()
+  return file_lock(as_path(workdir) / '.lock', blocking=False,
+                   what=f'training workdir {workdir}: another run is training into it; wait for it, stop it, or '
+                        'choose another --workdir')
+
+
+def _train(c: ml_collections.ConfigDict, workdir: str, source, tokenizer, stop_after: int | None,
+           student_variables: dict | None) -> list[dict]:
+  from rrt_jax.data.pipeline import CheckpointableIterator
   if tokenizer is None:
-    tokenizer = make_tokenizer(c.data.tokenizer)
+    tokenizer, _ = tokenizer_for_model(c.data.tokenizer, c.model.source, c.model.path)
   if source is None:
     from rrt_jax.data.tfds_builder import text_source
     source = text_source(c.data.split)
 
   mesh = make_mesh(**c.mesh)
   cfg, vanilla = setup.load_original(c, tokenizer.get_vocab_size())
+  check_vocab(tokenizer, cfg.vocab_size, f'model.source={c.model.source} {c.model.path or c.model.preset}')
   rec = setup.recursion_config(c)
   log.info('model %s, %s; mesh %s', cfg.family, rec, dict(mesh.shape))
 
   use_teacher = c.loss.kd_weight > 0
   ckpts = TrainCheckpoints(workdir, **c.checkpoint)
+  ckpts.check_configs(cfg, rec)  # Before the conversion recipe: a config/workdir mismatch fails in seconds.
   if student_variables is None and vanilla is not None:
     # The conversion recipe (calibration, healing) runs only for a fresh run: a resumed run restores its state,
     # so the plain conversion is enough as a template.
@@ -70,22 +95,28 @@ def train(c: ml_collections.ConfigDict, workdir: str, source=None, tokenizer=Non
   step_fn = jax.jit(make_train_step(Decoder(cfg, rec), teacher, tx, setup.loss_config(c), c.train.grad_accum,
                                     trainable), donate_argnums=(0,), out_shardings=(state_shardings, replicated(mesh)))
 
-  data_iter = CheckpointableIterator(setup.data_iterators(c, source, tokenizer, cfg.max_seq_len))
+  data_iter = CheckpointableIterator(setup.data_iterators(c, source, tokenizer, cfg.max_seq_len, cfg.vocab_size))
 
-  ckpts.write_configs(workdir, cfg, rec)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
   restored = ckpts.restore_latest(abstract, data_iter)
   if restored is not None:
     start_step, state = restored
     log.info('resumed from step %d', start_step)
+  ckpts.write_configs(workdir, cfg, rec, tokenizer)
+  first = int(state.step)
+  if first >= c.train.steps:
+    log.warning('%s is already trained to step %d >= train.steps=%d: nothing to do (raise train.steps to go on)',
+                workdir, first, c.train.steps)
+    ckpts.close()
+    return []
 
   flops_per_token = flops.train_flops_per_token(cfg, rec, c.data.seq_len, exits=rec.loops,
                                                 teacher=cfg if use_teacher else None)
   peak = flops.measured_matmul_peak(cfg.dtype) * jax.device_count()
-  writer = MetricsWriter(workdir)
+  writer = MetricsWriter(workdir, resume_step=first)
   preemption = Preemption()
-  history, last_good = [], int(state.step)
-  first = int(state.step)
+  finite = FiniteSteps()
+  history = []
   end = c.train.steps if stop_after is None else min(c.train.steps, first + stop_after)
   try:
     from tqdm import tqdm
@@ -96,16 +127,15 @@ def train(c: ml_collections.ConfigDict, workdir: str, source=None, tokenizer=Non
       batch = global_batch(next(data_iter), mesh)
       state, metrics = step_fn(state, teacher_vars, batch)
       done = step + 1
+      finite.add(done, metrics)
+      ckpts.check_for_errors()
       if done == first + 1:
         jax.block_until_ready(state)
         t0, timed_from = time.perf_counter(), done
-      if done % c.log_every == 0 or done == end:
+      stopping = preemption.reached(done) or done == end
+      if done % c.log_every == 0 or stopping:
+        finite.check(ckpts)
         scalars = to_scalars(metrics)
-        if not math.isfinite(scalars['loss']):
-          ckpts.wait()
-          raise FloatingPointError(
-              f'loss is {scalars["loss"]} at step {done}: stopping. The last good checkpoint is step '
-              f'{last_good} in {ckpts.directory}; lower train.lr or raise train.warmup_steps and resume.')
         scalars.pop('tokens')
         jax.block_until_ready(state)
         now = time.perf_counter()
@@ -119,18 +149,42 @@ def train(c: ml_collections.ConfigDict, workdir: str, source=None, tokenizer=Non
         writer.write(done, scalars)
         history.append({'step': done, **scalars})
         bar.set_postfix(loss=f'{scalars["loss"]:.3f}', tok_s=f'{tokens_per_s:,.0f}', mfu=f'{scalars["mfu"]:.1%}')
-      if ckpts.save(done, state, data_iter):
-        last_good = done
-      if preemption.requested:
-        ckpts.save(done, state, data_iter, force=True)
-        break
-    else:
-      ckpts.save(end, state, data_iter, force=True)
+      if stopping or (ckpts.every_steps > 0 and done % ckpts.every_steps == 0):
+        finite.check(ckpts)  # Never save a state that a non-finite loss or gradient produced.
+        ckpts.save(done, state, data_iter, force=stopping)
+      if preemption.requested and stopping:
+        ckpts.wait()
+        raise Interrupted(preemption.signal, done, ckpts.directory)
+    ckpts.wait()
   finally:
     preemption.restore()
-    ckpts.close()
     writer.close()
+    ckpts.close()
   return history
+
+
+class FiniteSteps:
+  """Whether every step's loss and gradient norm were finite, checked without a host sync per step: the flags stay
+  on the device until `check` (at log steps and before every save)."""
+
+  def __init__(self):
+    self._pending: list[tuple[int, jax.Array]] = []
+
+  def add(self, step: int, metrics: dict) -> None:
+    self._pending.append((step, jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])))
+
+  def check(self, ckpts: TrainCheckpoints) -> None:
+    flags = jax.device_get([f for _, f in self._pending])
+    bad = [step for (step, _), ok in zip(self._pending, flags, strict=True) if not ok]
+    self._pending = []
+    if bad:
+      ckpts.wait()
+      good = ckpts.latest_step()
+      where = (f'The last good checkpoint is step {good} in {ckpts.directory}; lower train.lr or raise '
+               'train.warmup_steps and rerun to resume from it.' if good is not None else
+               'No checkpoint was saved before it: lower train.lr or raise train.warmup_steps and rerun (it starts '
+               'over from the converted model).')
+      raise FloatingPointError(f'loss or gradient is not finite at step {bad[0]}: stopping. {where}')
 
 
 def uptrain_on_batches(student: Decoder, variables: dict, teacher: Decoder, teacher_variables: dict,

@@ -42,29 +42,50 @@ def tensorboard_unsupported(logdir: str) -> str | None:
   return None
 
 
+def _row_step(line: str) -> float:
+  """The step of a metrics.jsonl row; a torn last line (a killed writer) counts as discarded."""
+  try:
+    return json.loads(line)['step']
+  except (ValueError, KeyError, TypeError):
+    return float('inf')
+
+
 class MetricsWriter:
   """metrics.jsonl and TensorBoard event files in the workdir (process 0 only).
 
   Object stores (gs://) neither append nor show a file before it is closed, so in a remote workdir metrics.jsonl is
   rewritten whole (earlier runs' lines kept) and the events are uploaded at most every `sync_every_s` seconds and on
-  close; locally both are flushed at every write."""
+  close; locally both are flushed at every write.
 
-  def __init__(self, workdir: str, sync_every_s: float = 60.0):
+  resume_step: the step the run starts from. Rows of later steps (trained by an earlier run after its last
+  checkpoint, then discarded) are dropped from metrics.jsonl, and TensorBoard is told to purge them."""
+
+  def __init__(self, workdir: str, sync_every_s: float = 60.0, resume_step: int | None = None):
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
     self._path = as_path(workdir) / 'metrics.jsonl'
     self._remote = is_uri(workdir)
     self._sync_every_s, self._synced_at, self._unsynced = sync_every_s, time.monotonic(), False
+    text = self._path.read_text() if self._path.exists() else ''
+    if resume_step is not None:
+      kept = [line for line in text.splitlines(keepends=True) if _row_step(line) <= resume_step]
+      if len(kept) < text.count('\n'):
+        log.info('metrics.jsonl: dropped %d rows after step %d (discarded steps of an earlier run)',
+                 text.count('\n') - len(kept), resume_step)
+        text = ''.join(kept)
+        if not self._remote:
+          self._path.write_text(text)
     if self._remote:
-      self._text = self._path.read_text() if self._path.exists() else ''
+      self._text = text
     else:
       self._jsonl = self._path.open('a')
     logdir = str(as_path(workdir) / 'tensorboard')
     reason = tensorboard_unsupported(logdir)
     if reason is None:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(logdir)
+      purge = None if resume_step is None else resume_step + 1
+      self._tb = SummaryWriter(logdir, purge_step=purge)
     else:
       self._tb = None
       log.warning('no TensorBoard events in %s: %s; metrics.jsonl has the same scalars', logdir, reason)

@@ -133,7 +133,8 @@ def initial_variables(c: ml_collections.ConfigDict, cfg: ModelConfig, rec: Recur
   return student, teacher if use_teacher else None
 
 
-def data_iterators(c: ml_collections.ConfigDict, source, tokenizer, max_seq_len: int) -> list:
+def data_iterators(c: ml_collections.ConfigDict, source, tokenizer, max_seq_len: int,
+                   vocab_size: int | None = None) -> list:
   """This process's iterators: data.shards virtual shards (None = one per process) split over the processes, so
   the global batch is the same whatever the number of hosts (rows of shard i are rows i*b .. (i+1)*b - 1)."""
   from rrt_jax.data.pipeline import PipelineConfig, lm_dataset
@@ -148,5 +149,7 @@ def data_iterators(c: ml_collections.ConfigDict, source, tokenizer, max_seq_len:
   config = PipelineConfig(c.data.seq_len, c.data.global_batch // shards, seed=c.data.seed,
                           worker_count=c.data.worker_count)
   first = jax.process_index() * per_process
-  return [iter(lm_dataset(source, tokenizer, config, max_seq_len=max_seq_len, shard_index=i, shard_count=shards))
+  # vocab_size: every id is checked on the host against the model's vocabulary (a clear error, not NaN logits).
+  return [iter(lm_dataset(source, tokenizer, config, max_seq_len=max_seq_len, shard_index=i, shard_count=shards,
+                          vocab_size=vocab_size))
           for i in range(first, first + per_process)]

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from rrt_jax.model import Decoder
-from rrt_jax.train.losses import uptraining_loss
+from rrt_jax.train.losses import EARLY_EXIT_SCHEMES, KD_TARGETS, uptraining_loss
 
 
 @flax.struct.dataclass
@@ -39,6 +39,18 @@ class LossConfig:
   early_exit: str = 'none'
   exit_alpha: float = 0.1
   kd_target: str = 'teacher'
+
+  def __post_init__(self):
+    if self.early_exit not in EARLY_EXIT_SCHEMES:
+      raise ValueError(f'Unknown loss.early_exit {self.early_exit!r}: choose one of {EARLY_EXIT_SCHEMES}.')
+    if self.kd_target not in KD_TARGETS:
+      raise ValueError(f'Unknown loss.kd_target {self.kd_target!r}: choose one of {KD_TARGETS}.')
+    if self.ce_weight < 0 or self.kd_weight < 0 or self.ce_weight + self.kd_weight <= 0:
+      raise ValueError(f'loss.ce_weight={self.ce_weight} and loss.kd_weight={self.kd_weight} must be >= 0 and not '
+                       'both 0.')
+    if not self.temperature > 0 or not 0 <= self.exit_alpha <= 1:
+      raise ValueError(f'loss.temperature={self.temperature} must be > 0 and loss.exit_alpha={self.exit_alpha} in '
+                       '[0, 1].')
 
 
 def split_trainable(variables: dict, trainable: Sequence[str] | None) -> tuple[dict, dict]:

@@ -1,0 +1,182 @@
+"""The whole experiment config checked before anything is loaded or written: enums, ranges, divisibility, paths.
+
+`check_config(c)` needs no accelerator (the CLI runs it while parsing flags, so --only_check_args fails on a bad
+config); `check_mesh(c, num_devices)` adds what depends on the device count, once jax.distributed is up. Both
+raise one ConfigError listing every problem, each naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+
+import ml_collections
+
+from rrt_jax import presets
+from rrt_jax.config import ModelConfig, RecursionConfig, RematPolicy
+from rrt_jax.train.optimizer import SCHEDULES
+
+SOURCES = ('smollm2', 'hf', 'random')
+DTYPES = ('float32', 'bfloat16', 'float16')
+TOKENIZERS = ('auto', 'smollm2', 'bytes')  # 'auto': the model's own (rrt_jax.data.tokenizer).
+SMOLLM2_PRESET = 'smollm2_135m'  # The packaged GGUF's architecture (its weights are read only when training).
+
+
+class ConfigError(ValueError):
+  """Every problem of a config, one per line."""
+
+  def __init__(self, problems: list[str]):
+    self.problems = problems
+    super().__init__('bad config:\n' + '\n'.join(f'  - {p}' for p in problems))
+
+
+def _model_config(c: ml_collections.ConfigDict) -> ModelConfig | None:
+  """The architecture without loading weights: the preset, or an HF checkpoint's config.json."""
+  m = c.model
+  if m.source == 'random':
+    return presets.get(m.preset)
+  if m.source == 'smollm2':
+    return presets.get(SMOLLM2_PRESET)
+  from rrt_jax.convert.hf import config_from_hf
+  from rrt_jax.utils.uri import as_path
+  return config_from_hf(json.loads((as_path(m.path) / 'config.json').read_text()))
+
+
+def _model_checks(c: ml_collections.ConfigDict) -> list[Callable[[], None]]:
+  m = c.model
+
+  def source():
+    if m.source not in SOURCES:
+      raise ValueError(f'model.source={m.source!r}: choose one of {SOURCES}.')
+    if m.source == 'hf':
+      from rrt_jax.utils.uri import as_path
+      if not m.path:
+        raise ValueError('model.source=hf needs --config.model.path=/path/to/hf_checkpoint_dir.')
+      if not (as_path(m.path) / 'config.json').exists():
+        raise ValueError(f'model.path={m.path!r} has no config.json: point it at an HF checkpoint directory.')
+
+  def dtype():
+    if m.dtype not in DTYPES:
+      raise ValueError(f'model.dtype={m.dtype!r}: choose one of {DTYPES}.')
+    if m.remat not in set(RematPolicy):
+      raise ValueError(f'model.remat={m.remat!r}: choose one of {[p.value for p in RematPolicy]}.')
+
+  def recursion():
+    try:
+      rec = RecursionConfig(**c.recursion, seed=c.train.seed)
+    except (ValueError, TypeError) as e:
+      raise ValueError(f'recursion: {e}') from None
+    if m.source not in SOURCES or (m.source == 'hf' and not m.path):
+      return  # (Reported by `source`.)
+    cfg = _model_config(c)
+    try:
+      rec.shared_layers(cfg.num_layers)
+    except ValueError as e:
+      raise ValueError(f'recursion: {e}') from None
+    if c.train.freeze_shared and not rec.has_lora:
+      raise ValueError('train.freeze_shared=True trains only LoRA: set recursion.lora_rank (or variant rN, N > 0).')
+
+  return [source, dtype, recursion]
+
+
+def _positive(c: ml_collections.ConfigDict, *names: str, minimum: float = 1) -> Callable[[], None]:
+  def check():
+    bad = [f'{n}={_get(c, n)!r}' for n in names if not (isinstance(_get(c, n), int | float) and
+                                                          _get(c, n) >= minimum)]
+    if bad:
+      raise ValueError(f'{", ".join(bad)}: must be a number >= {minimum}.')
+  return check
+
+
+def _get(c: ml_collections.ConfigDict, dotted: str):
+  node = c
+  for part in dotted.split('.'):
+    node = node[part]
+  return node
+
+
+def _section_checks(c: ml_collections.ConfigDict) -> list[Callable[[], None]]:
+  t = c.train
+
+  def loss():
+    from rrt_jax.train.step import LossConfig
+    LossConfig(**c.loss)
+
+  def conversion():
+    from rrt_jax.convert.calibration import CalibrationConfig
+    from rrt_jax.train.healing import HealingConfig
+    CalibrationConfig(**c.calibration)
+    HealingConfig(**c.healing)
+
+  def schedule():
+    if t.decay not in SCHEDULES:
+      raise ValueError(f'train.decay={t.decay!r}: choose one of {SCHEDULES}.')
+    if not t.lr > 0 or t.warmup_steps < 0 or t.end_lr_ratio < 0:
+      raise ValueError(f'train.lr={t.lr} must be > 0, train.warmup_steps={t.warmup_steps} and train.end_lr_ratio='
+                       f'{t.end_lr_ratio} >= 0.')
+    if not (0 <= t.b1 < 1 and 0 <= t.b2 < 1) or t.clip_norm < 0 or t.weight_decay < 0:
+      raise ValueError(f'train.b1={t.b1} and train.b2={t.b2} must be in [0, 1), train.clip_norm={t.clip_norm} and '
+                       f'train.weight_decay={t.weight_decay} >= 0.')
+
+  def batch():
+    d = c.data
+    if d.global_batch % t.grad_accum:
+      raise ValueError(f'data.global_batch={d.global_batch} is not a multiple of train.grad_accum={t.grad_accum}.')
+    if d.shards is not None and (d.shards < 1 or d.global_batch % d.shards):
+      raise ValueError(f'data.shards={d.shards} must be >= 1 and divide data.global_batch={d.global_batch}.')
+
+  def distributed():
+    dist = c.distributed
+    if dist.coordinator and dist.coordinator != 'auto' and not 0 <= dist.process_id < dist.num_processes:
+      raise ValueError(f'distributed.process_id={dist.process_id} must be in [0, distributed.num_processes='
+                       f'{dist.num_processes}).')
+
+  return [_positive(c, 'train.steps', 'train.grad_accum', 'data.global_batch', 'log_every', 'checkpoint.keep'),
+          _positive(c, 'data.seq_len', minimum=2), _positive(c, 'checkpoint.every_steps', minimum=0),
+          loss, conversion, schedule, batch, lambda: _check_tokenizer(c.data.tokenizer, c.model.source), distributed]
+
+
+def _check_tokenizer(spec: str, source: str) -> None:
+  if spec in TOKENIZERS or spec.startswith('hf:'):
+    if spec == 'auto' and source == 'random':
+      raise ValueError("data.tokenizer='auto' follows the model, but a random model has none: name one "
+                       "(data.tokenizer='bytes' or 'smollm2').")
+    return
+  raise ValueError(f'data.tokenizer={spec!r}: choose one of {TOKENIZERS} or hf:<checkpoint dir>.')
+
+
+def check_config(c: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None) -> None:
+  """Raises ConfigError with every problem of `c` (and of `workdir` if given); touches no accelerator."""
+  checks = [*_model_checks(c), *_section_checks(c)]
+  if workdir is not None:
+    checks.append(lambda: _check_workdir(workdir))
+  problems = []
+  for check in checks:
+    try:
+      check()
+    except (ValueError, TypeError, KeyError) as e:
+      problems.append(str(e).strip().strip("'\""))
+  if problems:
+    raise ConfigError(problems)
+
+
+def _check_workdir(workdir: str | os.PathLike) -> None:
+  if not os.fspath(workdir).strip():
+    raise ValueError('--workdir is empty: name a directory (local or gs://...) for checkpoints and metrics.')
+  from rrt_jax.utils.uri import as_path
+  if as_path(workdir).exists() and not as_path(workdir).is_dir():
+    raise ValueError(f'--workdir={os.fspath(workdir)} is a file, not a directory.')
+
+
+def check_mesh(c: ml_collections.ConfigDict, num_devices: int) -> None:
+  """The mesh fits the devices and the batch splits over its batch axes (data x fsdp)."""
+  from rrt_jax.train.sharding import mesh_shape
+  try:
+    data, fsdp, _ = mesh_shape((c.mesh.data, c.mesh.fsdp, c.mesh.tensor), num_devices)
+  except ValueError as e:
+    raise ConfigError([f'mesh: {e}']) from None
+  if c.data.global_batch % (data * fsdp):
+    raise ConfigError([f'data.global_batch={c.data.global_batch} does not split over the {data * fsdp} batch '
+                       f'devices (mesh data={data} x fsdp={fsdp}): make it a multiple of {data * fsdp}, or move '
+                       'devices to mesh.tensor.'])

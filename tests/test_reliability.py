@@ -1,0 +1,148 @@
+"""Faults and bad inputs of a training run end in a resume with nothing lost or in one clear error naming the fix:
+a changed config in an old workdir, unreadable checkpoints, non-finite losses between log steps, failing saves, two
+trainers on one workdir, reruns with fewer steps, metrics of discarded steps, an indivisible batch."""
+
+import errno
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from orbax.checkpoint._src.path import atomicity
+
+from experiments.configs import tiny_cpu
+from rrt_jax.data.byte_tokenizer import ByteTokenizer
+from rrt_jax.train.checkpointing import CheckpointError, load_training_checkpoint
+from rrt_jax.train.loop import train
+from rrt_jax.train.validate import ConfigError, check_config, check_mesh
+from rrt_jax.utils.locking import LockHeld, file_lock
+
+TEXT = [{'text': f'Sentence number {i} says something about faults and how a run survives them.'}
+        for i in range(64)]
+
+
+def tiny(**overrides):
+  c = tiny_cpu.get_config()
+  c.data.seq_len = 32
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def run(c, workdir, **kwargs):
+  return train(c, str(workdir), source=TEXT, tokenizer=ByteTokenizer(), **kwargs)
+
+
+def saved_steps(workdir):
+  return sorted(int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit())
+
+
+def damage(directory):
+  for path in directory.rglob('*'):
+    if path.is_file():
+      path.write_bytes(b'garbage')
+
+
+def metric_steps(workdir):
+  return [json.loads(line)['step'] for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+
+
+@pytest.mark.parametrize('change', [{'recursion.lora_rank': 4}, {'recursion.looping': 'sequence'}])
+def test_a_changed_model_config_in_an_old_workdir_is_refused(tmp_path, change):
+  run(tiny(**{'train.steps': 2, 'checkpoint.every_steps': 2}), tmp_path)
+  before = (tmp_path / 'model_config.json').read_text()
+  key, value = next(iter(change.items()))
+  message = rf'holds checkpoints \(up to step 2\) of another model: {key}: .* new --workdir'
+  with pytest.raises(ValueError, match=message):
+    run(tiny(**{'train.steps': 4, **change}), tmp_path)
+  assert (tmp_path / 'model_config.json').read_text() == before  # Not overwritten: the old run still loads.
+  assert load_training_checkpoint(tmp_path)[2] == 2
+
+
+def test_unreadable_checkpoints_are_moved_aside_and_the_retrained_steps_saved(tmp_path, caplog):
+  c = tiny(**{'train.steps': 4, 'log_every': 1, 'checkpoint.every_steps': 2, 'checkpoint.keep': 5})
+  full = run(c, tmp_path / 'full')
+  run(c, tmp_path / 'run')
+  damage(tmp_path / 'run' / 'checkpoints' / '4' / 'state')
+  with caplog.at_level('ERROR'):  # A notebook reading the workdir falls back too, with the reason logged.
+    assert load_training_checkpoint(tmp_path / 'run')[2] == 2
+  assert 'could not be read' in caplog.text
+  resumed = run(c, tmp_path / 'run')
+  assert [h['step'] for h in resumed] == [3, 4]
+  assert [h['loss'] for h in resumed] == [h['loss'] for h in full[2:]]  # Resumed exactly from step 2.
+  assert (tmp_path / 'run' / 'checkpoints.unreadable' / '4').is_dir()  # Kept for inspection, no longer latest.
+  assert saved_steps(tmp_path / 'run') == [2, 4]  # The retrained step 4 was saved again.
+  assert load_training_checkpoint(tmp_path / 'run')[2] == 4
+  assert metric_steps(tmp_path / 'run') == [1, 2, 3, 4]  # The discarded step 3, 4 rows are gone, not doubled.
+
+
+def test_no_readable_checkpoint_is_an_error_not_a_silent_restart(tmp_path):
+  c = tiny(**{'train.steps': 2, 'checkpoint.every_steps': 2})
+  run(c, tmp_path)
+  damage(tmp_path / 'checkpoints' / '2' / 'state')
+  with pytest.raises(CheckpointError, match=r'no checkpoint in .* restores \(steps \[2\]'):
+    run(tiny(**{'train.steps': 4}), tmp_path)
+  with pytest.raises(CheckpointError, match='can be read'):
+    load_training_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize('every_steps', [1, 0])
+def test_a_non_finite_loss_between_log_steps_is_never_checkpointed(tmp_path, every_steps):
+  c = tiny(**{'train.lr': 1e30, 'train.warmup_steps': 0, 'train.clip_norm': 0.0, 'log_every': 100,
+              'train.steps': 8, 'checkpoint.every_steps': every_steps})
+  expected = 'last good checkpoint is step' if every_steps else 'No checkpoint was saved before it'
+  with pytest.raises(FloatingPointError, match=rf'not finite at step \d.*{expected}'):
+    run(c, tmp_path)
+  for step in saved_steps(tmp_path) if every_steps else []:
+    _, variables, _ = load_training_checkpoint(tmp_path, step)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables)), step
+
+
+def test_a_failed_save_stops_the_run_at_once_naming_it(tmp_path, monkeypatch):
+  real = atomicity.on_commit_callback
+
+  async def disk_full(tmp_dir, **kwargs):
+    if tmp_dir.get_final().name == '4':
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    await real(tmp_dir, **kwargs)
+
+  monkeypatch.setattr(atomicity, 'on_commit_callback', disk_full)
+  c = tiny(**{'train.steps': 40, 'log_every': 1, 'checkpoint.every_steps': 2})
+  with pytest.raises(CheckpointError, match=r'step 4 .* No space left on device.* resumes from step 2'):
+    run(c, tmp_path)
+  assert max(metric_steps(tmp_path)) <= 6  # Raised at the next step or the next save, not at the end.
+  monkeypatch.setattr(atomicity, 'on_commit_callback', real)
+  assert run(c, tmp_path, stop_after=1)[0]['step'] == 3
+
+
+def test_a_second_trainer_on_a_workdir_is_refused(tmp_path):
+  with file_lock(tmp_path / '.lock'), pytest.raises(LockHeld, match=f'another --workdir.*locked by pid {os.getpid()}'):
+    run(tiny(), tmp_path)
+  assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_a_rerun_with_fewer_steps_changes_nothing(tmp_path):
+  run(tiny(**{'train.steps': 4, 'checkpoint.every_steps': 2, 'checkpoint.keep': 1}), tmp_path)
+  assert run(tiny(**{'train.steps': 2, 'checkpoint.every_steps': 2, 'checkpoint.keep': 1}), tmp_path) == []
+  assert saved_steps(tmp_path) == [4]
+  assert load_training_checkpoint(tmp_path)[2] == 4
+
+
+def test_bad_values_are_collected_in_one_error():
+  c = tiny(**{'log_every': 0, 'checkpoint.keep': 0, 'data.global_batch': 6, 'train.grad_accum': 4,
+              'model.source': 'hf', 'data.tokenizer': 'gpt2'})
+  with pytest.raises(ConfigError) as e:
+    check_config(c, '')
+  text = str(e.value)
+  for fragment in ('log_every=0, checkpoint.keep=0', 'model.source=hf needs --config.model.path',
+                   'global_batch=6 is not a multiple of train.grad_accum=4', "data.tokenizer='gpt2'",
+                   '--workdir is empty'):
+    assert fragment in text, text
+  with pytest.raises(ConfigError, match=r'global_batch=6 does not split over the 4 batch devices .* multiple of 4'):
+    check_mesh(tiny(**{'data.global_batch': 6, 'mesh.data': 4}), 4)
+  check_mesh(tiny(**{'data.global_batch': 8, 'mesh.data': 2, 'mesh.tensor': 2}), 4)
