@@ -41,13 +41,18 @@ def commands(processes: int, devices: int, port: int, module: str, args: list[st
   return out
 
 
+def start(processes: int, devices: int, args: list[str], port: int = 0,
+          module: str = 'experiments.train') -> list[subprocess.Popen]:
+  """Starts every process of the job (stdout/stderr piped); returns them running."""
+  port = port or free_port()
+  return [subprocess.Popen(argv, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          for env, argv in commands(processes, devices, port, module, args)]
+
+
 def launch(processes: int, devices: int, args: list[str], port: int = 0, module: str = 'experiments.train',
            timeout: float | None = None) -> list[subprocess.CompletedProcess]:
-  port = port or free_port()
-  procs = []
-  for env, argv in commands(processes, devices, port, module, args):
-    procs.append(subprocess.Popen(argv, env={**os.environ, **env}, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True))
+  """Runs the job to the end; the processes' results."""
+  procs = start(processes, devices, args, port, module)
   results = []
   for p in procs:
     out, err = p.communicate(timeout=timeout)

@@ -146,3 +146,15 @@ def test_bad_values_are_collected_in_one_error():
   with pytest.raises(ConfigError, match=r'global_batch=6 does not split over the 4 batch devices .* multiple of 4'):
     check_mesh(tiny(**{'data.global_batch': 6, 'mesh.data': 4}), 4)
   check_mesh(tiny(**{'data.global_batch': 8, 'mesh.data': 2, 'mesh.tensor': 2}), 4)
+
+
+def test_a_model_that_does_not_split_over_the_mesh_is_named():
+  from jax.sharding import AbstractMesh
+
+  from rrt_jax import presets
+  from rrt_jax.config import RecursionConfig
+  from rrt_jax.train.sharding import check_divisible
+  cfg, rec = presets.get('tiny_llama').replace(vocab_size=259), RecursionConfig(loops=2, lora_rank=8)
+  check_divisible(cfg, rec, AbstractMesh((2, 4, 1), ('data', 'fsdp', 'tensor')))
+  with pytest.raises(ValueError, match=r"\['embedding'\] \(259, 64\): 259 over mesh tensor=2.*mesh.tensor=1"):
+    check_divisible(cfg, rec, AbstractMesh((2, 2, 2), ('data', 'fsdp', 'tensor')))

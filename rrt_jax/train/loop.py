@@ -23,7 +23,7 @@ from rrt_jax.model import Decoder
 from rrt_jax.train import flops, setup
 from rrt_jax.train.checkpointing import Interrupted, Preemption, TrainCheckpoints
 from rrt_jax.train.metrics import MetricsWriter, to_scalars
-from rrt_jax.train.sharding import global_batch, make_mesh, replicated
+from rrt_jax.train.sharding import check_divisible, global_batch, make_mesh, replicated
 from rrt_jax.train.step import init_state, make_train_step
 from rrt_jax.train.validate import check_config, check_mesh
 from rrt_jax.utils.locking import file_lock
@@ -71,6 +71,7 @@ def _train(c: ml_collections.ConfigDict, workdir: str, source, tokenizer, stop_a
   cfg, vanilla = setup.load_original(c, tokenizer.get_vocab_size())
   check_vocab(tokenizer, cfg.vocab_size, f'model.source={c.model.source} {c.model.path or c.model.preset}')
   rec = setup.recursion_config(c)
+  check_divisible(cfg, rec, mesh)
   log.info('model %s, %s; mesh %s', cfg.family, rec, dict(mesh.shape))
 
   use_teacher = c.loss.kd_weight > 0
