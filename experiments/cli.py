@@ -9,11 +9,13 @@ before anything is loaded or written, and also under --only_check_args (which th
 from __future__ import annotations
 
 import difflib
+import logging
 import re
 import sys
 from collections.abc import Callable
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 USAGE_ERROR = 2
 
@@ -93,6 +95,21 @@ def parse_flags(argv: list[str], validate: Callable[[], None] | None = None) -> 
   return rest
 
 
+class QuietLibraries(logging.Filter):
+  """Drops the INFO lines of chatty libraries (Orbax logs ~20 per checkpoint), keeping their warnings and errors,
+  so that the progress bar and rrt_jax's own lines are what a user reads."""
+
+  CHATTY = ('/orbax/', '/grain/', '/tensorstore/')
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or not any(p in record.pathname for p in self.CHATTY)
+
+
 def run(main: Callable[[list[str]], None], validate: Callable[[], None] | None = None) -> None:
-  """app.run(main) with `parse_flags`."""
-  app.run(main, flags_parser=lambda argv: parse_flags(argv, validate))
+  """app.run(main) with `parse_flags` and quiet library logs (-v 1 shows them)."""
+  def parse(argv):
+    rest = parse_flags(argv, validate)
+    if flags.FLAGS.verbosity <= 0:
+      absl_logging.get_absl_handler().addFilter(QuietLibraries())
+    return rest
+  app.run(main, flags_parser=parse)
