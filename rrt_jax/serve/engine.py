@@ -31,7 +31,7 @@ from tqdm import tqdm
 from rrt_jax.config import Looping
 from rrt_jax.model import Decoder, init_cache, multi_lora_variables, one_loop, propagate_kv
 from rrt_jax.model.exits import ExitConfig, confidence, exits_at
-from rrt_jax.serve.generate import Generator, SamplingConfig, sample, validate_prompts
+from rrt_jax.serve.generate import Generator, SamplingConfig, check_seed, sample, token_keys, validate_prompts
 from rrt_jax.utils.buckets import bucket
 
 
@@ -40,6 +40,11 @@ class Request:
   prompt: Sequence[int]
   max_new_tokens: int
   arrival: float = 0.0  # Seconds after the engine starts; the engine does not see the request before.
+  # Sampling seed, folded into EngineConfig.sampling.seed; with the token index it alone keys this request's
+  # samples (token_keys), so they do not depend on its slot, the schedule or the other requests. None: the
+  # request's index among the run's accepted requests (in list order), so a rejected request shifts no one's
+  # samples, and the i-th accepted request samples as row i of generate() with the same SamplingConfig.
+  seed: int | None = None
 
 
 @dataclasses.dataclass
@@ -122,8 +127,10 @@ class Engine:
     cache = jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=2), cache, row)
     return token[0], exit_loop[0], cache
 
-  def _engine_step(self, variables, step_variables, cache, tokens_N, h_Nx1xD, loops_N, positions_N, write_N, rng):
-    """One pass of the shared block over all N slots, each at its own loop. Returns (token, exits, h, cache)."""
+  def _engine_step(self, variables, step_variables, cache, tokens_N, h_Nx1xD, loops_N, positions_N, write_N, base_key,
+                   seeds_N, emitted_N):
+    """One pass of the shared block over all N slots, each at its own loop. Returns (token, exits, h, cache).
+    Slot s samples with its request's key for its next token (seeds_N, emitted_N: see token_keys)."""
     model, loops = self.model, self.model.rec.loops
     slots, max_len = tokens_N.shape[0], cache['k'].shape[3]
     slot_ids = jnp.arange(slots)
@@ -140,7 +147,7 @@ class Engine:
     exit_cfg = self.config.exit
     conf = confidence(exit_cfg.confidence, logits, h_out[:, -1], h_in[:, -1])
     exits = (loops_N == loops - 1) | exits_at(conf, exit_cfg.threshold)
-    token = sample(logits, self.config.sampling, rng)
+    token = sample(logits, self.config.sampling, token_keys(base_key, seeds_N, emitted_N))
     # Scatter the new K/V: mode='drop' with an out-of-range position skips slots that must not write.
     write_pos = jnp.where(write_N, positions_N, max_len)
     cache = jax.tree.map(
@@ -171,22 +178,24 @@ class Engine:
     cfg, config, loops = self.model.cfg, self.config, self.model.rec.loops
     slots = config.slots
     completions = [Completion(arrival=r.arrival) for r in requests]
-    queue = deque()
-    for i in sorted(range(len(requests)), key=lambda i: requests[i].arrival):
-      error = self._validate(requests[i])
+    seeds = {}  # Request index -> sampling seed, for accepted requests.
+    for i, r in enumerate(requests):  # List order, not arrival order: a request's default seed is its own.
+      error = self._validate(r)
       if error:
         completions[i].error = error
       else:
-        queue.append(i)
+        seeds[i] = len(seeds) if r.seed is None else r.seed
+    queue = deque(sorted(seeds, key=lambda i: requests[i].arrival))
     stats = EngineStats(exit_loop_counts=[0] * loops)
     stop = set(int(t) for t in config.stop_tokens)
     cache = init_cache(cfg, self.model.rec, slots, self.max_len)
     h = jnp.zeros((slots, 1, cfg.d_model), jnp.dtype(cfg.dtype))
     request = np.full(slots, -1)  # Request index per slot; -1 = free.
     tokens, loop, pos = np.zeros(slots, np.int32), np.zeros(slots, np.int32), np.zeros(slots, np.int32)
+    seed, emitted = np.zeros(slots, np.int32), np.zeros(slots, np.int32)  # Per slot: its request's seed, tokens out.
     waiting = np.zeros(slots, bool)  # CSB only: exited early, idle until the batch's token boundary.
     phase = 0  # CSB only: the loop every running slot is at.
-    rng = jax.random.key(config.sampling.seed)
+    base_key = jax.random.key(config.sampling.seed)
     start = time.perf_counter()
     now = lambda: time.perf_counter() - start  # noqa: E731
     bar = tqdm(total=sum(requests[i].max_new_tokens for i in queue), desc='serving', unit='tok', disable=not progress)
@@ -221,13 +230,14 @@ class Engine:
           prompt = list(requests[i].prompt)
           padded = np.zeros((1, min(bucket(len(prompt)), self.max_len)), np.int32)  # Fits the cache.
           padded[0, :len(prompt)] = prompt
+          seed[s], emitted[s] = seeds[i], 0
           token, exit_loop, cache = self._prefill(self.variables, cache, s, jnp.asarray(padded),
                                                   jnp.asarray([len(prompt)], jnp.int32),
-                                                  jax.random.fold_in(jax.random.fold_in(rng, 1), i))
+                                                  token_keys(base_key, seed[s:s + 1], emitted[s:s + 1]))
           token, exit_loop = int(token), int(exit_loop)
           stats.prefill_s += time.perf_counter() - t0
           if emit(s, token, exit_loop):
-            tokens[s], pos[s], loop[s], waiting[s] = token, len(prompt), phase, False
+            tokens[s], pos[s], loop[s], waiting[s], emitted[s] = token, len(prompt), phase, False, 1
           else:
             request[s] = -1
       running = (request >= 0) & ~waiting
@@ -240,7 +250,7 @@ class Engine:
       stats.idle_while_waiting += int(arrived_waiting) * int(slots - running.sum())
       token_d, exits_d, h, cache = self._step(self.variables, self.step_variables, cache, jnp.asarray(tokens), h,
                                               jnp.asarray(loop), jnp.asarray(pos), jnp.asarray(running),
-                                              jax.random.fold_in(jax.random.fold_in(rng, 0), stats.steps))
+                                              base_key, jnp.asarray(seed), jnp.asarray(emitted))
       token_np, exits_np = np.asarray(token_d), np.asarray(exits_d)
       stats.steps += 1
       stats.slot_steps += slots
@@ -250,7 +260,7 @@ class Engine:
           loop[s] += 1
           continue
         if emit(s, int(token_np[s]), int(loop[s]) + 1):
-          tokens[s], pos[s], loop[s] = token_np[s], pos[s] + 1, 0
+          tokens[s], pos[s], loop[s], emitted[s] = token_np[s], pos[s] + 1, 0, emitted[s] + 1
           waiting[s] = not config.depthwise
         else:
           request[s], waiting[s] = -1, False
@@ -265,10 +275,11 @@ class Engine:
     return completions, stats
 
   def _validate(self, request: Request) -> str | None:
-    if request.max_new_tokens < 1:
-      return f'max_new_tokens must be >= 1, got {request.max_new_tokens}.'
+    """Why the request cannot be served (the checks generate() makes), or None."""
     try:
       validate_prompts([request.prompt], self.model.cfg.vocab_size, request.max_new_tokens, self.max_len)
+      if request.seed is not None:
+        check_seed(request.seed, 'Request seed')
     except ValueError as e:
       return str(e).replace('Prompt 0', 'The prompt')
     return None

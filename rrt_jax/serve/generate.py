@@ -20,6 +20,8 @@ reached. With kv_fill='full' or threshold >= 1 every slot is the no-exit one (ex
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Sequence
 
 import jax
@@ -31,12 +33,57 @@ from rrt_jax.model.exits import ExitConfig, confidence, exits_at, first_exit, se
 from rrt_jax.utils.buckets import bucket
 
 
+def _is_int(x) -> bool:
+  return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+  return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
+  """Checked here, so a bad value fails where it is written (the vocabulary bound of top_k: check_sampling)."""
+
   temperature: float = 0.0  # 0 = greedy.
   top_k: int = 0  # 0 = no top-k filter.
   top_p: float = 1.0  # 1 = no nucleus filter.
-  seed: int = 0
+  seed: int = 0  # Base seed; each row / request folds in its own seed (see token_keys).
+
+  def __post_init__(self):
+    # NaN compares False with everything, so each check is written to reject it.
+    if not (_is_real(self.temperature) and 0 <= self.temperature < math.inf):
+      raise ValueError(f'SamplingConfig temperature must be a finite number >= 0 (0 = greedy), got '
+                       f'{self.temperature!r}.')
+    if not (_is_int(self.top_k) and self.top_k >= 0):
+      raise ValueError(f'SamplingConfig top_k must be an integer >= 0 (0 = no top-k filter), got {self.top_k!r}.')
+    if not (_is_real(self.top_p) and 0 < self.top_p <= 1):
+      raise ValueError(f'SamplingConfig top_p must be a number in (0, 1] (1 = no nucleus filter), got '
+                       f'{self.top_p!r}.')
+    if not _is_int(self.seed):
+      raise ValueError(f'SamplingConfig seed must be an integer, got {self.seed!r}.')
+
+
+def check_sampling(sampling: SamplingConfig, vocab_size: int) -> None:
+  """The checks of a SamplingConfig that need the model: top_k at most the vocabulary."""
+  if sampling.top_k > vocab_size:
+    raise ValueError(f'SamplingConfig top_k must be in [0, vocab_size={vocab_size}] (0 = no top-k filter), got '
+                     f'{sampling.top_k}.')
+
+
+def check_seed(seed, name: str = 'seed') -> None:
+  """Row / request seeds travel as int32 on device."""
+  if not (_is_int(seed) and 0 <= seed < 2**31):
+    raise ValueError(f'{name} must be an integer in [0, 2**31), got {seed!r}.')
+
+
+@jax.jit
+def token_keys(base_key: jax.Array, seeds_B: jax.Array, token_index_B: jax.Array) -> jax.Array:
+  """[B] sampling keys: row b's key for its token_index-th generated token (0 = the prefill's). A function of
+  (base seed, row seed, token index) only, so a row's samples do not depend on the other rows of its batch, on
+  its slot or on the engine's schedule."""
+  row_key = lambda s, t: jax.random.fold_in(jax.random.fold_in(base_key, s), t)  # noqa: E731
+  return jax.vmap(row_key)(seeds_B, token_index_B)
 
 
 @dataclasses.dataclass
@@ -46,6 +93,7 @@ class Generation:
 
 
 def sample(logits_BxV: jax.Array, sampling: SamplingConfig, rng: jax.Array) -> jax.Array:
+  """[B] tokens. rng: one key for the batch, or [B] keys, one per row (see token_keys)."""
   if sampling.temperature <= 0:
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
   logits = logits_BxV.astype(jnp.float32) / sampling.temperature
@@ -59,6 +107,8 @@ def sample(logits_BxV: jax.Array, sampling: SamplingConfig, rng: jax.Array) -> j
     cutoff_index = jnp.sum(cum < sampling.top_p, axis=-1, keepdims=True)
     cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
     logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  if rng.ndim == 1:
+    return jax.vmap(jax.random.categorical)(rng, logits).astype(jnp.int32)
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
@@ -69,6 +119,7 @@ class Generator:
     if exit_cfg.threshold < 1.0 and not model.rec.loops_are_exits:
       raise ValueError("Early exit needs looping='cycle' or 'middle_cycle': under SEQUENCE a loop does not end in a "
                        'full state.')
+    check_sampling(sampling, model.cfg.vocab_size)  # The one check both generate() and the Engine go through.
     self.model, self.exit_cfg, self.sampling = model, exit_cfg, sampling
     self.one_loop = one_loop(model)
     self.prefill = jax.jit(self._prefill)
@@ -126,18 +177,26 @@ class Generator:
 
 def validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_new_tokens: int,
                      max_len: int) -> None:
-  """Clear errors for requests the model cannot serve."""
+  """Clear errors for requests the model cannot serve; generate() and the Engine's per-request check use it."""
+  if not (_is_int(max_new_tokens) and max_new_tokens >= 1):
+    raise ValueError(f'max_new_tokens must be an integer >= 1, got {max_new_tokens!r}.')
   if not prompts:
     raise ValueError('No prompts given.')
   for i, p in enumerate(prompts):
-    if len(p) == 0:
+    ids = np.asarray(p)
+    if ids.ndim != 1:
+      raise ValueError(f'Prompt {i} must be a flat sequence of token ids, got shape {ids.shape}.')
+    if len(ids) == 0:
       raise ValueError(f'Prompt {i} is empty: give at least one token (e.g. the BOS token).')
-    bad = [t for t in p if not 0 <= int(t) < vocab_size]
-    if bad:
-      raise ValueError(f'Prompt {i} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}.')
-    if len(p) + max_new_tokens > max_len:
-      raise ValueError(f'Prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it needs '
-                       f'{len(p) + max_new_tokens} cache slots but max_len is {max_len}: shorten the prompt, '
+    if ids.dtype.kind not in 'iu':  # int() would silently truncate 3.7 to 3.
+      raise ValueError(f'Prompt {i} must hold integer token ids in [0, {vocab_size}), got {ids.dtype} values '
+                       f'{ids[:5].tolist()}.')
+    bad = ids[(ids < 0) | (ids >= vocab_size)]
+    if bad.size:
+      raise ValueError(f'Prompt {i} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5].tolist()}.')
+    if len(ids) + max_new_tokens > max_len:
+      raise ValueError(f'Prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} it needs '
+                       f'{len(ids) + max_new_tokens} cache slots but max_len is {max_len}: shorten the prompt, '
                        'generate fewer tokens or raise max_len.')
 
 
@@ -145,10 +204,11 @@ def generate(model: Decoder, variables: dict, prompts: Sequence[Sequence[int]], 
              sampling: SamplingConfig = SamplingConfig(), exit_cfg: ExitConfig = ExitConfig(),
              stop_tokens: Sequence[int] = (), max_len: int | None = None,
              generator: Generator | None = None) -> Generation:
-  """Generates for a batch of prompts of different lengths; see the module docstring."""
+  """Generates for a batch of prompts of different lengths; see the module docstring. Row i samples with seed i
+  folded into sampling.seed (token_keys), as the Engine's i-th accepted request does by default."""
   cfg = model.cfg
-  max_len = max_len or bucket(max(len(p) for p in prompts) + max_new_tokens) if prompts else 0
-  validate_prompts(prompts, cfg.vocab_size, max_new_tokens, min(max_len, cfg.max_seq_len))
+  validate_prompts(prompts, cfg.vocab_size, max_new_tokens, min(max_len or cfg.max_seq_len, cfg.max_seq_len))
+  max_len = max_len or bucket(max(len(p) for p in prompts) + max_new_tokens)
   gen = generator or Generator(model, exit_cfg, sampling)
   rows = len(prompts)
   lengths = np.array([len(p) for p in prompts], np.int32)
@@ -157,9 +217,9 @@ def generate(model: Decoder, variables: dict, prompts: Sequence[Sequence[int]], 
   for i, p in enumerate(prompts):
     tokens[i, :len(p)] = p
   cache = init_cache(cfg, model.rec, rows, max(max_len, width))
-  rng = jax.random.key(sampling.seed)
-  token, exit_loop, cache = gen.prefill(variables, jnp.asarray(tokens), jnp.asarray(lengths), cache,
-                                        jax.random.fold_in(rng, 0))
+  base, seeds = jax.random.key(sampling.seed), jnp.arange(rows, dtype=jnp.int32)
+  keys = lambda index: token_keys(base, seeds, jnp.full(rows, index, jnp.int32))  # noqa: E731
+  token, exit_loop, cache = gen.prefill(variables, jnp.asarray(tokens), jnp.asarray(lengths), cache, keys(0))
   out = [[] for _ in range(rows)]
   exits = [[] for _ in range(rows)]
   done = np.zeros(rows, bool)
@@ -177,10 +237,10 @@ def generate(model: Decoder, variables: dict, prompts: Sequence[Sequence[int]], 
       exits[i].append(int(exit_np[i]))
     if done.all() or step == max_new_tokens - 1:
       break
-    token, exit_loop, cache = gen.step(variables, token, jnp.asarray(positions), cache,
-                                       jax.random.fold_in(rng, step + 1))
+    token, exit_loop, cache = gen.step(variables, token, jnp.asarray(positions), cache, keys(step + 1))
     positions += 1
   return Generation(out, exits)
 
 
-__all__ = ['ExitConfig', 'Generation', 'Generator', 'SamplingConfig', 'generate', 'sample', 'validate_prompts']
+__all__ = ['ExitConfig', 'Generation', 'Generator', 'SamplingConfig', 'check_sampling', 'check_seed', 'generate',
+           'sample', 'token_keys', 'validate_prompts']
