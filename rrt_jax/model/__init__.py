@@ -9,6 +9,7 @@ from rrt_jax.model.variables import (
     ParamCount,
     check_variables,
     count_params,
+    dynamic_loop_variables,
     init_cache,
     init_variables,
     layer_tree,
@@ -21,6 +22,6 @@ from rrt_jax.model.variables import (
 )
 
 __all__ = ['LAYER_PATH', 'MIDDLE', 'PART_PATHS', 'Decoder', 'ParamCount', 'check_variables', 'count_params',
-           'init_cache', 'init_variables', 'layer_tree', 'logical_axes', 'loop_variables',
+           'dynamic_loop_variables', 'init_cache', 'init_variables', 'layer_tree', 'logical_axes', 'loop_variables',
            'lora_specs', 'multi_lora_variables', 'one_loop', 'propagate_kv', 'target_dims', 'variable_shapes',
            'with_layer_tree']

@@ -69,6 +69,15 @@ def loop_variables(variables: dict, loop: int) -> dict:
   return out
 
 
+def dynamic_loop_variables(variables: dict, loop: jax.Array | int) -> dict:
+  """`loop_variables` at a traced loop index (inside lax.while_loop or vmap, where `loop` is not a Python int):
+  the LoRA 'loops' axis is sliced with lax.dynamic_slice_in_dim, keeping the [1, K, ...] shape."""
+  out = {'params': variables['params']}
+  if LORA in variables:
+    out[LORA] = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, loop, 1), variables[LORA])
+  return out
+
+
 def multi_lora_variables(variables: dict) -> dict:
   """`variables` of a recursive model as variables of `one_loop(model)` that hold EVERY loop's LoRA, for rows
   at different loops in one batch (multi-LoRA, see lora.py): each 'lora' leaf [R, K, ...] becomes

@@ -14,6 +14,11 @@ slot has exited), and new requests join only at token boundaries. The vanilla mo
 
 Cache layout: [R, K, N slots, T, kv_heads, head_dim] (shape letters: see model/decoder.py). A step gathers each
 slot's [K, T] slice at its own loop, runs the block on the gathered copy and scatters only the new entries back.
+
+Sharded (`mesh`): the variables by the training rule table and the slot cache and slot states over the mesh
+(rrt_jax.serve.sharding: slots over data x fsdp, heads / kv / MLP / vocab over tensor). The jitted prefill and
+step return the cache and states in the shardings they take them in, so the donated cache is updated in place and
+nothing is moved between steps.
 """
 
 from __future__ import annotations
@@ -26,12 +31,15 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from rrt_jax.config import Looping
 from rrt_jax.model import Decoder, init_cache, multi_lora_variables, one_loop, propagate_kv
 from rrt_jax.model.exits import ExitConfig, confidence, exits_at
 from rrt_jax.serve.generate import Generator, SamplingConfig, check_seed, sample, token_keys, validate_prompts
+from rrt_jax.serve.sharding import cache_shardings, rows_sharding, shard_variables, sharded_cache
+from rrt_jax.train.sharding import replicated
 from rrt_jax.utils.buckets import bucket
 
 
@@ -93,9 +101,11 @@ class EngineStats:
 
 
 class Engine:
-  """Serves a stream of requests with continuous depth-wise (or sequence-wise) batching; see module doc."""
+  """Serves a stream of requests with continuous depth-wise (or sequence-wise) batching; see module doc. With
+  `mesh`, the variables are placed sharded (a model that does not split over it is one error) and the slots are
+  split over its data axes (replicated, with a warning, where config.slots does not divide)."""
 
-  def __init__(self, model: Decoder, variables: dict, config: EngineConfig = EngineConfig()):
+  def __init__(self, model: Decoder, variables: dict, config: EngineConfig = EngineConfig(), mesh: Mesh | None = None):
     rec = model.rec
     if rec.unique_layers:  # Its slots step through loops of one block; a prelude and per-exit coda are not scheduled.
       raise ValueError(f"The depth-wise batching engine needs the whole depth to be the loop: looping='middle_cycle' "
@@ -112,17 +122,36 @@ class Engine:
     self.max_len = min(config.max_len, model.cfg.max_seq_len)
     self.generator = Generator(model, config.exit, config.sampling)
     self.one_loop = one_loop(model)
-    self.variables = variables
-    self.step_variables = multi_lora_variables(variables)  # Every slot selects its own loop's LoRA.
+    self.mesh = mesh
+    self.variables = variables if mesh is None else shard_variables(model, variables, mesh)
+    self.step_variables = multi_lora_variables(self.variables)  # Every slot selects its own loop's LoRA.
     self.relaxed = len(self.step_variables) > 1
-    self._prefill = jax.jit(self._prefill_into_slot, donate_argnums=(1,))
-    self._step = jax.jit(self._engine_step, donate_argnums=(2,))
+    prefill_out, step_out = {}, {}
+    if mesh is not None:  # Outputs pinned to the inputs' shardings: the donated cache aliases, no per-step moves.
+      cache, host = cache_shardings(model, mesh, config.slots), replicated(mesh)  # host: tokens the host reads.
+      prefill_out = {'out_shardings': (host, host, cache)}
+      step_out = {'out_shardings': (host, host, self._state_sharding(), cache)}
+    self._prefill = jax.jit(self._prefill_into_slot, donate_argnums=(1,), **prefill_out)
+    self._step = jax.jit(self._engine_step, donate_argnums=(2,), **step_out)
+
+  def _state_sharding(self):
+    return rows_sharding(self.mesh, (self.config.slots, 1, self.model.cfg.d_model))
+
+  def _initial_state(self) -> tuple[dict, jax.Array]:
+    """Zero slot cache [R, K, N, T, ...] and slot states [N, 1, D], in the step's shardings."""
+    cfg, slots = self.model.cfg, self.config.slots
+    h = jnp.zeros((slots, 1, cfg.d_model), jnp.dtype(cfg.dtype))
+    if self.mesh is None:
+      return init_cache(cfg, self.model.rec, slots, self.max_len), h
+    return sharded_cache(self.model, self.mesh, slots, self.max_len), jax.device_put(h, self._state_sharding())
 
   # ---- Device functions -------------------------------------------------------------------------------------
 
   def _prefill_into_slot(self, variables, cache, slot, tokens_1xS, length_1, rng):
     """Prefills one request into its slot's cache rows (every loop); returns its first token and exit loop."""
-    row = jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=2), cache)
+    # A fresh row, not a slice of the slot's: its old entries are never read (every position a step attends to is
+    # written first), and slicing slots split over the mesh would gather the whole cache onto every device.
+    row = jax.tree.map(lambda c: jnp.zeros(c.shape[:2] + (1,) + c.shape[3:], c.dtype), cache)
     token, exit_loop, row = self.generator.prefill(variables, tokens_1xS, length_1, row, rng)
     cache = jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=2), cache, row)
     return token[0], exit_loop[0], cache
@@ -175,7 +204,7 @@ class Engine:
 
   def run(self, requests: Sequence[Request], progress: bool = False) -> tuple[list[Completion], EngineStats]:
     """Serves `requests` (arrival times in seconds from now) to completion; one Completion per request."""
-    cfg, config, loops = self.model.cfg, self.config, self.model.rec.loops
+    config, loops = self.config, self.model.rec.loops
     slots = config.slots
     completions = [Completion(arrival=r.arrival) for r in requests]
     seeds = {}  # Request index -> sampling seed, for accepted requests.
@@ -188,8 +217,7 @@ class Engine:
     queue = deque(sorted(seeds, key=lambda i: requests[i].arrival))
     stats = EngineStats(exit_loop_counts=[0] * loops)
     stop = set(int(t) for t in config.stop_tokens)
-    cache = init_cache(cfg, self.model.rec, slots, self.max_len)
-    h = jnp.zeros((slots, 1, cfg.d_model), jnp.dtype(cfg.dtype))
+    cache, h = self._initial_state()
     request = np.full(slots, -1)  # Request index per slot; -1 = free.
     tokens, loop, pos = np.zeros(slots, np.int32), np.zeros(slots, np.int32), np.zeros(slots, np.int32)
     seed, emitted = np.zeros(slots, np.int32), np.zeros(slots, np.int32)  # Per slot: its request's seed, tokens out.

@@ -9,6 +9,10 @@ by propagating its exit hidden state through those layers' K/V projections (kv_f
 or by computing the skipped loops in full (kv_fill='full', the oracle). threshold >= 1 disables exiting, which
 gives exactly the no-exit output.
 
+Two decodes give the same outputs: 'vmapped' (the default; serve/vmapped_decode.py) runs each row's loops as a
+while_loop that stops at its exit, vmapped over the batch, so a step runs as many loops as its deepest row;
+'unrolled' runs every loop for every row and selects each row's exit, so exiting saves no compute.
+
 MIDDLE_CYCLE: the prelude runs once per token before the loops; after every loop b the coda runs on the middle's
 output against exit b's own coda slots (the cache has one coda per exit, see model/decoder.py) and the head reads
 its result. Exit b's coda slots of a token thus hold the coda K/V of its state after loop b, except that under
@@ -27,10 +31,17 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from rrt_jax.model import Decoder, init_cache, loop_variables, one_loop
 from rrt_jax.model.exits import ExitConfig, confidence, exits_at, first_exit, select_exit
+from rrt_jax.serve.sharding import shard_variables, sharded_cache
+from rrt_jax.serve.vmapped_decode import vmapped_step
 from rrt_jax.utils.buckets import bucket
+
+# How a decode step runs the loops: 'vmapped' (per-sequence while_loop, vmapped: a batch that exits early runs
+# fewer loops; serve/vmapped_decode.py) or 'unrolled' (every loop for every row, the exit selected after).
+DECODES = ('vmapped', 'unrolled')
 
 
 def _is_int(x) -> bool:
@@ -113,17 +124,25 @@ def sample(logits_BxV: jax.Array, sampling: SamplingConfig, rng: jax.Array) -> j
 
 
 class Generator:
-  """Jitted prefill and early-exit decode step for one model; reuse it across calls to reuse compilations."""
+  """Jitted prefill and early-exit decode step for one model; reuse it across calls to reuse compilations.
 
-  def __init__(self, model: Decoder, exit_cfg: ExitConfig = ExitConfig(), sampling: SamplingConfig = SamplingConfig()):
+  step(variables, tokens_B, positions_B, cache, rng) -> (tokens, 1-based exit loops, cache); counted_step also
+  returns the loops each row ran [B] (the batch ran their max). decode: one of DECODES; both give the same
+  outputs."""
+
+  def __init__(self, model: Decoder, exit_cfg: ExitConfig = ExitConfig(), sampling: SamplingConfig = SamplingConfig(),
+               decode: str = 'vmapped'):
+    if decode not in DECODES:
+      raise ValueError(f'Unknown decode {decode!r}: choose one of {DECODES}.')
     if exit_cfg.threshold < 1.0 and not model.rec.loops_are_exits:
       raise ValueError("Early exit needs looping='cycle' or 'middle_cycle': under SEQUENCE a loop does not end in a "
                        'full state.')
     check_sampling(sampling, model.cfg.vocab_size)  # The one check both generate() and the Engine go through.
-    self.model, self.exit_cfg, self.sampling = model, exit_cfg, sampling
+    self.model, self.exit_cfg, self.sampling, self.decode = model, exit_cfg, sampling, decode
     self.one_loop = one_loop(model)
     self.prefill = jax.jit(self._prefill)
     self.step = jax.jit(self._step, donate_argnums=(3,))
+    self.counted_step = jax.jit(self._counted_step, donate_argnums=(3,))
 
   def _choose(self, logits_RxBxV: jax.Array, conf_RxB: jax.Array, rng) -> tuple[jax.Array, jax.Array]:
     """The exit rule on every loop's logits and confidences -> (token, 1-based exit loop)."""
@@ -143,7 +162,19 @@ class Generator:
     return token, exit_loop, cache
 
   def _step(self, variables, tokens_B, positions_B, cache, rng):
-    """One token per row at its own position: loop-by-loop with early exit."""
+    return self._counted_step(variables, tokens_B, positions_B, cache, rng)[:3]
+
+  def _counted_step(self, variables, tokens_B, positions_B, cache, rng):
+    """One token per row at its own position -> (token, 1-based exit loop, cache, loops run per row)."""
+    if self.decode == 'unrolled':
+      token, exit_loop, cache = self._unrolled_step(variables, tokens_B, positions_B, cache, rng)
+      return token, exit_loop, cache, jnp.full(tokens_B.shape, self.model.rec.loops, jnp.int32)
+    logits_BxV, exit_loop, cache, loops_B = vmapped_step(self.model, variables, self.exit_cfg, tokens_B,
+                                                         positions_B, cache)
+    return sample(logits_BxV, self.sampling, rng), exit_loop + 1, cache, loops_B
+
+  def _unrolled_step(self, variables, tokens_B, positions_B, cache, rng):
+    """One token per row at its own position: every loop for every row, each row's exit selected after."""
     model, rec = self.model, self.model.rec
     propagate = self.exit_cfg.kv_fill == 'propagate'
     tokens, positions = tokens_B[:, None], positions_B[:, None]
@@ -203,20 +234,26 @@ def validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_new_
 def generate(model: Decoder, variables: dict, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,
              sampling: SamplingConfig = SamplingConfig(), exit_cfg: ExitConfig = ExitConfig(),
              stop_tokens: Sequence[int] = (), max_len: int | None = None,
-             generator: Generator | None = None) -> Generation:
+             generator: Generator | None = None, decode: str = 'vmapped', mesh: Mesh | None = None) -> Generation:
   """Generates for a batch of prompts of different lengths; see the module docstring. Row i samples with seed i
-  folded into sampling.seed (token_keys), as the Engine's i-th accepted request does by default."""
+  folded into sampling.seed (token_keys), as the Engine's i-th accepted request does by default. decode: how
+  the steps run the loops (DECODES); ignored when a generator is given. mesh: a jax.sharding.Mesh to run on, the
+  variables and the cache sharded by rrt_jax.serve.sharding (rows over data, heads over tensor)."""
   cfg = model.cfg
   validate_prompts(prompts, cfg.vocab_size, max_new_tokens, min(max_len or cfg.max_seq_len, cfg.max_seq_len))
   max_len = max_len or bucket(max(len(p) for p in prompts) + max_new_tokens)
-  gen = generator or Generator(model, exit_cfg, sampling)
+  gen = generator or Generator(model, exit_cfg, sampling, decode)
   rows = len(prompts)
   lengths = np.array([len(p) for p in prompts], np.int32)
   width = bucket(int(lengths.max()))
   tokens = np.zeros((rows, width), np.int32)
   for i, p in enumerate(prompts):
     tokens[i, :len(p)] = p
-  cache = init_cache(cfg, model.rec, rows, max(max_len, width))
+  if mesh is None:
+    cache = init_cache(cfg, model.rec, rows, max(max_len, width))
+  else:
+    variables = shard_variables(model, variables, mesh)
+    cache = sharded_cache(model, mesh, rows, max(max_len, width))
   base, seeds = jax.random.key(sampling.seed), jnp.arange(rows, dtype=jnp.int32)
   keys = lambda index: token_keys(base, seeds, jnp.full(rows, index, jnp.int32))  # noqa: E731
   token, exit_loop, cache = gen.prefill(variables, jnp.asarray(tokens), jnp.asarray(lengths), cache, keys(0))
@@ -242,5 +279,5 @@ def generate(model: Decoder, variables: dict, prompts: Sequence[Sequence[int]], 
   return Generation(out, exits)
 
 
-__all__ = ['ExitConfig', 'Generation', 'Generator', 'SamplingConfig', 'check_sampling', 'check_seed', 'generate',
-           'sample', 'token_keys', 'validate_prompts']
+__all__ = ['DECODES', 'ExitConfig', 'Generation', 'Generator', 'SamplingConfig', 'check_sampling', 'check_seed',
+           'generate', 'sample', 'token_keys', 'validate_prompts']
