@@ -43,6 +43,16 @@ def test_threshold_one_is_the_no_exit_output(relaxed):
     assert exits == [3] * 6
 
 
+def test_sequence_looping_decodes_in_its_own_depth_order():
+  """SEQUENCE (1, 1, 2, 2, ...) cannot exit early; its cached decode equals full recompute."""
+  rec = RecursionConfig(loops=2, looping='sequence', lora_rank=4)
+  variables = jax.tree.map(jnp.asarray, perturb(init_variables(CFG, rec, jax.random.key(1)), 0, 0.05))
+  model = Decoder(CFG, rec)
+  out = generate(model, variables, PROMPTS[:2], max_new_tokens=5, exit_cfg=ExitConfig(threshold=1.0))
+  for prompt, tokens in zip(PROMPTS[:2], out.tokens, strict=True):
+    assert tokens == reference_greedy(model, variables, prompt, 5)
+
+
 def test_exit_at_the_first_loop_with_full_kv_is_exit_one_greedy(relaxed):
   """threshold 0: every token exits after loop 1; with kv_fill='full' the cache is the no-exit cache, so the
   tokens are the greedy tokens of exit 1 of the full model."""

@@ -166,12 +166,23 @@ class Generator:
 
   def _counted_step(self, variables, tokens_B, positions_B, cache, rng):
     """One token per row at its own position -> (token, 1-based exit loop, cache, loops run per row)."""
+    if not self.model.rec.loops_are_exits:  # SEQUENCE: no loop ends in a full state; the model's own cached call.
+      return (*self._full_step(variables, tokens_B, positions_B, cache, rng),
+              jnp.full(tokens_B.shape, self.model.rec.loops, jnp.int32))
     if self.decode == 'unrolled':
       token, exit_loop, cache = self._unrolled_step(variables, tokens_B, positions_B, cache, rng)
       return token, exit_loop, cache, jnp.full(tokens_B.shape, self.model.rec.loops, jnp.int32)
     logits_BxV, exit_loop, cache, loops_B = vmapped_step(self.model, variables, self.exit_cfg, tokens_B,
                                                          positions_B, cache)
     return sample(logits_BxV, self.sampling, rng), exit_loop + 1, cache, loops_B
+
+  def _full_step(self, variables, tokens_B, positions_B, cache, rng):
+    """Every layer in the model's own depth order through its cached forward (SEQUENCE looping, whose loop-by-loop
+    block would run the layers in CYCLE order)."""
+    hidden, cache = self.model.apply(variables, tokens_B[:, None], positions_B[:, None], cache=cache,
+                                     method=Decoder.hidden_states)
+    logits = self.model.apply(variables, hidden[-1][:, -1], method=Decoder.logits)
+    return sample(logits, self.sampling, rng), jnp.full(tokens_B.shape, self.model.rec.loops, jnp.int32), cache
 
   def _unrolled_step(self, variables, tokens_B, positions_B, cache, rng):
     """One token per row at its own position: every loop for every row, each row's exit selected after."""
