@@ -64,6 +64,7 @@ def test_kill_and_resume_reproduces_the_losses(real_text, tmp_path, freeze_share
     assert a['loss'] == b['loss'], (a['step'], a['loss'], b['loss'])
 
 
+@pytest.mark.slow  # test_reliability's unreadable-checkpoint test covers this path in the default run.
 def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(real_text, tmp_path, caplog):
   config = tiny(**{'train.steps': 8, 'log_every': 4, 'checkpoint.every_steps': 4, 'checkpoint.keep': 5})
   train(config, str(tmp_path), source=real_text, tokenizer=ByteTokenizer())
@@ -136,7 +137,7 @@ def test_bad_config_values_fail_before_anything_is_written(tmp_path, flags, expe
   assert not workdir.exists()
 
 
-@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize('signum', [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_a_signal_saves_a_checkpoint_and_exits_as_interrupted(tmp_path, signum):
   proc = subprocess.Popen(_cli(tmp_path, '--config.train.steps=100000', '--config.log_every=1',
                                '--config.checkpoint.every_steps=100000', '--config.data.split=validation'),
