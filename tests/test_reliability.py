@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 from orbax.checkpoint._src.path import atomicity
+from tiny_config import tiny_config
 
-from experiments.configs import tiny_cpu
 from rrt_jax.data.byte_tokenizer import ByteTokenizer
 from rrt_jax.train.checkpointing import CheckpointError, load_training_checkpoint
 from rrt_jax.train.loop import train
@@ -23,15 +23,7 @@ TEXT = [{'text': f'Sentence number {i} says something about faults and how a run
 
 
 def tiny(**overrides):
-  c = tiny_cpu.get_config()
-  c.data.seq_len = 32
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return tiny_config(**{'data.seq_len': 32, **overrides})
 
 
 def run(c, workdir, **kwargs):

@@ -12,8 +12,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from tiny_config import tiny_config as tiny
 
-from experiments.configs import tiny_cpu
 from rrt_jax.data.byte_tokenizer import ByteTokenizer
 from rrt_jax.data.tfds_builder import text_source
 from rrt_jax.train.loop import train
@@ -26,17 +26,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope='module')
 def real_text():
   return text_source('validation')
-
-
-def tiny(**overrides):
-  c = tiny_cpu.get_config()
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
 
 
 def test_loss_decreases_on_real_text(real_text, tmp_path):

@@ -65,23 +65,19 @@ def check_divisible(cfg: ModelConfig, rec: RecursionConfig, mesh: Mesh) -> None:
   from rrt_jax.model import variable_shapes
   shapes, specs = variable_shapes(cfg, rec), nn.logical_to_mesh(logical_axes(cfg, rec), RULES)
   problems = []
-  for path, shape in jax.tree_util.tree_leaves_with_path(shapes):
-    spec = _leaf_at(specs, path)
+
+  def check(path, shape, spec):
     for dim, axes in zip(shape.shape, spec, strict=False):
       names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
       ways = math.prod(mesh.shape[a] for a in names)
       if dim % ways:
         problems.append(f'{jax.tree_util.keystr(path)} {tuple(shape.shape)}: {dim} over mesh {"x".join(names)}={ways}')
+
+  jax.tree_util.tree_map_with_path(check, shapes, specs)  # (specs: PartitionSpec leaves at the shapes' leaves)
   if problems:
     raise ValueError(f'the model does not split over mesh {dict(mesh.shape)}: {"; ".join(problems[:4])}'
                      f'{" ..." if len(problems) > 4 else ""}. Choose mesh sizes that divide these dimensions '
                      '(e.g. mesh.tensor=1 and more mesh.data/fsdp).')
-
-
-def _leaf_at(tree, path):
-  for key in path:
-    tree = tree[key.key if hasattr(key, 'key') else key.idx]
-  return tree
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
