@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from rrt_jax.model import Decoder
-from rrt_jax.train.losses import EARLY_EXIT_SCHEMES, KD_TARGETS, uptraining_loss
+from rrt_jax.train.losses import EARLY_EXIT_SCHEMES, KD_TARGETS, chunked_uptraining_loss, uptraining_loss
 
 
 @flax.struct.dataclass
@@ -39,6 +39,9 @@ class LossConfig:
   early_exit: str = 'none'
   exit_alpha: float = 0.1
   kd_target: str = 'teacher'
+  # > 0: the loss runs over chunks of this many tokens from the hidden states (chunked_uptraining_loss), so the
+  # [E, B, S, V] student and [B, S, V] teacher logits are never whole in memory; 0: from the full logits.
+  chunk_size: int = 0
 
   def __post_init__(self):
     if self.early_exit not in EARLY_EXIT_SCHEMES:
@@ -51,6 +54,9 @@ class LossConfig:
     if not self.temperature > 0 or not 0 <= self.exit_alpha <= 1:
       raise ValueError(f'loss.temperature={self.temperature} must be > 0 and loss.exit_alpha={self.exit_alpha} in '
                        '[0, 1].')
+    if not isinstance(self.chunk_size, int) or self.chunk_size < 0:
+      raise ValueError(f'loss.chunk_size={self.chunk_size!r} must be an int >= 0 (tokens per loss chunk; 0 = the '
+                       'loss from the full logits).')
 
 
 def split_trainable(variables: dict, trainable: Sequence[str] | None) -> tuple[dict, dict]:
@@ -80,12 +86,26 @@ def make_train_step(student: Decoder, teacher: Decoder | None, tx: optax.Gradien
   use_teacher = teacher is not None and loss_cfg.kd_weight > 0
   trainable = None if trainable is None else tuple(trainable)
 
+  loss_kwargs = dataclasses.asdict(loss_cfg)
+  chunk_size = loss_kwargs.pop('chunk_size')
+
   def loss_fn(train_vars, frozen_vars, teacher_variables, batch):
     args = (batch['inputs'], batch['positions'], batch['segment_ids'])
-    logits, _ = student.apply({**frozen_vars, **train_vars}, *args, all_exits=True)
-    teacher_logits = teacher.apply(teacher_variables, *args)[0] if use_teacher else None
-    loss, metrics = uptraining_loss(logits, batch['targets'], batch['loss_mask'], teacher_logits,
-                                    **dataclasses.asdict(loss_cfg))
+    variables = {**frozen_vars, **train_vars}
+    if chunk_size:
+      # Hidden states only; the chunked loss applies the heads a chunk at a time.
+      hidden, _ = student.apply(variables, *args, method=Decoder.hidden_states)
+      teacher_hidden = teacher_head = None
+      if use_teacher:
+        teacher_hidden = teacher.apply(teacher_variables, *args, method=Decoder.hidden_states)[0][-1]
+        teacher_head = lambda h: teacher.apply(teacher_variables, h, method=Decoder.logits)  # noqa: E731
+      loss, metrics = chunked_uptraining_loss(
+          hidden, lambda h: student.apply(variables, h, method=Decoder.logits), batch['targets'],
+          batch['loss_mask'], teacher_hidden, teacher_head, chunk_size=chunk_size, **loss_kwargs)
+    else:
+      logits, _ = student.apply(variables, *args, all_exits=True)
+      teacher_logits = teacher.apply(teacher_variables, *args)[0] if use_teacher else None
+      loss, metrics = uptraining_loss(logits, batch['targets'], batch['loss_mask'], teacher_logits, **loss_kwargs)
     metrics['tokens'] = jnp.sum(batch['loss_mask'])
     return loss, metrics
 
