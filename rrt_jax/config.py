@@ -40,6 +40,20 @@ class RematPolicy(enum.StrEnum):
   DOTS_NO_BATCH = 'dots_no_batch'  # Keep outputs of matmuls without batch dimensions.
 
 
+class AttentionImpl(enum.StrEnum):
+  """How attention runs without a KV cache (training, scoring, prefill); decoding with a cache always uses EINSUM.
+
+  AUTO resolves at trace time by jax.default_backend() (`rrt_jax.model.attention.resolve_attention`): CUDNN on GPU
+  in bf16/fp16 (cuDNN flash attention needs half precision), XLA on GPU otherwise, SPLASH on TPU, EINSUM elsewhere.
+  """
+
+  AUTO = 'auto'
+  EINSUM = 'einsum'  # rrt_jax's own einsum + fp32 softmax (the reference).
+  XLA = 'xla'  # jax.nn.dot_product_attention(implementation='xla').
+  CUDNN = 'cudnn'  # jax.nn.dot_product_attention(implementation='cudnn'): GPU, bf16/fp16 only.
+  SPLASH = 'splash'  # The Pallas splash attention kernel: TPU only.
+
+
 class Looping(enum.StrEnum):
   """How the B loops visit the K shared layers (Takase & Kiyono, 2021).
 
@@ -161,6 +175,7 @@ class ModelConfig:
   dtype: str = 'float32'  # Compute dtype; params stay in param_dtype, softmax and norms in fp32.
   param_dtype: str = 'float32'
   remat: RematPolicy | str = RematPolicy.NONE
+  attention: AttentionImpl | str = AttentionImpl.AUTO  # See AttentionImpl; checkpoints without it read 'auto'.
 
   def __post_init__(self):
     set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass normalisation)
@@ -168,6 +183,7 @@ class ModelConfig:
     set_('norm', _parse_enum(NormType, self.norm, 'norm'))
     set_('mlp', _parse_enum(MlpType, self.mlp, 'mlp'))
     set_('remat', _parse_enum(RematPolicy, self.remat, 'remat policy'))
+    set_('attention', _parse_enum(AttentionImpl, self.attention, 'attention implementation'))
     if isinstance(self.rope_scaling, dict):
       known = {f.name for f in dataclasses.fields(RopeScaling)}
       if unknown := sorted(set(self.rope_scaling) - known):

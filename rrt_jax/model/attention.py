@@ -1,12 +1,22 @@
-"""Multi-head attention with GQA/MQA, partial rotary, per-depth LoRA and an optional KV cache."""
+"""Multi-head attention with GQA/MQA, partial rotary, per-depth LoRA and an optional KV cache.
+
+Without a cache (training, scoring, prefill) attention runs as `ModelConfig.attention` resolves
+(`resolve_attention`): rrt_jax's einsum, jax.nn.dot_product_attention ('xla' or 'cudnn') or the Pallas TPU splash
+kernel. With a cache (decoding, prefill into a cache, early-exit K/V propagation, multi-LoRA rows) it is always the
+einsum. The fused kernels ('cudnn', 'splash') take causality by sequence index and packing by segment ids, not the
+position mask: the same mask wherever positions increase along each segment, as the data pipeline packs them
+(rows of padding alone, whose positions are all 0, differ; their loss mask is 0).
+"""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rrt_jax.config import ModelConfig
+from rrt_jax.config import AttentionImpl, ModelConfig
 from rrt_jax.model.layers import apply_rotary, dtype_of
 from rrt_jax.model.lora import LoraDense, LoraSpec
 
@@ -19,6 +29,100 @@ def causal_mask(positions_BxS: jax.Array, segment_ids_BxS: jax.Array | None) -> 
   if segment_ids_BxS is not None:
     mask &= segment_ids_BxS[:, :, None] == segment_ids_BxS[:, None, :]
   return mask
+
+
+class SelfMask(NamedTuple):
+  """The no-cache path's mask (`self_mask`): the [B, S, S] `causal_mask`, which 'einsum' and 'xla' apply, and the
+  [B, S] segment ids it was built from (None: one sequence per row), which 'cudnn' and 'splash' need instead."""
+
+  mask: jax.Array
+  segment_ids: jax.Array | None
+
+
+def self_mask(positions_BxS: jax.Array, segment_ids_BxS: jax.Array | None) -> SelfMask:
+  return SelfMask(causal_mask(positions_BxS, segment_ids_BxS), segment_ids_BxS)
+
+
+_HALF_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_SPLASH_BLOCKS = (512, 256, 128)  # Splash tile sizes tried, largest first; its KV tiles are multiples of 128 lanes.
+
+
+def resolve_attention(cfg: ModelConfig, backend: str | None = None) -> str:
+  """The no-cache attention implementation for `cfg` on `backend` (default: jax.default_backend()): 'einsum',
+  'xla', 'cudnn' or 'splash'. 'auto' picks 'cudnn' on GPU for bf16/fp16 with a head_dim cuDNN flash attention
+  takes on every GPU (a multiple of 8, at most 128), 'xla' on other GPU configs, 'splash' on TPU, 'einsum'
+  elsewhere. An explicit 'cudnn' or 'splash' the backend cannot run raises, naming the fix."""
+  backend = backend or jax.default_backend()
+  impl = AttentionImpl(cfg.attention)
+  half = dtype_of(cfg.dtype) in _HALF_DTYPES
+  if impl == AttentionImpl.AUTO:
+    if backend == 'gpu':
+      return 'cudnn' if half and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128 else 'xla'
+    return 'splash' if backend == 'tpu' else 'einsum'
+  if impl == AttentionImpl.CUDNN and backend != 'gpu':
+    raise ValueError(f"attention='cudnn' needs a GPU, but the backend is {backend!r}: use attention='auto' (picks "
+                     "the backend's best) or 'xla'.")
+  if impl == AttentionImpl.CUDNN and not half:
+    raise ValueError(f"attention='cudnn' needs dtype bfloat16 or float16 (cuDNN flash attention), got "
+                     f"{cfg.dtype!r}: use attention='xla' or 'auto', or a half-precision dtype.")
+  if impl == AttentionImpl.SPLASH and backend != 'tpu':
+    raise ValueError(f"attention='splash' (the Pallas TPU kernel) needs a TPU, but the backend is {backend!r}: use "
+                     "attention='auto' (picks the backend's best) or 'xla'.")
+  return impl.value
+
+
+def _no_cache_impl(cfg: ModelConfig, seq_len: int, packed: bool) -> str:
+  """resolve_attention, with 'auto' falling back to 'xla' where the shapes do not suit the fused kernel."""
+  impl = resolve_attention(cfg)
+  if cfg.attention == AttentionImpl.AUTO:
+    if impl == 'splash' and seq_len % _SPLASH_BLOCKS[-1]:
+      return 'xla'
+    if impl == 'cudnn' and packed and seq_len % 2:  # cuDNN's backward with a bias (our segment mask) needs even S.
+      return 'xla'
+  return impl
+
+
+def dot_product_attention(impl: str, q_BxSxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
+                          mask: SelfMask) -> jax.Array:
+  """jax.nn.dot_product_attention (impl 'xla' or 'cudnn'; GQA native: K divides H) -> [B, S, H, D].
+
+  'xla' applies the position mask exactly. 'cudnn' is causal by index (it skips the masked upper triangle); packed
+  rows add the mask, which cuDNN takes as an additive bias: correct, but slower than causal alone (jax.nn's API has
+  no segment ids for cuDNN; cuDNN's packed THD layout is reachable only through a private jax API)."""
+  scale = q_BxSxHxD.shape[-1] ** -0.5
+  if impl == 'xla':
+    return jax.nn.dot_product_attention(q_BxSxHxD, k_BxSxKxD, v_BxSxKxD, mask=mask.mask[:, None],
+                                        scale=scale, implementation='xla')
+  segments = None if mask.segment_ids is None else mask.mask[:, None]
+  return jax.nn.dot_product_attention(q_BxSxHxD, k_BxSxKxD, v_BxSxKxD, mask=segments, scale=scale,
+                                      is_causal=True, implementation='cudnn')
+
+
+def splash_attention(q_BxSxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
+                     segment_ids_BxS: jax.Array | None, interpret: bool = False) -> jax.Array:
+  """Causal (by index) attention with the Pallas TPU splash kernel, vmapped over rows -> [B, S, H, D]. GQA is the
+  kernel's own (K/V keep their K heads). S must be a multiple of 128. interpret=True runs the kernel in Pallas's
+  interpreter (CPU tests). One device's kernel: under a multi-device mesh XLA cannot partition it (shard_map
+  would be needed to keep it sharded)."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # Imported on use: TPU-only kernel.
+
+  _, s, h, hd = q_BxSxHxD.shape
+  block = next((n for n in _SPLASH_BLOCKS if s % n == 0), None)
+  if block is None:
+    raise ValueError(f"attention='splash' needs a sequence length that is a multiple of {_SPLASH_BLOCKS[-1]}, got "
+                     f"{s}: pad the sequences, or use attention='auto' (falls back to 'xla') or 'xla'.")
+  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                            block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+  heads_mask = splash.MultiHeadMask(tuple(splash.CausalMask((s, s)) for _ in range(h)))
+  kernel = splash.make_splash_mha(heads_mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+  # The kernel takes [heads, S, head_dim] per row and does not scale the logits.
+  q = (q_BxSxHxD * hd ** -0.5).astype(q_BxSxHxD.dtype).transpose(0, 2, 1, 3)
+  k, v = k_BxSxKxD.transpose(0, 2, 1, 3), v_BxSxKxD.transpose(0, 2, 1, 3)
+  if segment_ids_BxS is None:
+    out = jax.vmap(kernel)(q, k, v)
+  else:
+    out = jax.vmap(kernel)(q, k, v, splash.SegmentIds(segment_ids_BxS, segment_ids_BxS))
+  return out.transpose(0, 2, 1, 3)
 
 
 def cache_mask(positions_BxS: jax.Array, max_len: int) -> jax.Array:
@@ -61,7 +165,9 @@ class Attention(nn.Module):
   def __call__(self, x_BxSxD: jax.Array, positions_BxS: jax.Array, mask_BxSxT: jax.Array,
                cache: KVCache | None = None, kv_x_BxSxD: jax.Array | None = None,
                loop_onehot_BxR: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
-    """kv_x: input of the K/V projections when it differs from the queries' (early-exit state propagation).
+    """mask: `self_mask`'s SelfMask without a cache (the decoder's), or a [B, S, T] array (cache slots, or a plain
+    `causal_mask`), which always runs the einsum.
+    kv_x: input of the K/V projections when it differs from the queries' (early-exit state propagation).
     loop_onehot: each row's loop, for multi-LoRA (see lora.py)."""
     cfg = self.cfg
     b, s, _ = x_BxSxD.shape
@@ -76,6 +182,16 @@ class Attention(nn.Module):
       start = positions_BxS[:, 0]
       new_cache = {'k': write_cache(cache['k'], k, start), 'v': write_cache(cache['v'], v, start)}
       k, v = new_cache['k'].astype(q.dtype), new_cache['v'].astype(q.dtype)
+
+    if isinstance(mask_BxSxT, SelfMask):
+      impl = 'einsum'
+      if cache is None and kv_x_BxSxD is None:
+        impl = _no_cache_impl(cfg, s, mask_BxSxT.segment_ids is not None)
+      if impl == 'splash':
+        return self.o(splash_attention(q, k, v, mask_BxSxT.segment_ids).reshape(b, s, h * hd), sel), None
+      if impl in ('xla', 'cudnn'):
+        return self.o(dot_product_attention(impl, q, k, v, mask_BxSxT).reshape(b, s, h * hd), sel), None
+      mask_BxSxT = mask_BxSxT.mask
 
     q = q.reshape(b, s, kvh, h // kvh, hd)
     logits = jnp.einsum('bsngd,btnd->bngst', q, k, preferred_element_type=jnp.float32)
