@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset
 
+from rrt_jax.data.sources import Mixture
 from rrt_jax.data.tokenizer import check_ids
 
 log = logging.getLogger(__name__)
@@ -82,9 +83,10 @@ class PadBatch(grain.transforms.Map):
 def lm_dataset(source, tokenizer, config: PipelineConfig, max_seq_len: int | None = None,
                shard_index: int | None = None, shard_count: int | None = None,
                vocab_size: int | None = None) -> grain.IterDataset:
-  """The training/eval pipeline over a random-access source of {'text'} documents; `tokenizer` (see
-  rrt_jax.data.tokenizer) ends every document with its eos_id. `vocab_size`: the model's, to refuse ids beyond it
-  on the host (an out-of-range id gives NaN inside jit, not an error)."""
+  """The training/eval pipeline over a random-access source of {'text'} documents, or a weighted
+  rrt_jax.data.sources.Mixture of them; `tokenizer` (see rrt_jax.data.tokenizer) ends every document with its
+  eos_id. `vocab_size`: the model's, to refuse ids beyond it on the host (an out-of-range id gives NaN inside jit,
+  not an error)."""
   if max_seq_len is not None and config.seq_len > max_seq_len:
     raise ValueError(f'seq_len={config.seq_len} is longer than the model context ({max_seq_len}): '
                      f'use seq_len <= {max_seq_len}.')
@@ -92,12 +94,17 @@ def lm_dataset(source, tokenizer, config: PipelineConfig, max_seq_len: int | Non
     raise ValueError(f'seq_len must be >= 2 and batch_size >= 1, got {config.seq_len}, {config.batch_size}.')
   shard_index = jax.process_index() if shard_index is None else shard_index
   shard_count = jax.process_count() if shard_count is None else shard_count
-  if len(source) < shard_count:
-    raise ValueError(f'{len(source)} documents cannot be sharded over {shard_count} hosts.')
-  ds = grain.MapDataset.source(source)
-  if config.shuffle:
-    ds = ds.shuffle(seed=config.seed)
-  ds = ds.repeat(config.num_epochs)
+  if isinstance(source, Mixture):  # Weighted sources (rrt_jax.data.sources): shuffled, repeated, then mixed.
+    ds = source.dataset(config.seed, config.shuffle, config.num_epochs)
+    if len(ds) < shard_count:
+      raise ValueError(f'The mixture gives {len(ds)} documents, too few to shard over {shard_count} hosts.')
+  else:
+    if len(source) < shard_count:
+      raise ValueError(f'{len(source)} documents cannot be sharded over {shard_count} hosts.')
+    ds = grain.MapDataset.source(source)
+    if config.shuffle:
+      ds = ds.shuffle(seed=config.seed)
+    ds = ds.repeat(config.num_epochs)
   ds = ds[shard_index::shard_count]
   ds = ds.map(Tokenize(tokenizer, vocab_size))
   packed = ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct={'tokens': config.seq_len + 1})
