@@ -17,6 +17,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.preset = 'smollm2_135m'
   c.model.dtype = 'float32'  # Compute dtype: 'bfloat16' on accelerators.
   c.model.remat = 'none'  # none | full | dots | dots_no_batch (rrt_jax.config.RematPolicy)
+  # auto (cuDNN on GPUs in bf16, the Pallas splash kernel on TPUs, einsum on CPUs) | einsum | xla | cudnn | splash:
+  # training/scoring attention without a cache; decoding always uses the einsum (rrt_jax/model/attention.py).
+  c.model.attention = 'auto'
 
   c.recursion = ml_collections.ConfigDict()
   c.recursion.loops = 3
@@ -48,6 +51,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.healing.tokens = 16_384
 
   c.data = ml_collections.ConfigDict()
+  # '' = the packaged corpora (split data.split); your own: tfds:<name>[:<split>] | jsonl:<path or glob> |
+  # arrayrecord:<glob> (raw UTF-8 records) | arrayrecord+json:<glob>, each @<weight>, comma-separated to mix
+  # (rrt_jax/data/sources.py). data.text_field names the text in JSON records and TFDS features.
+  c.data.source = ''
+  c.data.text_field = 'text'
   c.data.split = 'train'
   # auto (the model's own: SmolLM2's, or model.path's tokenizer.json for hf; random models must name one) |
   # smollm2 | bytes (tiny from-scratch models) | hf:<dir with tokenizer.json> (rrt_jax.data.tokenizer).
@@ -80,11 +88,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.early_exit = 'aggressive'  # none | aggressive | weighted
   c.loss.exit_alpha = 0.1
   c.loss.kd_target = 'teacher'  # teacher | last_loop
+  c.loss.chunk_size = 0  # > 0: the loss a chunk of tokens at a time, never the whole [E, B, S, V] logits.
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  c.mesh.dcn = 1  # Slices (multislice TPU): the batch is also split over them; data/fsdp/tensor are per slice.
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 50
@@ -124,7 +134,10 @@ def paper_config(preset: str, variant: str) -> ml_collections.ConfigDict:
   c.model.source = 'hf'
   c.model.preset = preset
   c.model.dtype = 'bfloat16'
-  c.model.remat = 'dots_no_batch'
+  # Sized by the memory plan (BUILD_NOTES, `python -m experiments.plan`): fits a v5e-64 and a v4-32.
+  c.model.remat = 'full'
+  c.loss.chunk_size = 256  # The logits of 2048 tokens (vocab 32k-256k) would dwarf the activations.
+  c.train.grad_accum = 4  # 64 sequences per micro-batch: 1 per chip on a v5e-64, 2 on a v4-32.
   c.data.seq_len = 2048
   c.data.global_batch = 256
   c.train.steps = 10_000

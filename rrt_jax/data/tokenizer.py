@@ -1,7 +1,8 @@
 """The tokenizer choice (data.tokenizer): a spec -> a tokenizer that knows its end-of-sequence id.
 
 Specs: 'auto' (the model's own: see `tokenizer_for_model`), 'smollm2' (the packaged GGUF's BPE), 'bytes'
-(ByteTokenizer, tiny from-scratch models) and 'hf:<dir>' (an HF checkpoint directory's tokenizer.json).
+(ByteTokenizer, tiny from-scratch models), 'hf:<dir>' (an HF checkpoint directory's tokenizer.json) and
+'synthetic:<V>' (random ids for throughput runs of random models: rrt_jax.data.synthetic).
 
 Every tokenizer here has the `tokenizers.Tokenizer` methods the project uses (encode(text).ids, decode(ids),
 get_vocab_size()) and `eos_id`: the token that ends each document in training data and stops generation. Read
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 SMOLLM2_EOS = '<|im_end|>'  # SmolLM2's end of sequence (its GGUF's tokenizer.ggml.eos_token_id).
 TOKENIZER_FILE = 'tokenizer.json'  # An HF checkpoint's tokenizer (the `tokenizers` library's format).
-HF_PREFIX, FILE_PREFIX = 'hf:', 'file:'
+HF_PREFIX, FILE_PREFIX, SYNTHETIC_PREFIX = 'hf:', 'file:', 'synthetic:'
 _NAMED = ('smollm2', 'bytes')
 _CHOICES = ("choose smollm2 or bytes, 'hf:<dir>' (an HF checkpoint directory with tokenizer.json) or 'auto' "
             "(the model's own)")
@@ -144,6 +145,9 @@ def make_tokenizer(name: str) -> Tokenizer:
     if not name[len(HF_PREFIX):]:
       raise ValueError(f"data.tokenizer 'hf:' needs a directory: 'hf:/path/to/checkpoint' (with {TOKENIZER_FILE}).")
     return hf_tokenizer(name[len(HF_PREFIX):])
+  if isinstance(name, str) and name.startswith(SYNTHETIC_PREFIX):
+    from rrt_jax.data.synthetic import parse
+    return parse(name)
   if name == 'auto':
     raise ValueError("data.tokenizer='auto' means the model's own tokenizer: resolve it with "
                      'tokenizer_for_model(spec, model.source, model.path).')
@@ -203,7 +207,7 @@ def tokenizer_record(tokenizer, directory: str | os.PathLike) -> dict:
     tokenizer = make_tokenizer(tokenizer)
   record = {'eos_id': int(tokenizer.eos_id), 'vocab_size': int(tokenizer.get_vocab_size())}
   spec = spec_of(tokenizer)
-  if spec in _NAMED:
+  if spec in _NAMED or spec.startswith(SYNTHETIC_PREFIX):
     return {'spec': spec, **record}
   if not isinstance(tokenizer, BPETokenizer):
     raise TypeError(f'Cannot record a tokenizer of type {type(tokenizer).__name__}: use make_tokenizer\'s.')

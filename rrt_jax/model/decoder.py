@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from rrt_jax.config import CODA, LORA_TARGETS, PRELUDE, VANILLA, ModelConfig, RecursionConfig, lora_rank_for
-from rrt_jax.model.attention import Attention, KVCache, cache_mask, causal_mask
-from rrt_jax.model.layers import LORA, Embed, Norm, activation, dtype_of
+from rrt_jax.model.attention import Attention, KVCache, cache_mask, self_mask
+from rrt_jax.model.layers import LORA, Embed, Norm, activation, constrain, dtype_of
 from rrt_jax.model.lora import INTERMEDIATES, LoraDense, LoraSpec
 
 _CHECKPOINT_POLICIES = {  # ModelConfig.remat -> jax.checkpoint policy ('none' = no remat).
@@ -119,7 +119,7 @@ class DecoderLayer(nn.Module):
     else:
       h = h_BxSxD + attn_out
       h = h + self.mlp(self.mlp_norm(h, sel), sel)
-    return h.astype(dtype_of(self.cfg.dtype)), new_cache
+    return constrain(h.astype(dtype_of(self.cfg.dtype)), 'embed'), new_cache
 
   def project_kv(self, h_BxSxD: jax.Array, positions_BxS: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The K/V this layer would cache for hidden states h (its attention norm, then the K/V projections)."""
@@ -268,14 +268,14 @@ class Decoder(nn.Module):
     if cache is None:
       if positions_BxS is None:
         positions_BxS = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
-      mask = causal_mask(positions_BxS, segment_ids_BxS)
+      mask = self_mask(positions_BxS, segment_ids_BxS)  # Keeps the segment ids for the fused kernels.
     else:
       if positions_BxS is None:
         raise ValueError('Decoding with a cache needs positions_BxS: where each row\'s tokens are written.')
       if segment_ids_BxS is not None:
         raise ValueError('segment_ids are for packed training sequences; decode one sequence per row.')
       mask = cache_mask(positions_BxS, cache['k'].shape[3])
-    h = self.embedder(tokens_BxS)
+    h = constrain(self.embedder(tokens_BxS), 'embed')
     if not self.rec.unique_layers:
       return self.stack(h, cache, positions_BxS, mask)
     h, prelude_cache = self._prelude(h, positions_BxS, mask, cache)
@@ -334,4 +334,4 @@ class Decoder(nn.Module):
     else:
       dtype = dtype_of(self.cfg.dtype)
       out = jnp.einsum('...d,dv->...v', x.astype(dtype), self.lm_head.astype(dtype))
-    return out.astype(jnp.float32)
+    return constrain(out.astype(jnp.float32), 'vocab')

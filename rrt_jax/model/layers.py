@@ -58,6 +58,16 @@ class Norm(nn.Module):
     return select_per_row(var.value, loop_onehot_BxR).astype(jnp.float32)
 
 
+def constrain(x: jax.Array, last_axis: str) -> jax.Array:
+  """Sharding constraint on an activation [..., B, S, last] by logical names ('batch', 'length', last_axis):
+  the residual stream ('embed') and logits ('vocab') shard by the same rule table as the variables, so XLA never
+  chooses to gather the batch (it did, for FSDP-sharded weights). A no-op outside a mesh and rules context
+  (train/loop.py's step sets both) and for arrays of fewer than 3 dimensions (decode rows)."""
+  if x.ndim < 3:
+    return x
+  return nn.with_logical_constraint(x, (None,) * (x.ndim - 3) + ('batch', 'length', last_axis))
+
+
 def select_per_row(value: jax.Array, loop_onehot_BxR: jax.Array | None) -> jax.Array:
   """Multi-LoRA selection for depth-wise batching: with a one-hot [rows, R] of each row's loop, a 'lora'
   vector variable holds all R loops' values on a leading axis ([R, d]) and each row gets its own loop's,

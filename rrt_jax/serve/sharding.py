@@ -39,7 +39,7 @@ def _fit(logical: tuple, shape: tuple[int, ...], mesh: Mesh, what: str | None) -
   spec = list(nn.logical_to_mesh_axes(logical, RULES))
   for dim, axes in enumerate(spec):
     names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    ways = math.prod(mesh.shape[a] for a in names)
+    ways = math.prod(mesh.shape.get(a, 1) for a in names)
     if ways > 1 and shape[dim] % ways:
       if what:
         _warn_once(f'{what}: {logical[dim]}={shape[dim]} does not split over mesh {" x ".join(names)}={ways}; it is '

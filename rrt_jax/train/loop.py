@@ -14,17 +14,20 @@ import contextlib
 import logging
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 
+from rrt_jax.config import ModelConfig, RecursionConfig
 from rrt_jax.data.tokenizer import check_vocab, tokenizer_for_model
 from rrt_jax.model import Decoder
 from rrt_jax.train import flops, setup
 from rrt_jax.train.checkpointing import Interrupted, Preemption, TrainCheckpoints
 from rrt_jax.train.metrics import MetricsWriter, to_scalars
-from rrt_jax.train.sharding import check_divisible, global_batch, make_mesh, replicated
-from rrt_jax.train.step import init_state, make_train_step
+from rrt_jax.train.sharding import RULES, check_divisible, global_batch, make_mesh, optimizer_shardings, replicated
+from rrt_jax.train.step import TrainState, init_state, make_train_step
 from rrt_jax.train.validate import check_config, check_mesh
 from rrt_jax.utils.locking import file_lock
 from rrt_jax.utils.uri import as_path, is_uri
@@ -49,6 +52,33 @@ def train(c: ml_collections.ConfigDict, workdir: str, source=None, tokenizer=Non
     return _train(c, workdir, source, tokenizer, stop_after, student_variables)
 
 
+def train_state_shardings(variables: dict, tx: optax.GradientTransformation, trainable: tuple[str, ...] | None,
+                          mesh: jax.sharding.Mesh) -> TrainState:
+  """The TrainState's shardings: the variables' own (arrays or ShapeDtypeStructs with .sharding), the optimizer
+  moments sharded as their variables (sharding.optimizer_shardings), the step replicated."""
+  shapes = jax.eval_shape(lambda v: init_state(v, tx, trainable), variables)
+  var_shardings = jax.tree.map(lambda x: x.sharding, variables)
+  return TrainState(step=replicated(mesh), variables=var_shardings,
+                    opt_state=optimizer_shardings(shapes.opt_state, var_shardings, variables, mesh))
+
+
+def jit_train_step(c: ml_collections.ConfigDict, cfg: ModelConfig, rec: RecursionConfig,
+                   tx: optax.GradientTransformation, trainable: tuple[str, ...] | None, state_shardings,
+                   mesh: jax.sharding.Mesh):
+  """The run's jitted step(state, teacher_variables, batch) -> (state, metrics): the state donated and kept in
+  `state_shardings`, metrics replicated. It traces under the mesh and RULES, so the model's activation
+  constraints (residual stream, logits) shard by the same table as the variables. experiments/plan.py compiles
+  exactly this function ahead of time."""
+  teacher = Decoder(cfg) if c.loss.kd_weight > 0 else None
+  step = make_train_step(Decoder(cfg, rec), teacher, tx, setup.loss_config(c), c.train.grad_accum, trainable)
+
+  def step_on_mesh(state, teacher_variables, batch):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(RULES):
+      return step(state, teacher_variables, batch)
+
+  return jax.jit(step_on_mesh, donate_argnums=(0,), out_shardings=(state_shardings, replicated(mesh)))
+
+
 def workdir_lock(workdir: str):
   """One trainer per workdir: process 0 holds <workdir>/.lock (local workdirs; object stores have no locks)."""
   if jax.process_index() or is_uri(workdir):
@@ -64,8 +94,8 @@ def _train(c: ml_collections.ConfigDict, workdir: str, source, tokenizer, stop_a
   if tokenizer is None:
     tokenizer, _ = tokenizer_for_model(c.data.tokenizer, c.model.source, c.model.path)
   if source is None:
-    from rrt_jax.data.tfds_builder import text_source
-    source = text_source(c.data.split)
+    from rrt_jax.data.sources import open_source  # '' (the default): text_source(c.data.split), as before.
+    source = open_source(c.data.get('source', ''), c.data.split, c.data.get('text_field', 'text'))
 
   mesh = make_mesh(**c.mesh)
   cfg, vanilla = setup.load_original(c, tokenizer.get_vocab_size())
@@ -87,14 +117,11 @@ def _train(c: ml_collections.ConfigDict, workdir: str, source, tokenizer, stop_a
 
   schedule, tx = setup.optimizer(c)
   trainable = setup.trainable(c)  # Frozen shared weights: only LoRA is differentiated and has moments.
-  # Optimizer moments are zeros_like(variables): sharding propagation gives them the variables' shardings.
-  state = jax.jit(lambda v: init_state(v, tx, trainable))(student_vars)
-  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  state_shardings = train_state_shardings(student_vars, tx, trainable, mesh)
+  state = jax.jit(lambda v: init_state(v, tx, trainable), out_shardings=state_shardings)(student_vars)
   del student_vars
 
-  teacher = Decoder(cfg) if use_teacher else None
-  step_fn = jax.jit(make_train_step(Decoder(cfg, rec), teacher, tx, setup.loss_config(c), c.train.grad_accum,
-                                    trainable), donate_argnums=(0,), out_shardings=(state_shardings, replicated(mesh)))
+  step_fn = jit_train_step(c, cfg, rec, tx, trainable, state_shardings, mesh)
 
   data_iter = CheckpointableIterator(setup.data_iterators(c, source, tokenizer, cfg.max_seq_len, cfg.vocab_size))
 
@@ -113,7 +140,9 @@ def _train(c: ml_collections.ConfigDict, workdir: str, source, tokenizer, stop_a
 
   flops_per_token = flops.train_flops_per_token(cfg, rec, c.data.seq_len, exits=rec.loops,
                                                 teacher=cfg if use_teacher else None)
-  peak = flops.measured_matmul_peak(cfg.dtype) * jax.device_count()
+  peak, peak_source = flops.peak_flops(cfg.dtype)
+  peak *= jax.device_count()
+  log.info('MFU against %.3g FLOP/s (%s, x%d devices)', peak, peak_source, jax.device_count())
   writer = MetricsWriter(workdir, resume_step=first)
   preemption = Preemption()
   finite = FiniteSteps()

@@ -79,7 +79,7 @@ def load_original(c: ml_collections.ConfigDict, vocab_size: int) -> tuple[ModelC
     cfg, variables = presets.get(m.preset).replace(vocab_size=vocab_size), None
   else:
     raise ValueError(f'Unknown model.source {m.source!r}: choose smollm2, hf or random.')
-  return cfg.replace(dtype=m.dtype, remat=m.remat), variables
+  return cfg.replace(dtype=m.dtype, remat=m.remat, attention=m.attention), variables
 
 
 def convert_student(c: ml_collections.ConfigDict, cfg: ModelConfig, rec: RecursionConfig, vanilla: dict, source,

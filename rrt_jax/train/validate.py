@@ -14,7 +14,7 @@ from collections.abc import Callable
 import ml_collections
 
 from rrt_jax import presets
-from rrt_jax.config import ModelConfig, RecursionConfig, RematPolicy
+from rrt_jax.config import AttentionImpl, ModelConfig, RecursionConfig, RematPolicy
 from rrt_jax.train.optimizer import SCHEDULES
 
 SOURCES = ('smollm2', 'hf', 'random')
@@ -61,6 +61,8 @@ def _model_checks(c: ml_collections.ConfigDict) -> list[Callable[[], None]]:
       raise ValueError(f'model.dtype={m.dtype!r}: choose one of {DTYPES}.')
     if m.remat not in set(RematPolicy):
       raise ValueError(f'model.remat={m.remat!r}: choose one of {[p.value for p in RematPolicy]}.')
+    if m.get('attention', 'auto') not in set(AttentionImpl):
+      raise ValueError(f'model.attention={m.attention!r}: choose one of {[a.value for a in AttentionImpl]}.')
 
   def recursion():
     try:
@@ -134,16 +136,23 @@ def _section_checks(c: ml_collections.ConfigDict) -> list[Callable[[], None]]:
 
   return [_positive(c, 'train.steps', 'train.grad_accum', 'data.global_batch', 'log_every', 'checkpoint.keep'),
           _positive(c, 'data.seq_len', minimum=2), _positive(c, 'checkpoint.every_steps', minimum=0),
-          loss, conversion, schedule, batch, lambda: _check_tokenizer(c.data.tokenizer, c.model.source), distributed]
+          loss, conversion, schedule, batch, lambda: _check_tokenizer(c.data.tokenizer, c.model.source), distributed,
+          lambda: _check_data_source(c)]
+
+
+def _check_data_source(c: ml_collections.ConfigDict) -> None:
+  """data.source's syntax, its files or TFDS dataset, and a first document's text field (rrt_jax.data.sources)."""
+  from rrt_jax.data.sources import check_spec
+  check_spec(c.data.get('source', ''), c.data.split, c.data.get('text_field', 'text'))
 
 
 def _check_tokenizer(spec: str, source: str) -> None:
-  if spec in TOKENIZERS or spec.startswith('hf:'):
+  if spec in TOKENIZERS or spec.startswith(('hf:', 'synthetic:')):
     if spec == 'auto' and source == 'random':
       raise ValueError("data.tokenizer='auto' follows the model, but a random model has none: name one "
                        "(data.tokenizer='bytes' or 'smollm2').")
     return
-  raise ValueError(f'data.tokenizer={spec!r}: choose one of {TOKENIZERS} or hf:<checkpoint dir>.')
+  raise ValueError(f'data.tokenizer={spec!r}: choose one of {TOKENIZERS}, hf:<checkpoint dir> or synthetic:<vocab>.')
 
 
 def check_config(c: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None) -> None:
@@ -170,13 +179,18 @@ def _check_workdir(workdir: str | os.PathLike) -> None:
 
 
 def check_mesh(c: ml_collections.ConfigDict, num_devices: int) -> None:
-  """The mesh fits the devices and the batch splits over its batch axes (data x fsdp)."""
+  """The mesh fits the devices and the batch splits over its batch axes (dcn x data x fsdp)."""
   from rrt_jax.train.sharding import mesh_shape
+  dcn = c.mesh.get('dcn', 1)
+  if not isinstance(dcn, int) or dcn < 1 or num_devices % dcn:
+    raise ConfigError([f'mesh.dcn={dcn} must be a positive number of slices that divides the {num_devices} '
+                       'devices.'])
   try:
-    data, fsdp, _ = mesh_shape((c.mesh.data, c.mesh.fsdp, c.mesh.tensor), num_devices)
+    data, fsdp, _ = mesh_shape((c.mesh.data, c.mesh.fsdp, c.mesh.tensor), num_devices // dcn)
   except ValueError as e:
     raise ConfigError([f'mesh: {e}']) from None
-  if c.data.global_batch % (data * fsdp):
-    raise ConfigError([f'data.global_batch={c.data.global_batch} does not split over the {data * fsdp} batch '
-                       f'devices (mesh data={data} x fsdp={fsdp}): make it a multiple of {data * fsdp}, or move '
-                       'devices to mesh.tensor.'])
+  ways = dcn * data * fsdp
+  if c.data.global_batch % ways:
+    raise ConfigError([f'data.global_batch={c.data.global_batch} does not split over the {ways} batch '
+                       f'devices (mesh dcn={dcn} x data={data} x fsdp={fsdp}): make it a multiple of {ways}, or '
+                       'move devices to mesh.tensor.'])
