@@ -176,6 +176,9 @@ class ModelConfig:
   param_dtype: str = 'float32'
   remat: RematPolicy | str = RematPolicy.NONE
   attention: AttentionImpl | str = AttentionImpl.AUTO  # See AttentionImpl; checkpoints without it read 'auto'.
+  # Unroll the scans over layers and loops (a Python-level loop in the compiled program): faster steps and compiles
+  # for small models (few depth positions, tiny matmuls, where while-loop overhead dominates); same values.
+  scan_unroll: bool = False
 
   def __post_init__(self):
     set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass normalisation)

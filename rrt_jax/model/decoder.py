@@ -138,15 +138,17 @@ _BROADCAST_ARGS = (0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast)
 
 
 def _scan(target, length: int, axis_name: str, params_scanned: bool, lora_axis: int = 0,
-          in_axes=_BROADCAST_ARGS, out_axes=0):
+          in_axes=_BROADCAST_ARGS, out_axes=0, unroll: bool = False):
   """nn.scan over shared layers (params scanned, axis K) or over loops (params broadcast); LoRA is always
-  scanned, on `lora_axis`, so each (loop, layer) has its own. `axis_name` is the new axis's logical name."""
+  scanned, on `lora_axis`, so each (loop, layer) has its own. `axis_name` is the new axis's logical name.
+  unroll (ModelConfig.scan_unroll): the whole scan unrolled in the compiled program; the variables keep their
+  stacked layout, so checkpoints are the same either way."""
   if params_scanned:
     variables = dict(variable_axes={'params': 0, LORA: lora_axis}, split_rngs={'params': True, LORA: True})
   else:
     variables = dict(variable_broadcast='params', variable_axes={LORA: lora_axis},
                      split_rngs={'params': False, LORA: True})
-  return nn.scan(target, in_axes=in_axes, out_axes=out_axes, length=length,
+  return nn.scan(target, in_axes=in_axes, out_axes=out_axes, length=length, unroll=length if unroll else 1,
                  metadata_params={nn.PARTITION_NAME: axis_name}, **variables)
 
 
@@ -159,7 +161,7 @@ class CycleLoop(nn.Module):
   @nn.compact
   def __call__(self, h_BxSxD, cache_K, positions_BxS, mask_BxSxT, kv_state=None, loop_onehot=None):
     layers = _scan(_maybe_remat(DecoderLayer, self.cfg.remat), self.rec.shared_layers(self.cfg.num_layers),
-                   'layers', params_scanned=True)
+                   'layers', params_scanned=True, unroll=self.cfg.scan_unroll)
     h, new_cache = layers(self.cfg, self.rec, name='layer')(h_BxSxD, cache_K, positions_BxS, mask_BxSxT, kv_state,
                                                             loop_onehot)
     return h, (h, new_cache)  # Emit the loop's final hidden state: every loop is an exit.
@@ -173,7 +175,8 @@ class SequenceRepeat(nn.Module):
 
   @nn.compact
   def __call__(self, h_BxSxD, cache_R, positions_BxS, mask_BxSxT, kv_state=None, loop_onehot=None):
-    repeats = _scan(_maybe_remat(DecoderLayer, self.cfg.remat), self.rec.loops, 'loops', params_scanned=False)
+    repeats = _scan(_maybe_remat(DecoderLayer, self.cfg.remat), self.rec.loops, 'loops', params_scanned=False,
+                    unroll=self.cfg.scan_unroll)
     return repeats(self.cfg, self.rec, name='layer')(h_BxSxD, cache_R, positions_BxS, mask_BxSxT, kv_state,
                                                      loop_onehot)
 
@@ -194,12 +197,12 @@ class RecursiveStack(nn.Module):
   def __call__(self, h_BxSxD, cache, positions_BxS, mask_BxSxT, kv_state=None, loop_onehot=None):
     cfg, rec = self.cfg, self.rec
     if rec.loops_are_exits:  # CYCLE, and MIDDLE_CYCLE's middle.
-      loops = _scan(CycleLoop, rec.loops, 'loops', params_scanned=False)
+      loops = _scan(CycleLoop, rec.loops, 'loops', params_scanned=False, unroll=cfg.scan_unroll)
       _, (hidden_ExBxSxD, new_cache) = loops(cfg, rec, name='block')(h_BxSxD, cache, positions_BxS,
                                                                      mask_BxSxT, kv_state, loop_onehot)
       return hidden_ExBxSxD, new_cache
     groups = _scan(SequenceRepeat, rec.shared_layers(cfg.num_layers), 'layers', params_scanned=True, lora_axis=1,
-                   in_axes=(1,) + _BROADCAST_ARGS[1:], out_axes=1)
+                   in_axes=(1,) + _BROADCAST_ARGS[1:], out_axes=1, unroll=cfg.scan_unroll)
     h, new_cache = groups(cfg, rec, name='block')(h_BxSxD, cache, positions_BxS, mask_BxSxT, kv_state, loop_onehot)
     return h[None], new_cache
 
@@ -212,7 +215,8 @@ class UniqueStack(nn.Module):
 
   @nn.compact
   def __call__(self, h_BxSxD, cache_U, positions_BxS, mask_BxSxT):
-    layers = _scan(_maybe_remat(DecoderLayer, self.cfg.remat), self.length, 'layers', params_scanned=True)
+    layers = _scan(_maybe_remat(DecoderLayer, self.cfg.remat), self.length, 'layers', params_scanned=True,
+                   unroll=self.cfg.scan_unroll)
     return layers(self.cfg, VANILLA, name='layer')(h_BxSxD, cache_U, positions_BxS, mask_BxSxT, None, None)
 
 
