@@ -1,45 +1,11 @@
-r"""Few-shot log-likelihood scoring of the packaged SmolLM2-135M (rrt_jax.eval.fewshot), at every loop's exit.
+r"""Few-shot scoring from a checkout: `python -m experiments.fewshot` is the `rrt-eval` console script,
+rrt_jax/cli/fewshot.py (--help shows its flags).
 
   python -m experiments.fewshot --tasks=bb_wikihow_step,austen_lastword --shots=0 --limit=200
   python -m experiments.fewshot --loops=3 --limit=50    # plain recursive conversion (no LoRA): per-loop scores
-
-Prints one JSON line per task (rrt_jax.eval.fewshot.TaskResult) and the wall time.
 """
 
-from __future__ import annotations
-
-import dataclasses
-import json
-import time
-
-from absl import app, flags
-
-from rrt_jax import Decoder, RecursionConfig
-from rrt_jax.convert import to_recursive
-from rrt_jax.convert.gguf import load_gguf, load_tokenizer
-from rrt_jax.eval.fewshot import DEFAULT_TASKS, TASKS, evaluate_tasks
-
-_TASKS = flags.DEFINE_list('tasks', list(DEFAULT_TASKS), f'Tasks, from {sorted(TASKS)}.')
-_SHOTS = flags.DEFINE_integer('shots', 0, 'Solved examples before each item.')
-_LIMIT = flags.DEFINE_integer('limit', 100, 'Items per task (after a seeded shuffle).')
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 8, 'Requests per scoring call.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the item subset and the shots.')
-_LOOPS = flags.DEFINE_integer('loops', 1, '>1: plain recursive conversion (no LoRA), scored at every loop.')
-
-
-def main(argv):
-  del argv
-  cfg, variables = load_gguf()
-  rec = RecursionConfig(loops=_LOOPS.value)
-  if _LOOPS.value > 1:
-    variables = to_recursive(variables, cfg, rec)
-  start = time.perf_counter()
-  results = evaluate_tasks(Decoder(cfg, rec), variables, load_tokenizer(), _TASKS.value, _SHOTS.value,
-                           _LIMIT.value, _BATCH_SIZE.value, _SEED.value)
-  for r in results.values():
-    print(json.dumps(dataclasses.asdict(r)))
-  print(f'{time.perf_counter() - start:.1f} s')
-
+from rrt_jax.cli.fewshot import main, run  # noqa: F401
 
 if __name__ == '__main__':
-  app.run(main)
+  run()

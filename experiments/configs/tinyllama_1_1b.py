@@ -5,10 +5,8 @@
 Variants: b2 / b3 (loops), r0 / r64 / r128 / r256 / r512 (LoRA rank), stepwise / ends / average / lower.
 With --config.model.source=random --config.data.tokenizer=smollm2 the same shapes run with random weights
 (throughput and MFU checks; a random model has no tokenizer of its own).
+
+The config itself is rrt_jax/configs/tinyllama_1_1b.py (packaged; `rrt-train --config=tinyllama_1_1b:...`).
 """
 
-from experiments.configs.base import paper_config
-
-
-def get_config(variant: str = 'b2_r0_stepwise'):
-  return paper_config('tinyllama_1_1b', variant)
+from rrt_jax.configs.tinyllama_1_1b import get_config  # noqa: F401  (this file is a config file too)

@@ -1,0 +1,15 @@
+"""The paper's gemma_2b setting: bring the HF checkpoint with --config.model.path=/path/to/gemma_2b.
+
+  rrt-train --config=gemma_2b:b2_r512_average \
+      --config.model.path=/ckpt/gemma_2b --workdir=/ckpt/runs/gemma_2b
+  (from a checkout: python -m experiments.train --config=experiments/configs/gemma_2b.py:...)
+Variants: b2 / b3 (loops), r0 / r64 / r128 / r256 / r512 (LoRA rank), stepwise / ends / average / lower.
+With --config.model.source=random --config.data.tokenizer=smollm2 the same shapes run with random weights
+(throughput and MFU checks; a random model has no tokenizer of its own).
+"""
+
+from rrt_jax.configs.base import paper_config
+
+
+def get_config(variant: str = 'b2_r0_stepwise'):
+  return paper_config('gemma_2b', variant)
