@@ -1,9 +1,8 @@
 """Outside anchors for the serving benchmark: HF transformers (PyTorch CPU) generate on our exact weights, and the
 memory-bandwidth bound of a decode step.
 
-The HF model is built from our vanilla params (the inverse of rrt_jax/convert/hf.py's Llama mapping: transposes
-only, our Q/K rows are already in HF's rotate-half order), so both sides decode the same numbers; nothing is
-downloaded.
+The HF model is built from our vanilla params through rrt_jax.export's state dict (the inverse of
+rrt_jax/convert/hf.py's mapping), so both sides decode the same numbers; nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -18,37 +17,17 @@ import numpy as np
 from flax import traverse_util
 
 from rrt_jax.config import Family, ModelConfig, RecursionConfig
-from rrt_jax.model import LAYER_PATH, init_cache, layer_tree
-
-_LAYER_NAMES = {  # Our per-layer leaf path -> HF name after 'model.layers.{i}.'.
-    ('attn', 'q', 'kernel'): 'self_attn.q_proj.weight', ('attn', 'k', 'kernel'): 'self_attn.k_proj.weight',
-    ('attn', 'v', 'kernel'): 'self_attn.v_proj.weight', ('attn', 'o', 'kernel'): 'self_attn.o_proj.weight',
-    ('mlp', 'gate', 'kernel'): 'mlp.gate_proj.weight', ('mlp', 'up', 'kernel'): 'mlp.up_proj.weight',
-    ('mlp', 'down', 'kernel'): 'mlp.down_proj.weight', ('attn_norm', 'scale'): 'input_layernorm.weight',
-    ('mlp_norm', 'scale'): 'post_attention_layernorm.weight',
-    ('attn', 'q', 'bias'): 'self_attn.q_proj.bias', ('attn', 'k', 'bias'): 'self_attn.k_proj.bias',
-    ('attn', 'v', 'bias'): 'self_attn.v_proj.bias', ('attn', 'o', 'bias'): 'self_attn.o_proj.bias',
-    ('mlp', 'gate', 'bias'): 'mlp.gate_proj.bias', ('mlp', 'up', 'bias'): 'mlp.up_proj.bias',
-    ('mlp', 'down', 'bias'): 'mlp.down_proj.bias'}
+from rrt_jax.export import state_dict
+from rrt_jax.model import LAYER_PATH, init_cache
 
 
 def llama_state_dict(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
-  """Our vanilla Llama 'params' as an HF LlamaForCausalLM state dict (fp32 numpy, [out, in] kernels)."""
+  """Our vanilla Llama 'params' as an HF LlamaForCausalLM state dict (fp32 numpy, [out, in] kernels): the export
+  library's mapping (rrt_jax.export.state_dict), for the plain-RoPE Llama models the anchor builds."""
   if cfg.family != Family.LLAMA or cfg.rope_scaling is not None:
     raise ValueError(f'The HF anchor builds plain-RoPE Llama models; got family {cfg.family}, rope_scaling '
                      f'{cfg.rope_scaling}.')
-  f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
-  out = {'model.embed_tokens.weight': f32(params['embedder']['embedding']),
-         'model.norm.weight': f32(params['final_norm']['scale'])}
-  if not cfg.tie_embeddings:
-    out['lm_head.weight'] = f32(params['lm_head']).T
-  for path, stacked in traverse_util.flatten_dict(layer_tree(params)).items():
-    if path not in _LAYER_NAMES:
-      raise ValueError(f'No HF name for layer leaf {"/".join(path)}.')
-    for i in range(cfg.num_layers):
-      arr = f32(stacked[i])
-      out[f'model.layers.{i}.{_LAYER_NAMES[path]}'] = arr.T if path[-1] == 'kernel' else arr
-  return out
+  return state_dict(cfg, params)
 
 
 def _hf_config_kwargs(cfg: ModelConfig) -> dict:
