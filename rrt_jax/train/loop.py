@@ -6,13 +6,20 @@ needs); every workdir access goes through etils.epath and Orbax.
 
 Shapes: a batch is a dict of [global_batch, seq_len] arrays (rrt_jax/data/pipeline.py), sharded over the mesh's
 ('data', 'fsdp') axes; per-loop metrics are [loops] vectors, logged as '<name>/loop<i>'.
+
+While training (all off by default): a held-out evaluation every `eval_every` steps (eval/loss/loop<i>,
+eval/ppl/loop<i>; `heldout_evaluator`), a jax.profiler trace of a window of steps (`profile.*`; `StepProfiler`),
+W&B as another metrics sink (`wandb.*`; train/metrics.py). The whole config goes to <workdir>/config.json.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import math
 import time
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -29,10 +36,12 @@ from rrt_jax.train.metrics import MetricsWriter, to_scalars
 from rrt_jax.train.sharding import RULES, check_divisible, global_batch, make_mesh, optimizer_shardings, replicated
 from rrt_jax.train.step import TrainState, init_state, make_train_step
 from rrt_jax.train.validate import check_config, check_mesh
-from rrt_jax.utils.locking import file_lock
+from rrt_jax.utils.locking import atomic_write_text, file_lock
 from rrt_jax.utils.uri import as_path, is_uri
 
 log = logging.getLogger(__name__)
+
+CONFIG_JSON = 'config.json'  # In the workdir: the run's whole experiment config.
 
 
 def train(c: ml_collections.ConfigDict, workdir: str, source=None, tokenizer=None,
@@ -43,7 +52,11 @@ def train(c: ml_collections.ConfigDict, workdir: str, source=None, tokenizer=Non
 
   The whole config is checked before anything is loaded or written (validate.py). A workdir is trained by one run
   at a time (a lock file). SIGTERM or Ctrl-C saves a checkpoint and raises `Interrupted`; a non-finite loss raises
-  FloatingPointError before any checkpoint of it is written."""
+  FloatingPointError before any checkpoint of it is written.
+
+  Each returned row is {'step', ...} as in metrics.jsonl: the training scalars at log steps, eval/... at eval steps
+  (a row of an eval step that is not a log step has only those). Library INFO logs (Orbax, grain, TFDS) follow the
+  caller's logging configuration: rrt_jax.utils.logs.quiet_libraries() drops them (the CLI calls it)."""
   check_config(c, workdir)
   setup.init_distributed(c)
   check_mesh(c, jax.device_count())
@@ -91,6 +104,7 @@ def workdir_lock(workdir: str):
 def _train(c: ml_collections.ConfigDict, workdir: str, source, tokenizer, stop_after: int | None,
            student_variables: dict | None) -> list[dict]:
   from rrt_jax.data.pipeline import CheckpointableIterator
+  write_config(c, workdir)
   if tokenizer is None:
     tokenizer, _ = tokenizer_for_model(c.data.tokenizer, c.model.source, c.model.path)
   if source is None:
@@ -143,7 +157,13 @@ def _train(c: ml_collections.ConfigDict, workdir: str, source, tokenizer, stop_a
   peak, peak_source = flops.peak_flops(cfg.dtype)
   peak *= jax.device_count()
   log.info('MFU against %.3g FLOP/s (%s, x%d devices)', peak, peak_source, jax.device_count())
-  writer = MetricsWriter(workdir, resume_step=first)
+  try:
+    evaluate = heldout_evaluator(c, cfg, rec, tokenizer, mesh) if c.get('eval_every', 0) else None
+    writer = MetricsWriter(workdir, resume_step=first, wandb_init=wandb_init(c, workdir))
+  except BaseException:
+    ckpts.close()
+    raise
+  profiler = StepProfiler(c.get('profile'), workdir)
   preemption = Preemption()
   finite = FiniteSteps()
   history = []
@@ -154,6 +174,7 @@ def _train(c: ml_collections.ConfigDict, workdir: str, source, tokenizer, stop_a
                disable=jax.process_index() != 0, dynamic_ncols=True)
     t0, timed_from = time.perf_counter(), first
     for step in bar:
+      profiler.before(step + 1)
       batch = global_batch(next(data_iter), mesh)
       state, metrics = step_fn(state, teacher_vars, batch)
       done = step + 1
@@ -163,6 +184,7 @@ def _train(c: ml_collections.ConfigDict, workdir: str, source, tokenizer, stop_a
         jax.block_until_ready(state)
         t0, timed_from = time.perf_counter(), done
       stopping = preemption.reached(done) or done == end
+      row = {}
       if done % c.log_every == 0 or stopping:
         finite.check(ckpts)
         scalars = to_scalars(metrics)
@@ -176,9 +198,18 @@ def _train(c: ml_collections.ConfigDict, workdir: str, source, tokenizer, stop_a
         scalars.update(lr=float(schedule(done)), tokens_per_s=tokens_per_s,
                        mfu=tokens_per_s * flops_per_token / peak)
         scalars = {k: v for k, v in scalars.items() if not k.startswith('exit_weights')}
-        writer.write(done, scalars)
-        history.append({'step': done, **scalars})
+        row.update(scalars)
         bar.set_postfix(loss=f'{scalars["loss"]:.3f}', tok_s=f'{tokens_per_s:,.0f}', mfu=f'{scalars["mfu"]:.1%}')
+      # Every eval_every steps and at the last step (not when stopping for a signal: no time to spare then).
+      if evaluate is not None and (done % c.eval_every == 0 or (done == end and not preemption.requested)):
+        finite.check(ckpts)
+        eval_start = time.perf_counter()
+        row.update(evaluate(state.variables))
+        t0 += time.perf_counter() - eval_start  # (Evaluating is not training throughput.)
+      if row:
+        writer.write(done, row)
+        history.append({'step': done, **row})
+      profiler.after(done, state)
       if stopping or (ckpts.every_steps > 0 and done % ckpts.every_steps == 0):
         finite.check(ckpts)  # Never save a state that a non-finite loss or gradient produced.
         ckpts.save(done, state, data_iter, force=stopping)
@@ -187,10 +218,88 @@ def _train(c: ml_collections.ConfigDict, workdir: str, source, tokenizer, stop_a
         raise Interrupted(preemption.signal, done, ckpts.directory)
     ckpts.wait()
   finally:
+    profiler.stop()
     preemption.restore()
     writer.close()
     ckpts.close()
   return history
+
+
+def write_config(c: ml_collections.ConfigDict, workdir: str) -> None:
+  """<workdir>/config.json: the run's whole experiment config (c.to_json_best_effort), written atomically by
+  process 0 when a run starts (a resumed run rewrites it with its own config)."""
+  if jax.process_index():
+    return
+  path, text = as_path(workdir) / CONFIG_JSON, c.to_json_best_effort(indent=2) + '\n'
+  if is_uri(workdir):
+    path.write_text(text)  # (An object store shows an object whole or not at all.)
+  else:
+    atomic_write_text(path, text)
+
+
+def wandb_init(c: ml_collections.ConfigDict, workdir: str) -> dict | None:
+  """wandb.init's keyword arguments from the wandb section (None: wandb.project is empty, no W&B)."""
+  w = c.get('wandb')
+  if w is None or not w.project:
+    return None
+  return {'project': w.project, 'entity': w.entity or None, 'name': w.name or None,
+          'config': json.loads(c.to_json_best_effort()), 'notes': f'workdir {workdir}'}
+
+
+def heldout_evaluator(c: ml_collections.ConfigDict, cfg: ModelConfig, rec: RecursionConfig, tokenizer,
+                      mesh: jax.sharding.Mesh) -> Callable[[dict], dict[str, float]]:
+  """variables -> {'eval/loss/loop<i>': mean CE per token, 'eval/ppl/loop<i>': perplexity} at every loop's exit.
+
+  One fixed set of windows, built here once: the first eval.tokens tokens of the packaged split eval.split with the
+  run's tokenizer, in windows of data.seq_len (rrt_jax.eval.perplexity.heldout_windows). Scored by the library's
+  per_loop_perplexity, on the training variables as they are (sharded global arrays: nothing is gathered to a host),
+  traced under the mesh and RULES, so the eval batch (eval.batch windows; 0 = the training micro-batch, capped at
+  the windows there are) is split over the batch axes like a training batch. The loss is log(perplexity)."""
+  from rrt_jax.eval.perplexity import heldout_windows, per_loop_perplexity
+  from rrt_jax.train.sharding import batch_ways
+  windows = heldout_windows(tokenizer, c.eval.split, c.eval.tokens, c.data.seq_len)
+  ways = batch_ways(mesh)
+  batch = min(c.eval.batch or c.data.global_batch // c.train.grad_accum, -(-len(windows.inputs) // ways) * ways)
+  model = Decoder(cfg, rec)
+  log.info('held-out eval every %d steps: %d tokens of %s, %d windows of %d, %d per batch', c.eval_every,
+           windows.num_tokens, c.eval.split, len(windows.inputs), c.data.seq_len, batch)
+
+  def evaluate(variables: dict) -> dict[str, float]:
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(RULES):
+      ppl = per_loop_perplexity(model, variables, windows, batch)
+    return {**{f'eval/loss/loop{i}': math.log(p) for i, p in enumerate(ppl, 1)},
+            **{f'eval/ppl/loop{i}': p for i, p in enumerate(ppl, 1)}}
+
+  return evaluate
+
+
+class StepProfiler:
+  """A jax.profiler trace of the steps start_step .. start_step + steps - 1 (numbered as in metrics.jsonl) into
+  <workdir>/profile, by process 0 only: TensorBoard's profile tab (tensorboard --logdir <workdir>/profile) reads
+  its plugins/profile/<run>/<host>.xplane.pb. A run resumed past start_step traces nothing."""
+
+  def __init__(self, profile: ml_collections.ConfigDict | None, workdir: str):
+    self.first = -1 if profile is None else profile.start_step
+    self.last = self.first + (1 if profile is None else profile.steps) - 1
+    self.enabled = self.first >= 1 and jax.process_index() == 0
+    self.logdir = str(as_path(workdir) / 'profile')
+    self.active = False
+
+  def before(self, step: int) -> None:
+    if self.enabled and step == self.first:
+      jax.profiler.start_trace(self.logdir)
+      self.active = True
+
+  def after(self, step: int, state) -> None:
+    if self.active and step >= self.last:
+      jax.block_until_ready(state)
+      self.stop()
+      log.info('profiled steps %d-%d into %s', self.first, step, self.logdir)
+
+  def stop(self) -> None:
+    if self.active:
+      self.active = False
+      jax.profiler.stop_trace()
 
 
 class FiniteSteps:

@@ -137,7 +137,58 @@ def _section_checks(c: ml_collections.ConfigDict) -> list[Callable[[], None]]:
   return [_positive(c, 'train.steps', 'train.grad_accum', 'data.global_batch', 'log_every', 'checkpoint.keep'),
           _positive(c, 'data.seq_len', minimum=2), _positive(c, 'checkpoint.every_steps', minimum=0),
           loss, conversion, schedule, batch, lambda: _check_tokenizer(c.data.tokenizer, c.model.source), distributed,
-          lambda: _check_data_source(c)]
+          lambda: _check_data_source(c), *_while_training_checks(c)]
+
+
+def _count(value, minimum: int) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _while_training_checks(c: ml_collections.ConfigDict) -> list[Callable[[], None]]:
+  """eval_every + eval, profile, wandb (each section optional: configs written before they existed)."""
+
+  def eval_every():
+    every = c.get('eval_every', 0)
+    if not _count(every, 0):
+      raise ValueError(f'eval_every={every!r}: a number of steps >= 0 (0 = no held-out evaluation).')
+
+  def evaluation():
+    every, ev = c.get('eval_every', 0), c.get('eval')
+    if ev is None:
+      if every:
+        raise ValueError(f'eval_every={every} needs the eval section (eval.split, eval.tokens, eval.batch) of '
+                         'rrt_jax/configs/base.py.')
+      return
+    from rrt_jax.data.prepare import SPLITS
+    if ev.split not in SPLITS:
+      raise ValueError(f'eval.split={ev.split!r}: choose one of the packaged corpora\'s splits {SPLITS}.')
+    bad = [] if _count(ev.tokens, 1) else [f'eval.tokens={ev.tokens!r} must be a number of tokens >= 1']
+    bad += [] if _count(ev.batch, 0) else [f'eval.batch={ev.batch!r} must be a number of windows >= 0 (0 = the '
+                                           'training micro-batch)']
+    if bad:
+      raise ValueError('; '.join(bad) + '.')
+
+  def profile():
+    p = c.get('profile')
+    if p is None:
+      return
+    bad = [] if p.start_step == -1 or _count(p.start_step, 1) else [
+        f'profile.start_step={p.start_step!r} must be -1 (off) or the first step to trace (>= 1)']
+    bad += [] if _count(p.steps, 1) else [f'profile.steps={p.steps!r} must be a number of steps >= 1']
+    if bad:
+      raise ValueError('; '.join(bad) + '.')
+
+  def wandb():
+    w = c.get('wandb')
+    if w is None or not w.project:
+      return
+    import importlib.util
+    import sys
+    if 'wandb' not in sys.modules and importlib.util.find_spec('wandb') is None:
+      raise ValueError(f'wandb.project={w.project!r} logs to Weights & Biases, but wandb is not installed: pip '
+                       "install wandb (or --config.wandb.project='' to turn it off).")
+
+  return [eval_every, evaluation, profile, wandb]
 
 
 def _check_data_source(c: ml_collections.ConfigDict) -> None:
