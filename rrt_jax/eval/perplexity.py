@@ -57,6 +57,7 @@ def sliding_windows(ids: Sequence[int], window: int, stride: int | None = None, 
   return Windows(np.stack(inputs), np.stack(targets), np.stack(masks))
 
 
+@functools.lru_cache(maxsize=16)  # One jitted scorer per model (periodic eval while training calls it often).
 def _nll_fn(model: Decoder):
   @jax.jit
   def nll(variables, inputs, targets, mask):
