@@ -25,7 +25,7 @@ from packaging.version import Version
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYPROJECT = tomllib.load(open(os.path.join(ROOT, 'pyproject.toml'), 'rb'))
-SCRIPTS = {'rrt-train': 'rrt_jax.cli.train', 'rrt-generate': 'rrt_jax.cli.generate', 'rrt-eval': 'rrt_jax.cli.fewshot',
+SCRIPTS = {'rrt-train': 'rrt_jax.cli.train', 'rrt-generate': 'rrt_jax.cli.generate', 'rrt-eval': 'rrt_jax.cli.evaluate',
            'rrt-export': 'rrt_jax.cli.export'}
 
 
