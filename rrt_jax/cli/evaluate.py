@@ -1,4 +1,5 @@
 r"""Evaluate a trained checkpoint at every loop exit: the offline few-shot stand-ins, optionally lm-eval-harness tasks.
+`rrt-eval`, or from a checkout `python -m experiments.evaluate`.
 
   python -m experiments.evaluate --workdir=workdir/main/uptrain                     # DEFAULT_TASKS, every exit
   python -m experiments.evaluate --workdir=/tmp/ckpt --tasks=bb_social_iqa --limit=200 --exit_loop=2
