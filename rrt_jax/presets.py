@@ -37,10 +37,16 @@ TINY_GEMMA = GEMMA_2B.replace(vocab_size=512, num_layers=6, d_model=64, num_head
 TINY_PYTHIA = PYTHIA_1B.replace(vocab_size=512, num_layers=6, d_model=64, num_heads=4, num_kv_heads=4,
                                 head_dim=16, mlp_dim=128, max_seq_len=256)
 
+# The from-scratch model of experiments/repro_study.py: a 12-layer Llama (12 divides by B = 2 and 3) of 7.1 M
+# non-embedding parameters, pretrained on CPU with the byte tokenizer (vocab_size is replaced by the tokenizer's).
+REPRO_7M = ModelConfig(
+    family='llama', vocab_size=259, num_layers=12, d_model=256, num_heads=4, num_kv_heads=2, head_dim=64,
+    mlp_dim=512, max_seq_len=1024, norm='rms', norm_eps=1e-5, mlp='swiglu', tie_embeddings=False)
+
 PRESETS = {
     'gemma_2b': GEMMA_2B, 'tinyllama_1_1b': TINYLLAMA_1_1B, 'pythia_1b': PYTHIA_1B,
     'smollm2_135m': SMOLLM2_135M, 'tiny_llama': TINY_LLAMA, 'tiny_gemma': TINY_GEMMA,
-    'tiny_pythia': TINY_PYTHIA,
+    'tiny_pythia': TINY_PYTHIA, 'repro_7m': REPRO_7M,
 }
 
 
