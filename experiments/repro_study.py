@@ -493,25 +493,9 @@ def convert_variant(v: Variant, cfg, vanilla: dict, calibration) -> dict:
 
 def uptrain(v: Variant, student, variables: dict, teacher, teacher_variables: dict, batches: list[dict],
             lr: float) -> tuple[dict, list[float]]:
-  """rrt_jax.train.loop.uptrain_on_batches; for early_exit='none' the same recipe (its optimizer, schedule, step and
-  loss functions) with that one LossConfig field changed (uptrain_on_batches fixes it to 'aggressive')."""
-  import jax.numpy as jnp
-
+  """rrt_jax.train.loop.uptrain_on_batches with the variant's early-exit weights."""
   from rrt_jax.train.loop import uptrain_on_batches
-  from rrt_jax.train.optimizer import learning_rate_schedule, make_optimizer
-  from rrt_jax.train.step import LossConfig, init_state, make_train_step
-  if v.early_exit == 'aggressive':
-    return uptrain_on_batches(student, variables, teacher, teacher_variables, batches, lr)
-  steps = len(batches)
-  tx = make_optimizer(learning_rate_schedule(lr, steps, max(1, steps // 10)))
-  loss_cfg = LossConfig(ce_weight=1.0, kd_weight=1.0, early_exit=v.early_exit)
-  step_fn = jax.jit(make_train_step(student, teacher, tx, loss_cfg), donate_argnums=(0,))
-  state = init_state(jax.tree.map(jnp.array, variables), tx)
-  losses = []
-  for batch in batches:
-    state, metrics = step_fn(state, teacher_variables, batch)
-    losses.append(float(metrics['loss']))
-  return state.variables, losses
+  return uptrain_on_batches(student, variables, teacher, teacher_variables, batches, lr, v.early_exit)
 
 
 def evaluate(model, variables: dict, windows: dict, batch_size: int) -> dict:
