@@ -59,5 +59,5 @@ def test_sharded_serving_where_sizes_do_not_divide():
   _same(r['middle_cycle'])
   _check_engine(r['engine'])
   assert r['engine']['placement']['cache_shard'] == r['engine']['placement']['cache']
-  assert any('batch=3 does not split over mesh data x fsdp=2' in w for w in r['warnings'])
+  assert any('batch=3 does not split over mesh data=2' in w for w in r['warnings'])
   assert any('kv=2 does not split over mesh tensor=4' in w for w in r['warnings'])

@@ -42,7 +42,8 @@ def _fit(logical: tuple, shape: tuple[int, ...], mesh: Mesh, what: str | None) -
     ways = math.prod(mesh.shape.get(a, 1) for a in names)
     if ways > 1 and shape[dim] % ways:
       if what:
-        _warn_once(f'{what}: {logical[dim]}={shape[dim]} does not split over mesh {" x ".join(names)}={ways}; it is '
+        split = ' x '.join(a for a in names if mesh.shape.get(a, 1) > 1)  # The axes that actually split it.
+        _warn_once(f'{what}: {logical[dim]}={shape[dim]} does not split over mesh {split}={ways}; it is '
                    f'replicated there (each of those devices repeats its work): choose a multiple of {ways}.')
       spec[dim] = None
   return NamedSharding(mesh, PartitionSpec(*spec))
