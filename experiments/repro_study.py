@@ -28,6 +28,9 @@ result made with other flags than this run's is an error, not silently reused; t
 Then (always, from the stage files): results.json, results.md (mean ± std over seeds, the claims), and the plots
 per_loop_bpb.png (per-loop bars with error bars), uptraining_curves.png, pretrain_loss.png.
 
+The variant grid is experiments/repro_grid.py, the claims and their judge experiments/repro_claims.py, the table
+and plots experiments/repro_report.py; this file holds the flags, the stages and the run.
+
 The claims (Bae et al., ICLR 2025) are judged on the last loop's bits per byte after uptraining, on each corpus,
 by `judge`: held when the claimed-better side's mean is lower ("keeps the last loop's quality": no more than one
 pooled std worse), with the difference in units of the pooled std over seeds.
@@ -64,6 +67,10 @@ import time
 import jax
 import numpy as np
 from absl import app, flags
+
+from experiments.repro_claims import PerSeed, claims_text, paper_claims
+from experiments.repro_grid import Settings, Variant, variants
+from experiments.repro_report import markdown, plot_per_loop, plot_pretrain, plot_uptraining, setup_line, summarize
 
 
 def define_flags() -> None:
@@ -111,39 +118,6 @@ TINY = dict(preset='tiny_llama', pretrain_steps=8, pretrain_batch=8, pretrain_lr
 DATA_SEED_OFFSET = 1000  # Uptraining data order `seed` is pipeline seed 1000 + seed (pretraining used 0).
 
 
-@dataclasses.dataclass(frozen=True)
-class Settings:
-  """The resolved flags (--tiny's values for flags not given explicitly)."""
-
-  workdir: str
-  tiny: bool
-  preset: str
-  pretrain_steps: int
-  pretrain_batch: int
-  pretrain_lr: float
-  pretrain_warmup: int
-  seq_len: int
-  uptrain_steps: int
-  batch: int
-  uptrain_lr: float
-  eval_tokens: int
-  eval_batch: int
-  eval_converted: bool
-  corpora: tuple[str, ...]
-  calibration_tokens: int
-  loops: tuple[int, ...]
-  inits: tuple[str, ...]
-  relaxed_loops: int
-  ranks: tuple[int, ...]
-  lora_inits: tuple[str, ...]
-  relaxed_other_inits: tuple[str, ...]
-  init_rank: int
-  baselines: tuple[str, ...]
-  no_early_exit_of: str
-  seeds: tuple[int, ...]
-  only: tuple[str, ...]
-
-
 def settings() -> Settings:
   def value(name):
     if flags.FLAGS.tiny and name in TINY and not flags.FLAGS[name].present:
@@ -157,86 +131,6 @@ def settings() -> Settings:
                              relaxed_other_inits=tuple(s.relaxed_other_inits), baselines=tuple(s.baselines),
                              seeds=ints('seeds'), only=tuple(s.only),
                              init_rank=s.init_rank or ints('ranks')[0])
-
-
-# ---------------------------------------------------------------------------------------------------- variants
-
-
-@dataclasses.dataclass(frozen=True)
-class Variant:
-  """One model of the study. group: recursive | relaxed | reduced | scratch | no_early_exit; loops: its B (the
-  reduced-size and scratch models: the B whose shared size they match, run once)."""
-
-  name: str
-  group: str
-  loops: int
-  init: str = 'stepwise'
-  lora_init: str = ''
-  rank: int = 0
-  early_exit: str = 'aggressive'
-
-  @property
-  def slug(self) -> str:
-    keep = (c if c.isalnum() or c in '.=' else '_' for c in self.name.replace('+', '_'))
-    return ''.join(keep).replace('__', '_').strip('_')
-
-  @property
-  def one_loop(self) -> bool:
-    return self.group in ('reduced', 'scratch')
-
-  @property
-  def conversion(self) -> dict:
-    """What the initial variables depend on (the no-early-exit ablation shares its base variant's)."""
-    kind = self.group if self.one_loop else 'recursive'
-    return {'kind': kind, 'loops': self.loops, 'init': self.init, 'lora_init': self.lora_init, 'rank': self.rank}
-
-  @property
-  def conversion_slug(self) -> str:
-    return dataclasses.replace(self, name=self.name.removesuffix(NO_EARLY_EXIT)).slug
-
-
-NO_EARLY_EXIT = ', no early-exit loss'  # The name suffix of the ablation uptrained with early_exit='none'.
-
-
-def relaxed_name(b: int, init: str, lora_init: str, rank: int) -> str:
-  return f'relaxed B={b} {init}+{lora_init} r={rank}'
-
-
-def variants(s: Settings, num_layers: int) -> list[Variant]:
-  """Every model of the study but the pretrained one, in table order."""
-  bad = sorted({b for b in (*s.loops, s.relaxed_loops) if b < 2 or num_layers % b})
-  if bad:
-    raise ValueError(f'--loops / --relaxed_loops {bad}: B must be >= 2 and divide the {num_layers} layers of '
-                     f'--preset={s.preset}.')
-  out = []
-  for b in s.loops:
-    out += [Variant(f'recursive B={b} {init}', 'recursive', b, init) for init in s.inits]
-  b = s.relaxed_loops
-  for rank in s.ranks:
-    out += [Variant(relaxed_name(b, 'average', li, rank), 'relaxed', b, 'average', li, rank) for li in s.lora_inits]
-  others = [i for i in s.relaxed_other_inits if i != 'average']
-  if others and s.init_rank not in s.ranks:  # (Average + SVD at that rank too: the claim compares with it.)
-    others = ['average', *others]
-  out += [Variant(relaxed_name(b, init, 'svd', s.init_rank), 'relaxed', b, init, 'svd', s.init_rank)
-          for init in others]
-  for b in s.loops:
-    k = num_layers // b
-    if 'reduced' in s.baselines:
-      out.append(Variant(f'reduced B={b} ({k} layers, stepwise)', 'reduced', b))
-    if 'scratch' in s.baselines:
-      out.append(Variant(f'scratch B={b} ({k} layers, random init)', 'scratch', b))
-  of = relaxed_name(s.relaxed_loops, 'average', 'svd', s.ranks[0]) if s.no_early_exit_of == 'auto' else \
-      s.no_early_exit_of
-  base = next((v for v in out if v.name == of), None)
-  if of and base is None:
-    raise ValueError(f'--no_early_exit_of={of!r} names no variant of the study: choose one of '
-                     f'{[v.name for v in out]}.')
-  if base is not None:
-    out.append(dataclasses.replace(base, name=base.name + NO_EARLY_EXIT, group='no_early_exit',
-                                   early_exit='none'))
-  if s.only:
-    out = [v for v in out if any(key in v.name for key in s.only)]
-  return out
 
 
 # ---------------------------------------------------------------------------------------------- stage results
@@ -306,107 +200,6 @@ class Stages:
     self.ran += 1
     print(f'[done] {label} ({result["seconds"]:.1f} s)', flush=True)
     return result
-
-
-# ---------------------------------------------------------------------------------------------- claim judging
-
-
-def _finite(x: float) -> float | None:
-  return float(x) if math.isfinite(x) else None
-
-
-def judge(claim: str, better, worse, non_inferiority_std: float | None = None, **context) -> dict:
-  """A claim 'A is better than B' on per-seed values of a lower-is-better metric: `better` = A's, `worse` = B's.
-
-  difference = mean(B) - mean(A) (> 0: the claim's direction); std = the pooled sample std over seeds,
-  sqrt((var(A) + var(B)) / 2) with ddof=1; z = difference / std. held: difference > 0; with
-  non_inferiority_std=k ("A is no worse than B"): difference >= -k * std (difference >= 0 when std is undefined).
-  std and z are None where undefined (one seed; z also where std is 0)."""
-  a, b = np.asarray(better, np.float64), np.asarray(worse, np.float64)
-  if a.size == 0 or b.size == 0:
-    raise ValueError(f'{claim}: both sides need at least one value.')
-  diff = float(b.mean() - a.mean())
-  std = math.sqrt((a.var(ddof=1) + b.var(ddof=1)) / 2) if a.size > 1 and b.size > 1 else math.nan
-  z = diff / std if std > 0 else math.nan
-  if non_inferiority_std is None:
-    held = diff > 0
-  else:
-    held = diff >= (-non_inferiority_std * std if math.isfinite(std) else 0.0)
-  return {'claim': claim, **context, 'held': bool(held), 'verdict': 'held' if held else 'not held',
-          'better_mean': float(a.mean()), 'worse_mean': float(b.mean()), 'difference': diff, 'std': _finite(std),
-          'z': _finite(z), 'n': [int(a.size), int(b.size)], 'non_inferiority_std': non_inferiority_std}
-
-
-def judge_best(claim: str, candidate: str, values: dict[str, list[float]], **context) -> dict:
-  """'candidate is the best of values': judged against the runner-up (the lowest mean of the others)."""
-  others = {k: v for k, v in values.items() if k != candidate}
-  runner_up = min(others, key=lambda k: float(np.mean(others[k])))
-  return judge(claim, values[candidate], others[runner_up], better_name=candidate, worse_name=runner_up,
-               **context)
-
-
-def format_claim(c: dict) -> str:
-  units = '' if c['z'] is None else f' = {c["z"]:+.1f} std'
-  rule = f', held if within {c["non_inferiority_std"]:g} std' if c['non_inferiority_std'] is not None else ''
-  return (f'- {c["claim"]} [{c["corpus"]}]: **{c["verdict"].upper()}** ({c["better_name"]} {c["better_mean"]:.4f} '
-          f'vs {c["worse_name"]} {c["worse_mean"]:.4f} bpb; difference {c["difference"]:+.4f}{units}{rule})')
-
-
-def paper_claims(per_seed, s: Settings, corpora: tuple[str, ...]) -> list[dict]:
-  """Every paper claim whose variants are in the study. per_seed(name, corpus, loop) -> per-seed bpb or None."""
-  out = []
-
-  def add(fn, corpus, *args, **kwargs):
-    out.append(fn(*args, corpus=corpus, **kwargs))
-
-  for corpus in corpora:
-    last = lambda name: per_seed(name, corpus, -1)  # noqa: E731,B023
-    for b in s.loops:
-      inits = {f'recursive B={b} {i}': last(f'recursive B={b} {i}') for i in s.inits}
-      inits = {k: v for k, v in inits.items() if v}
-      if f'recursive B={b} stepwise' in inits and len(inits) > 1:
-        add(judge_best, corpus, f'Stepwise is the best looping init without LoRA (B={b})',
-            f'recursive B={b} stepwise', inits)
-    rb, r0 = s.relaxed_loops, s.init_rank
-    with_lora = {relaxed_name(rb, i, 'svd', r0): last(relaxed_name(rb, i, 'svd', r0))
-                 for i in ('average', *s.relaxed_other_inits)}
-    with_lora = {k: v for k, v in with_lora.items() if v}
-    if relaxed_name(rb, 'average', 'svd', r0) in with_lora and len(with_lora) > 1:
-      add(judge_best, corpus, f'Average + SVD is the best looping init with LoRA (B={rb}, r={r0})',
-          relaxed_name(rb, 'average', 'svd', r0), with_lora)
-    for rank in s.ranks:
-      svd, zero = relaxed_name(rb, 'average', 'svd', rank), relaxed_name(rb, 'average', 'zero', rank)
-      if last(svd) and last(zero):
-        add(judge, corpus, f'SVD LoRA init beats zero init (B={rb}, r={rank})', last(svd), last(zero),
-            better_name=svd, worse_name=zero)
-      plain = f'recursive B={rb} average'
-      if last(svd) and last(plain):
-        add(judge, corpus, f'Relaxation (Average + SVD, r={rank}) improves on the plain Average recursive model',
-            last(svd), last(plain), better_name=svd, worse_name=plain)
-    ranks = sorted(s.ranks)
-    for lora_init in s.lora_inits:
-      for lo, hi in zip(ranks, ranks[1:], strict=False):
-        lo_name, hi_name = relaxed_name(rb, 'average', lora_init, lo), relaxed_name(rb, 'average', lora_init, hi)
-        if last(lo_name) and last(hi_name):
-          add(judge, corpus, f'A higher rank is better: rank trades parameters for quality ({lora_init}, r={lo} '
-              f'-> {hi})', last(hi_name), last(lo_name), better_name=hi_name, worse_name=lo_name)
-    for b in s.loops:
-      rec = f'recursive B={b} stepwise'
-      for group, what in (('reduced', 'the reduced-size model'), ('scratch', 'the same-size model from scratch')):
-        base = next((n for n in per_seed.names if n.startswith(f'{group} B={b} ')), None)
-        if base and last(rec) and last(base):
-          add(judge, corpus, f'Recursive (Stepwise, B={b}) beats {what} at equal parameters', last(rec),
-              last(base), better_name=rec, worse_name=base)
-    for name in per_seed.names:
-      if not name.endswith(NO_EARLY_EXIT):
-        continue
-      agg = name.removesuffix(NO_EARLY_EXIT)
-      if per_seed(agg, corpus, 0) and per_seed(name, corpus, 0):
-        add(judge, corpus, 'The aggressive early-exit loss makes loop 1 usable (loop-1 bpb)', per_seed(agg, corpus, 0),
-            per_seed(name, corpus, 0), better_name=agg, worse_name=name)
-        add(judge, corpus, "The aggressive early-exit loss keeps the last loop's quality (last-loop bpb)",
-            last(agg), last(name), non_inferiority_std=1.0, better_name=agg, worse_name=name)
-  return out
 
 
 # ---------------------------------------------------------------------------------------------------- the study
@@ -618,158 +411,6 @@ class Study:
                                  'eval': {c: scores[c] for c in s.corpora}}
     row['summary'] = summarize(row, s.corpora)
     return row
-
-
-def summarize(row: dict, corpora) -> dict:
-  """Mean and std (ddof=1; 0 with one seed) over seeds of every loop's bpb and ppl, per corpus."""
-  out = {}
-  for corpus in corpora:
-    out[corpus] = {}
-    for metric in ('bpb', 'ppl'):
-      values = np.asarray([r['eval'][corpus][metric] for r in row['seeds'].values()], np.float64)  # [seeds, loops]
-      out[corpus][metric + '_mean'] = values.mean(0).tolist()
-      out[corpus][metric + '_std'] = (values.std(0, ddof=1) if len(values) > 1 else np.zeros(values.shape[1])).tolist()
-  return out
-
-
-class PerSeed:
-  """per_seed(name, corpus, loop) -> the per-seed bpb of that loop after uptraining (None if absent)."""
-
-  def __init__(self, rows: list[dict]):
-    self.rows = {r['model']: r for r in rows}
-    self.names = list(self.rows)
-
-  def __call__(self, name: str, corpus: str, loop: int) -> list[float] | None:
-    row = self.rows.get(name)
-    if row is None or not row['seeds']:
-      return None
-    return [r['eval'][corpus]['bpb'][loop] for _, r in sorted(row['seeds'].items(), key=lambda kv: int(kv[0]))]
-
-
-# ---------------------------------------------------------------------------------------------- tables, plots
-
-
-def _pm(mean: list[float], std: list[float], digits: int = 3) -> str:
-  return ' / '.join(f'{m:.{digits}f}±{d:.{digits}f}' for m, d in zip(mean, std, strict=True))
-
-
-def markdown(results: dict, corpora) -> str:
-  head = ['model', 'non-emb params (LoRA)']
-  for c in corpora:
-    head += [f'{c} bpb converted (last loop)', f'{c} bpb per loop, uptrained', f'{c} ppl per loop, uptrained']
-  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
-  pre = results['vanilla']
-  cells = ['vanilla (pretrained teacher)', f'{results["vanilla_params"] / 1e6:.2f} M']
-  for c in corpora:
-    cells += ['—', f'{pre[c]["bpb"][0]:.3f}', f'{pre[c]["ppl"][0]:.2f}']
-  lines.append('| ' + ' | '.join(cells) + ' |')
-  for row in results['rows']:
-    lora = f' ({row["lora_params"] / 1e6:.2f} M)' if row['lora_params'] else ''
-    cells = [row['model'], f'{row["non_embedding_params"] / 1e6:.2f} M{lora}']
-    for c in corpora:
-      sm = row['summary'][c]
-      converted = f'{row["converted"][c]["bpb"][-1]:.3f}' if 'converted' in row else '—'
-      cells += [converted, _pm(sm['bpb_mean'], sm['bpb_std']),
-                _pm(sm['ppl_mean'], sm['ppl_std'], 2)]
-    lines.append('| ' + ' | '.join(cells) + ' |')
-  return '\n'.join(lines)
-
-
-def setup_line(results: dict, s: Settings) -> str:
-  pre = results['pretrain']
-  pre_tokens = pre['step'] * pre['tokens_per_step']
-  up_tokens = s.uptrain_steps * s.batch * s.seq_len
-  step_s = f', {pre["median_step_seconds"]:.2f} s / step' if pre['median_step_seconds'] else ''
-  final = pre['curve']['loss'][-1] / math.log(2) if pre['curve']['loss'] else float('nan')
-  return (f'Pretrained --preset={s.preset} ({results["vanilla_params"] / 1e6:.2f} M non-embedding) from scratch: '
-          f'{pre["step"]} steps x {pre["tokens_per_step"]} bytes = {pre_tokens:,} tokens{step_s}, final '
-          f'training loss {final:.3f} bits/byte. Uptraining per variant and seed: {s.uptrain_steps} steps x '
-          f'{s.batch} x {s.seq_len} = {up_tokens:,} tokens ({up_tokens / max(pre_tokens, 1):.1%} of '
-          f'pretraining), CE + KD from the pretrained model, aggressive early-exit weights, seeds {list(s.seeds)}. '
-          f'Cells: bits per byte (bpb) and perplexity after every loop, mean ± std over seeds; first '
-          f'{s.eval_tokens} bytes of each corpus in windows of {s.seq_len}.')
-
-
-def claims_text(claims: list[dict]) -> str:
-  held = sum(c['held'] for c in claims)
-  head = (f'Claims of the paper, judged on the last loop\'s bpb after uptraining (loop 1\'s for "makes loop 1 '
-          f'usable"); the difference is in units of the pooled std over seeds: {held} of {len(claims)} held.')
-  return '\n'.join([head] + [format_claim(c) for c in claims])
-
-
-def _pyplot():
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  return plt
-
-
-def plot_pretrain(pre: dict, path: str) -> None:
-  plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(6, 4))
-  curve = pre['curve']
-  ax.plot(curve['step'], [loss / math.log(2) for loss in curve['loss']])
-  ax.set(xlabel='step', ylabel='training loss (bits per byte)', title=f'Pretraining ({pre["tokens_per_step"]} '
-         'tokens / step)')
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
-def plot_per_loop(results: dict, corpora, path: str) -> None:
-  plt = _pyplot()
-  rows = results['rows']
-  max_loops = max([len(r['summary'][corpora[0]]['bpb_mean']) for r in rows] + [1])
-  fig, axes = plt.subplots(len(corpora), 1, figsize=(max(8, 0.75 * len(rows) + 2), 4.5 * len(corpora)),
-                           squeeze=False)
-  width = 0.8 / max_loops
-  for ax, corpus in zip(axes[:, 0], corpora, strict=True):
-    for loop in range(max_loops):
-      xs, ys, es = [], [], []
-      for i, r in enumerate(rows):
-        sm = r['summary'][corpus]
-        if loop < len(sm['bpb_mean']):
-          xs.append(i + (loop - (max_loops - 1) / 2) * width)
-          ys.append(sm['bpb_mean'][loop])
-          es.append(sm['bpb_std'][loop])
-      ax.bar(xs, ys, width, yerr=es, capsize=2, label=f'exit after loop {loop + 1}')
-    ax.axhline(results['vanilla'][corpus]['bpb'][0], color='k', ls='--', lw=1, label='pretrained vanilla')
-    ax.set_xticks(range(len(rows)), [r['model'] for r in rows], rotation=60, ha='right', fontsize=7)
-    ax.set(ylabel=f'{corpus} bits per byte', title=f'{corpus}: per-loop bpb after uptraining (mean ± std over '
-           'seeds)')
-    means = [m for r in rows for m in r['summary'][corpus]['bpb_mean']] + [results['vanilla'][corpus]['bpb'][0]]
-    low, high = min(means), max(means)
-    ax.set_ylim(max(0.0, low - 0.15 * (high - low) - 0.05), high + 0.1 * (high - low) + 0.05)  # (Not from 0.)
-    ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
-def plot_uptraining(results: dict, path: str) -> None:
-  """Training loss per uptraining step, mean ± std over seeds, one panel per group (the no-early-exit ablation
-  dotted next to the relaxed models; its loss weights the exits differently, so compare its slope, not level)."""
-  plt = _pyplot()
-  panels = {'recursive': ('recursive',), 'relaxed': ('relaxed', 'no_early_exit'),
-            'baselines (reduced, scratch)': ('reduced', 'scratch')}
-  panels = {k: g for k, g in panels.items() if any(r['group'] in g for r in results['rows'])}
-  fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-  for ax, (title, groups) in zip(axes[0], panels.items(), strict=True):
-    for r in results['rows']:
-      if r['group'] not in groups:
-        continue
-      losses = np.asarray([x['losses'] for x in r['seeds'].values()])  # [seeds, steps]
-      mean, std = losses.mean(0), losses.std(0)
-      steps = np.arange(1, losses.shape[1] + 1)
-      ax.plot(steps, mean, label=r['model'], ls=':' if r['group'] == 'no_early_exit' else '-')
-      ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
-    ax.set(xlabel='uptraining step', ylabel='loss (CE + KD, exit-weighted)', title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def main(argv):

@@ -1,4 +1,5 @@
-"""experiments/repro_study.py: the tiny study end to end (and a rerun that skips every stage), and the claim judge."""
+"""experiments/repro_study.py: the tiny study end to end (and a rerun that skips every stage); the variant grid
+(repro_grid) and the claim judge (repro_claims)."""
 
 import json
 import math
@@ -8,8 +9,9 @@ import sys
 
 import pytest
 
-from experiments import repro_study
-from experiments.repro_study import PerSeed, Settings, judge, judge_best, paper_claims
+from experiments import repro_grid
+from experiments.repro_claims import PerSeed, judge, judge_best, paper_claims
+from experiments.repro_grid import Settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -131,7 +133,7 @@ def _settings(**kw) -> Settings:
 
 def test_the_default_grid_and_its_claims_on_synthetic_numbers():
   s = _settings()
-  variants = repro_study.variants(s, num_layers=12)
+  variants = repro_grid.variants(s, num_layers=12)
   names = [v.name for v in variants]
   assert len(names) == len(set(names)) == 6 + 8 + 4 + 1
   assert len({v.slug for v in variants}) == len(variants)
