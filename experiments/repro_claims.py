@@ -20,20 +20,30 @@ def judge(claim: str, better, worse, non_inferiority_std: float | None = None, *
   difference = mean(B) - mean(A) (> 0: the claim's direction); std = the pooled sample std over seeds,
   sqrt((var(A) + var(B)) / 2) with ddof=1; z = difference / std. held: difference > 0; with
   non_inferiority_std=k ("A is no worse than B"): difference >= -k * std (difference >= 0 when std is undefined).
-  std and z are None where undefined (one seed; z also where std is 0)."""
+  std and z are None where undefined (one seed; z also where std is 0).
+
+  Every variant of a seed sees the same batches, so the seeds pair the two sides: paired_z = the mean of the
+  per-seed differences over their sample std (None unless both sides have the same >= 2 seeds and the
+  differences spread). The verdict does not use it; it says how much of the pooled spread is the shared data order."""
   a, b = np.asarray(better, np.float64), np.asarray(worse, np.float64)
   if a.size == 0 or b.size == 0:
     raise ValueError(f'{claim}: both sides need at least one value.')
   diff = float(b.mean() - a.mean())
   std = math.sqrt((a.var(ddof=1) + b.var(ddof=1)) / 2) if a.size > 1 and b.size > 1 else math.nan
   z = diff / std if std > 0 else math.nan
+  paired_z = math.nan
+  if a.size == b.size > 1:
+    d = b - a
+    paired_std = float(d.std(ddof=1))
+    paired_z = float(d.mean()) / paired_std if paired_std > 1e-12 * max(1.0, abs(float(d.mean()))) else math.nan
   if non_inferiority_std is None:
     held = diff > 0
   else:
     held = diff >= (-non_inferiority_std * std if math.isfinite(std) else 0.0)
   return {'claim': claim, **context, 'held': bool(held), 'verdict': 'held' if held else 'not held',
           'better_mean': float(a.mean()), 'worse_mean': float(b.mean()), 'difference': diff, 'std': _finite(std),
-          'z': _finite(z), 'n': [int(a.size), int(b.size)], 'non_inferiority_std': non_inferiority_std}
+          'z': _finite(z), 'paired_z': _finite(paired_z), 'n': [int(a.size), int(b.size)],
+          'non_inferiority_std': non_inferiority_std}
 
 
 def judge_best(claim: str, candidate: str, values: dict[str, list[float]], **context) -> dict:
@@ -46,6 +56,8 @@ def judge_best(claim: str, candidate: str, values: dict[str, list[float]], **con
 
 def format_claim(c: dict) -> str:
   units = '' if c['z'] is None else f' = {c["z"]:+.1f} std'
+  if c.get('paired_z') is not None:
+    units += f'; paired over seeds {c["paired_z"]:+.1f}'
   rule = f', held if within {c["non_inferiority_std"]:g} std' if c['non_inferiority_std'] is not None else ''
   return (f'- {c["claim"]} [{c["corpus"]}]: **{c["verdict"].upper()}** ({c["better_name"]} {c["better_mean"]:.4f} '
           f'vs {c["worse_name"]} {c["worse_mean"]:.4f} bpb; difference {c["difference"]:+.4f}{units}{rule})')

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from experiments import repro_grid
-from experiments.repro_claims import PerSeed, judge, judge_best, paper_claims
+from experiments.repro_claims import PerSeed, format_claim, judge, judge_best, paper_claims
 from experiments.repro_grid import Settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,6 +93,17 @@ def test_judge_held_not_held_and_std_units():
   # Pooled std: sqrt((var_a + var_b) / 2), sample variances.
   c = judge('x', [1.0, 3.0], [4.0, 4.0])
   assert c['std'] == pytest.approx(math.sqrt((2.0 + 0.0) / 2)) and c['z'] == pytest.approx(2.0 / math.sqrt(1.0))
+
+
+def test_judge_pairs_the_seeds():
+  # The seeds move both sides together (a shared data order): pooled, the 0.1 gap is half a std; paired, it is
+  # the same gap every seed.
+  c = judge('x', [1.0, 1.2, 1.4], [1.1, 1.3, 1.5])
+  assert c['z'] == pytest.approx(0.5) and c['paired_z'] is None  # The differences do not spread.
+  c = judge('x', [1.0, 1.2, 1.4], [1.1, 1.32, 1.48])
+  assert c['z'] < 1 and c['paired_z'] == pytest.approx(0.1 / 0.02)
+  assert judge('x', [1.0, 1.2], [1.1, 1.3, 1.5])['paired_z'] is None  # Unequal seeds: nothing to pair.
+  assert 'paired over seeds +5.0' in format_claim({**c, 'corpus': 'v', 'better_name': 'a', 'worse_name': 'b'})
 
 
 def test_judge_non_inferiority_and_undefined_std():
