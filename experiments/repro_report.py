@@ -112,9 +112,18 @@ def plot_per_loop(results: dict, corpora, path: str) -> None:
   plt.close(fig)
 
 
+def trailing_mean(x_SxT: np.ndarray, window: int) -> np.ndarray:
+  """Mean of the last `window` steps (fewer at the start) along the last axis: one batch's loss says more about
+  the batch than the model, so flattening shows in a window's mean."""
+  c = np.cumsum(x_SxT, axis=-1)
+  lagged = np.concatenate([np.zeros_like(c[..., :window]), c[..., :-window]], axis=-1)[..., :c.shape[-1]]
+  return (c - lagged) / np.minimum(np.arange(1, c.shape[-1] + 1), window)
+
+
 def plot_uptraining(results: dict, path: str) -> None:
-  """Training loss per uptraining step, mean ± std over seeds, one panel per group (the no-early-exit ablation
-  dotted next to the relaxed models; its loss weights the exits differently, so compare its slope, not level)."""
+  """Training loss per uptraining step, a trailing mean over an eighth of the steps, mean ± std over seeds, one
+  panel per group (the no-early-exit ablation dotted next to the relaxed models; its loss weights the exits
+  differently, so compare its slope, not level)."""
   plt = _pyplot()
   panels = {'recursive': ('recursive',), 'relaxed': ('relaxed', 'no_early_exit'),
             'baselines (reduced, scratch)': ('reduced', 'scratch')}
@@ -125,11 +134,13 @@ def plot_uptraining(results: dict, path: str) -> None:
       if r['group'] not in groups:
         continue
       losses = np.asarray([x['losses'] for x in r['seeds'].values()])  # [seeds, steps]
-      mean, std = losses.mean(0), losses.std(0)
+      window = max(1, losses.shape[1] // 8)
+      smooth = trailing_mean(losses, window)
+      mean, std = smooth.mean(0), smooth.std(0)
       steps = np.arange(1, losses.shape[1] + 1)
       ax.plot(steps, mean, label=r['model'], ls=':' if r['group'] == 'no_early_exit' else '-')
       ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
-    ax.set(xlabel='uptraining step', ylabel='loss (CE + KD, exit-weighted)', title=title)
+    ax.set(xlabel='uptraining step', ylabel=f'loss (CE + KD, exit-weighted), mean of {window} steps', title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
   fig.tight_layout()

@@ -7,11 +7,13 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from experiments import repro_grid
 from experiments.repro_claims import PerSeed, format_claim, judge, judge_best, paper_claims
 from experiments.repro_grid import Settings
+from experiments.repro_report import trailing_mean
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -174,3 +176,10 @@ def test_the_default_grid_and_its_claims_on_synthetic_numbers():
   assert claims["The aggressive early-exit loss keeps the last loop's quality (last-loop bpb)"]['held']
   assert claims['The aggressive early-exit loss makes loop 1 usable (loop-1 bpb)']['difference'] == pytest.approx(1.5)
   assert len([k for k in claims if k.startswith('Recursive (Stepwise')]) == 4
+
+
+def test_trailing_mean_of_the_uptraining_curves():
+  x = np.asarray([[1.0, 2.0, 3.0, 4.0, 5.0], [2.0, 2.0, 2.0, 8.0, 8.0]])
+  np.testing.assert_allclose(trailing_mean(x, 2), [[1.0, 1.5, 2.5, 3.5, 4.5], [2.0, 2.0, 2.0, 5.0, 8.0]])
+  np.testing.assert_allclose(trailing_mean(x, 1), x)
+  np.testing.assert_allclose(trailing_mean(x, 9)[:, -1], x.mean(1))
