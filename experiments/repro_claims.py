@@ -1,5 +1,6 @@
 """The paper's claims judged on the reproduction study's per-seed results: a pure judge of "A beats B" in units of
-the seeds' pooled std, and the list of claims (Bae et al., ICLR 2025) over the study's variant grid."""
+the seeds' pooled std (held / not held / not settled), and the list of claims (Bae et al., ICLR 2025) over the
+study's variant grid."""
 
 from __future__ import annotations
 
@@ -14,12 +15,15 @@ def _finite(x: float) -> float | None:
   return float(x) if math.isfinite(x) else None
 
 
-def judge(claim: str, better, worse, non_inferiority_std: float | None = None, **context) -> dict:
+def judge(claim: str, better, worse, non_inferiority_std: float | None = None, settled_std: float = 1.0,
+          **context) -> dict:
   """A claim 'A is better than B' on per-seed values of a lower-is-better metric: `better` = A's, `worse` = B's.
 
   difference = mean(B) - mean(A) (> 0: the claim's direction); std = the pooled sample std over seeds,
-  sqrt((var(A) + var(B)) / 2) with ddof=1; z = difference / std. held: difference > 0; with
-  non_inferiority_std=k ("A is no worse than B"): difference >= -k * std (difference >= 0 when std is undefined).
+  sqrt((var(A) + var(B)) / 2) with ddof=1; z = difference / std. Verdict: 'held' where z >= settled_std, 'not
+  held' where z <= -settled_std, 'not settled' in between (a difference the seeds' spread can explain: 3 seeds
+  cannot order the two); by the sign of the difference where z is undefined. With non_inferiority_std=k ("A is no
+  worse than B"): held where difference >= -k * std (difference >= 0 when std is undefined), else not held.
   std and z are None where undefined (one seed; z also where std is 0).
 
   Every variant of a seed sees the same batches, so the seeds pair the two sides: paired_z = the mean of the
@@ -36,14 +40,16 @@ def judge(claim: str, better, worse, non_inferiority_std: float | None = None, *
     d = b - a
     paired_std = float(d.std(ddof=1))
     paired_z = float(d.mean()) / paired_std if paired_std > 1e-12 * max(1.0, abs(float(d.mean()))) else math.nan
-  if non_inferiority_std is None:
-    held = diff > 0
+  if non_inferiority_std is not None:
+    verdict = 'held' if diff >= (-non_inferiority_std * std if math.isfinite(std) else 0.0) else 'not held'
+  elif math.isfinite(z):
+    verdict = 'held' if z >= settled_std else 'not held' if z <= -settled_std else 'not settled'
   else:
-    held = diff >= (-non_inferiority_std * std if math.isfinite(std) else 0.0)
-  return {'claim': claim, **context, 'held': bool(held), 'verdict': 'held' if held else 'not held',
+    verdict = 'held' if diff > 0 else 'not held'
+  return {'claim': claim, **context, 'held': verdict == 'held', 'verdict': verdict,
           'better_mean': float(a.mean()), 'worse_mean': float(b.mean()), 'difference': diff, 'std': _finite(std),
           'z': _finite(z), 'paired_z': _finite(paired_z), 'n': [int(a.size), int(b.size)],
-          'non_inferiority_std': non_inferiority_std}
+          'non_inferiority_std': non_inferiority_std, 'settled_std': settled_std}
 
 
 def judge_best(claim: str, candidate: str, values: dict[str, list[float]], **context) -> dict:
@@ -135,7 +141,9 @@ class PerSeed:
 
 
 def claims_text(claims: list[dict]) -> str:
-  held = sum(c['held'] for c in claims)
+  count = {v: sum(c['verdict'] == v for c in claims) for v in ('held', 'not held', 'not settled')}
   head = (f'Claims of the paper, judged on the last loop\'s bpb after uptraining (loop 1\'s for "makes loop 1 '
-          f'usable"); the difference is in units of the pooled std over seeds: {held} of {len(claims)} held.')
+          f'usable"); the difference is in units of the pooled std over seeds, and a claim is settled where it '
+          f'exceeds one std: of {len(claims)}, {count["held"]} held, {count["not held"]} not held (reversed), '
+          f'{count["not settled"]} not settled (within the seeds\' spread).')
   return '\n'.join([head] + [format_claim(c) for c in claims])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from experiments import repro_grid
-from experiments.repro_claims import PerSeed, format_claim, judge, judge_best, paper_claims
+from experiments.repro_claims import PerSeed, claims_text, format_claim, judge, judge_best, paper_claims
 from experiments.repro_grid import Settings
 from experiments.repro_report import trailing_mean
 
@@ -63,7 +63,7 @@ def test_tiny_study_end_to_end_then_a_rerun_skips_every_stage(tmp_path):
         assert all(math.isclose(b, math.log2(p)) for b, p in zip(bpb, ppl, strict=True))
   assert results['pretrain']['curve']['loss'] and results['vanilla']['validation']['bpb']
   claims = results['claims']
-  assert claims and all(c['verdict'] in ('held', 'not held') and c['corpus'] in ('validation', 'austen')
+  assert claims and all(c['verdict'] in ('held', 'not held', 'not settled') and c['corpus'] in ('validation', 'austen')
                         for c in claims)
   kinds = {c['claim'].split(' (')[0] for c in claims}
   assert {'Stepwise is the best looping init without LoRA', 'The aggressive early-exit loss makes loop 1 usable',
@@ -102,6 +102,7 @@ def test_judge_pairs_the_seeds():
   # the same gap every seed.
   c = judge('x', [1.0, 1.2, 1.4], [1.1, 1.3, 1.5])
   assert c['z'] == pytest.approx(0.5) and c['paired_z'] is None  # The differences do not spread.
+  assert c['verdict'] == 'not settled' and not c['held']  # Half a std: the seeds cannot order the two.
   c = judge('x', [1.0, 1.2, 1.4], [1.1, 1.32, 1.48])
   assert c['z'] < 1 and c['paired_z'] == pytest.approx(0.1 / 0.02)
   assert judge('x', [1.0, 1.2], [1.1, 1.3, 1.5])['paired_z'] is None  # Unequal seeds: nothing to pair.
@@ -111,7 +112,8 @@ def test_judge_pairs_the_seeds():
 def test_judge_non_inferiority_and_undefined_std():
   # 0.05 worse at a 0.1 std: not "better", but within one std, so "no worse" holds.
   worse_by_half_std = ([1.05, 1.15, 0.95], [1.0, 1.1, 0.9])
-  assert not judge('x', *worse_by_half_std)['held']
+  assert judge('x', *worse_by_half_std)['verdict'] == 'not settled'
+  assert judge('x', *worse_by_half_std, settled_std=0.4)['verdict'] == 'not held'
   c = judge('x', *worse_by_half_std, non_inferiority_std=1.0)
   assert c['held'] and c['z'] == pytest.approx(-0.5)
   assert not judge('x', [1.3, 1.4, 1.2], [1.0, 1.1, 0.9], non_inferiority_std=1.0)['held']  # 3 std worse.
@@ -124,6 +126,16 @@ def test_judge_non_inferiority_and_undefined_std():
   json.dumps(no_spread, allow_nan=False)  # Undefined values are None: results.json stays strict JSON.
   with pytest.raises(ValueError):
     judge('x', [], [1.0])
+
+
+def test_claims_text_counts_the_three_verdicts():
+  ctx = dict(corpus='v', better_name='a', worse_name='b')
+  claims = [judge('held', [1.0, 1.1, 0.9], [2.0, 2.1, 1.9], **ctx),
+            judge('reversed', [2.0, 2.1, 1.9], [1.0, 1.1, 0.9], **ctx),
+            judge('within noise', [1.0, 1.2, 1.4], [1.1, 1.3, 1.5], **ctx)]
+  text = claims_text(claims)
+  assert 'of 3, 1 held, 1 not held (reversed), 1 not settled' in text
+  assert '- within noise [v]: **NOT SETTLED** (a 1.2000 vs b 1.3000 bpb; difference +0.1000 = +0.5 std)' in text
 
 
 def test_judge_best_compares_with_the_runner_up():
