@@ -120,6 +120,32 @@ def trailing_mean(x_SxT: np.ndarray, window: int) -> np.ndarray:
   return (c - lagged) / np.minimum(np.arange(1, c.shape[-1] + 1), window)
 
 
+def late_drop_share(losses_SxT: np.ndarray) -> float:
+  """How far from flat a loss curve ends: the share of its drop (trailing mean over an eighth of the steps, mean
+  over seeds; first full window to the end) made in the last quarter of the steps. ~0: flattened; 0.25: still
+  falling as fast as on average; nan where the curve did not fall or is too short to tell."""
+  losses_SxT = np.asarray(losses_SxT, np.float64)
+  steps = losses_SxT.shape[-1]
+  window = max(1, steps // 8)
+  if steps < 8:
+    return math.nan
+  smooth = trailing_mean(losses_SxT, window).mean(0)
+  total = smooth[window - 1] - smooth[-1]
+  return float((smooth[steps - steps // 4 - 1] - smooth[-1]) / total) if total > 0 else math.nan
+
+
+def flatness_text(results: dict) -> str:
+  """One line on whether the uptraining curves flattened (late_drop_share per variant)."""
+  share = {r['model']: late_drop_share([x['losses'] for x in r['seeds'].values()]) for r in results['rows']}
+  share = {k: v for k, v in share.items() if math.isfinite(v)}
+  if not share:
+    return 'Uptraining curves: too short to judge their flattening.'
+  steepest = sorted(share, key=share.get, reverse=True)[:3]
+  return (f'Uptraining curves (trailing mean over an eighth of the steps): the last quarter of the steps made a '
+          f'median {np.median(list(share.values())):.0%} of the loss drop (0: flat; 25%: falling at the average '
+          f'rate); steepest at the end: ' + ', '.join(f'{k} {share[k]:.0%}' for k in steepest) + '.')
+
+
 def plot_uptraining(results: dict, path: str) -> None:
   """Training loss per uptraining step, a trailing mean over an eighth of the steps, mean ± std over seeds, one
   panel per group (the no-early-exit ablation dotted next to the relaxed models; its loss weights the exits

@@ -70,7 +70,15 @@ from absl import app, flags
 
 from experiments.repro_claims import PerSeed, claims_text, paper_claims
 from experiments.repro_grid import Settings, Variant, variants
-from experiments.repro_report import markdown, plot_per_loop, plot_pretrain, plot_uptraining, setup_line, summarize
+from experiments.repro_report import (
+    flatness_text,
+    markdown,
+    plot_per_loop,
+    plot_pretrain,
+    plot_uptraining,
+    setup_line,
+    summarize,
+)
 
 
 def define_flags() -> None:
@@ -438,7 +446,8 @@ def main(argv):
   results['vanilla_params'] = count_params(study.cfg, RecursionConfig()).non_embedding
   results['settings'] = _normal(dataclasses.asdict(s))
   results['claims'] = paper_claims(PerSeed(results['rows']), s, s.corpora)
-  report = '\n\n'.join([setup_line(results, s), markdown(results, s.corpora), claims_text(results['claims'])])
+  report = '\n\n'.join([setup_line(results, s), markdown(results, s.corpora), flatness_text(results),
+                       claims_text(results['claims'])])
   print('\n' + report, flush=True)
   _write_json(study.stages.path('results.json'), results)
   with open(study.stages.path('results.md'), 'w') as f:

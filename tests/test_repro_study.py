@@ -13,7 +13,7 @@ import pytest
 from experiments import repro_grid
 from experiments.repro_claims import PerSeed, claims_text, format_claim, judge, judge_best, paper_claims
 from experiments.repro_grid import Settings
-from experiments.repro_report import trailing_mean
+from experiments.repro_report import flatness_text, late_drop_share, trailing_mean
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -195,3 +195,16 @@ def test_trailing_mean_of_the_uptraining_curves():
   np.testing.assert_allclose(trailing_mean(x, 2), [[1.0, 1.5, 2.5, 3.5, 4.5], [2.0, 2.0, 2.0, 5.0, 8.0]])
   np.testing.assert_allclose(trailing_mean(x, 1), x)
   np.testing.assert_allclose(trailing_mean(x, 9)[:, -1], x.mean(1))
+
+
+def test_late_drop_share_tells_flat_from_falling_curves():
+  steps = np.arange(160)
+  falling = np.stack([10.0 - 0.05 * steps, 10.2 - 0.05 * steps])  # Two seeds, a straight line down.
+  flattened = np.stack([2.0 + 8.0 * np.exp(-steps / 10.0)] * 2)
+  assert late_drop_share(falling) == pytest.approx(40 / 140)  # The last 40 of the 140 steps after the first window.
+  assert late_drop_share(flattened) < 0.01
+  assert math.isnan(late_drop_share(np.stack([1.0 + 0.01 * steps] * 2)))  # Rising: no drop to share.
+  assert math.isnan(late_drop_share(np.ones((2, 4))))  # Too short to tell.
+  rows = [{'model': 'flat', 'seeds': {'0': {'losses': flattened[0].tolist()}}},
+          {'model': 'falling', 'seeds': {'0': {'losses': falling[0].tolist()}}}]
+  assert 'steepest at the end: falling 29%, flat 0%' in flatness_text({'rows': rows})
