@@ -52,10 +52,13 @@ def setup_line(results: dict, s: Settings) -> str:
   pre_tokens = pre['step'] * pre['tokens_per_step']
   up_tokens = s.uptrain_steps * s.batch * s.seq_len
   step_s = f', {pre["median_step_seconds"]:.2f} s / step' if pre['median_step_seconds'] else ''
-  final = pre['curve']['loss'][-1] / math.log(2) if pre['curve']['loss'] else float('nan')
+  losses = pre['curve']['loss']
+  last = losses[-max(1, len(losses) // 10):]  # One logged step is one batch: the end is the mean of the last tenth.
+  final = float(np.mean(last)) / math.log(2) if losses else float('nan')
   return (f'Pretrained --preset={s.preset} ({results["vanilla_params"] / 1e6:.2f} M non-embedding) from scratch: '
           f'{pre["step"]} steps x {pre["tokens_per_step"]} bytes = {pre_tokens:,} tokens{step_s}, final '
-          f'training loss {final:.3f} bits/byte. Uptraining per variant and seed: {s.uptrain_steps} steps x '
+          f'training loss {final:.3f} bits/byte (mean of the last {len(last)} logged steps). Uptraining per '
+          f'variant and seed: {s.uptrain_steps} steps x '
           f'{s.batch} x {s.seq_len} = {up_tokens:,} tokens ({up_tokens / max(pre_tokens, 1):.1%} of '
           f'pretraining), CE + KD from the pretrained model, aggressive early-exit weights, seeds {list(s.seeds)}. '
           f'Cells: bits per byte (bpb) and perplexity after every loop, mean ± std over seeds; first '
@@ -73,7 +76,11 @@ def plot_pretrain(pre: dict, path: str) -> None:
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(6, 4))
   curve = pre['curve']
-  ax.plot(curve['step'], [loss / math.log(2) for loss in curve['loss']])
+  bits = np.asarray(curve['loss'], np.float64) / math.log(2)
+  window = max(1, len(bits) // 10)
+  ax.plot(curve['step'], bits, alpha=0.35, label='logged step (one batch)')
+  ax.plot(curve['step'], trailing_mean(bits, window), lw=2, label=f'trailing mean of {window} logged steps')
+  ax.legend(fontsize=8)
   ax.set(xlabel='step', ylabel='training loss (bits per byte)', title=f'Pretraining ({pre["tokens_per_step"]} '
          'tokens / step)')
   ax.grid(alpha=0.3)
