@@ -9,6 +9,16 @@ import numpy as np
 from experiments.repro_grid import Settings
 
 
+def pretrain_window(logged_steps: int) -> int:
+  """Logged pretraining steps averaged for the curve and its end: a tenth (one logged step is one batch)."""
+  return max(1, logged_steps // 10)
+
+
+def uptrain_window(steps: int) -> int:
+  """Uptraining steps averaged for the plotted curves and their flatness: an eighth."""
+  return max(1, steps // 8)
+
+
 def summarize(row: dict, corpora) -> dict:
   """Mean and std (ddof=1; 0 with one seed) over seeds of every loop's bpb and ppl, per corpus."""
   out = {}
@@ -53,7 +63,7 @@ def setup_line(results: dict, s: Settings) -> str:
   up_tokens = s.uptrain_steps * s.batch * s.seq_len
   step_s = f', {pre["median_step_seconds"]:.2f} s / step' if pre['median_step_seconds'] else ''
   losses = pre['curve']['loss']
-  last = losses[-max(1, len(losses) // 10):]  # One logged step is one batch: the end is the mean of the last tenth.
+  last = losses[-pretrain_window(len(losses)):]
   final = float(np.mean(last)) / math.log(2) if losses else float('nan')
   return (f'Pretrained --preset={s.preset} ({results["vanilla_params"] / 1e6:.2f} M non-embedding) from scratch: '
           f'{pre["step"]} steps x {pre["tokens_per_step"]} bytes = {pre_tokens:,} tokens{step_s}, final '
@@ -77,7 +87,7 @@ def plot_pretrain(pre: dict, path: str) -> None:
   fig, ax = plt.subplots(figsize=(6, 4))
   curve = pre['curve']
   bits = np.asarray(curve['loss'], np.float64) / math.log(2)
-  window = max(1, len(bits) // 10)
+  window = pretrain_window(len(bits))
   ax.plot(curve['step'], bits, alpha=0.35, label='logged step (one batch)')
   ax.plot(curve['step'], trailing_mean(bits, window), lw=2, label=f'trailing mean of {window} logged steps')
   ax.legend(fontsize=8)
@@ -133,7 +143,7 @@ def late_drop_share(losses_SxT: np.ndarray) -> float:
   falling as fast as on average; nan where the curve did not fall or is too short to tell."""
   losses_SxT = np.asarray(losses_SxT, np.float64)
   steps = losses_SxT.shape[-1]
-  window = max(1, steps // 8)
+  window = uptrain_window(steps)
   if steps < 8:
     return math.nan
   smooth = trailing_mean(losses_SxT, window).mean(0)
@@ -167,7 +177,7 @@ def plot_uptraining(results: dict, path: str) -> None:
       if r['group'] not in groups:
         continue
       losses = np.asarray([x['losses'] for x in r['seeds'].values()])  # [seeds, steps]
-      window = max(1, losses.shape[1] // 8)
+      window = uptrain_window(losses.shape[1])
       smooth = trailing_mean(losses, window)
       mean, std = smooth.mean(0), smooth.std(0)
       steps = np.arange(1, losses.shape[1] + 1)
