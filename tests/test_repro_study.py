@@ -208,3 +208,11 @@ def test_late_drop_share_tells_flat_from_falling_curves():
   rows = [{'model': 'flat', 'seeds': {'0': {'losses': flattened[0].tolist()}}},
           {'model': 'falling', 'seeds': {'0': {'losses': falling[0].tolist()}}}]
   assert 'steepest at the end: falling 29%, flat 0%' in flatness_text({'rows': rows})
+
+
+def test_setup_line_ends_pretraining_on_the_mean_of_the_last_tenth():
+  from experiments.repro_report import setup_line
+  losses = [math.log(2) * 9.0] * 18 + [math.log(2) * 2.0, math.log(2) * 4.0]  # Bits 9 ... 9, 2, 4.
+  pre = {'step': 20, 'tokens_per_step': 8, 'median_step_seconds': None, 'curve': {'loss': losses}}
+  line = setup_line({'pretrain': pre, 'vanilla_params': 1e6}, _settings())
+  assert 'final training loss 3.000 bits/byte (mean of the last 2 logged steps)' in line
