@@ -90,7 +90,7 @@ def fewshot_suite(tokenizer) -> dict | None:
   if not _FEWSHOT_LIMIT.value:
     return None
   from rrt_jax.eval import fewshot
-  tasks = [fewshot.load_task(name) for name in fewshot.TASKS]
+  tasks = [fewshot.load_task(name) for name in fewshot.DEFAULT_TASKS]
   metric = {t.name: 'acc_norm' if t.kind == fewshot.MULTIPLE_CHOICE else 'exact_match' for t in tasks}
   names = [f'{t.name} {metric[t.name]}' for t in tasks]
 

@@ -1,4 +1,5 @@
-"""Few-shot log-likelihood scoring: real BIG-bench / Austen-LastWord items, parity with transformers on SmolLM2,
+"""Few-shot log-likelihood scoring: real word-analogy / Austen-LastWord items, BIG-bench parsing on a local
+sdist-shaped archive, clear errors when a source package is gone, parity with transformers on SmolLM2,
 batched + bucketed scoring equal to per-item scoring, acc vs acc_norm, and one metrics dict per loop."""
 
 import functools
@@ -14,65 +15,175 @@ import pytest
 
 from rrt_jax import Decoder, RecursionConfig, presets
 from rrt_jax.convert import to_recursive
-from rrt_jax.data import bigbench, prepare
-from rrt_jax.data.bigbench import MultipleChoice
+from rrt_jax.data import analogies, bigbench, package_sources, packages, prepare
 from rrt_jax.data.byte_tokenizer import ByteTokenizer
+from rrt_jax.data.multiple_choice import MultipleChoice
 from rrt_jax.eval import austen_lastword, fewshot
 from rrt_jax.eval.austen_lastword import Cloze
 from rrt_jax.model import init_variables
 from rrt_jax.utils.buckets import bucket
 
-# Facts of the pinned bigbench==1.0.0 sdist: (items, choices per item).
-EXPECTED = {'bb_wikihow_step': (2250, {4}), 'bb_social_iqa': (1954, {2, 3}), 'bb_winogrande_objects': (8994, {2}),
-            'bb_winogrande_persons': (12998, {2})}
+# Facts of the pinned gensim==4.4.0 wheel's analogy file: (items, groups) per task after the bucket rule.
+EXPECTED = {'analogy_semantic': (1236, 30), 'analogy_syntactic': (1291, 66)}
 
 
 # ----------------------------------------------------------------------------------------------- real data
 
 @pytest.fixture(scope='module')
-def bb_tasks():
-  return {name: fewshot.load_task(name) for name in bigbench.TASKS}
+def analogy_tasks():
+  return {name: fewshot.load_task(name) for name in analogies.TASKS}
 
 
-@pytest.mark.parametrize('name', bigbench.TASKS)
-def test_bigbench_items_parse(bb_tasks, name):
-  task = bb_tasks[name]
+@pytest.mark.parametrize('name', analogies.TASKS)
+def test_analogy_items_parse(analogy_tasks, name):
+  task = analogy_tasks[name]
   items = task.items + task.pool
-  count, sizes = EXPECTED[name]
-  assert len(items) == count and task.kind == fewshot.MULTIPLE_CHOICE
-  assert {len(it.choices) for it in items} == sizes
-  assert all(0 <= it.gold < len(it.choices) and it.context.strip() for it in items)
-  assert all(c and c == c.strip() for it in items for c in it.choices)
+  count, groups = EXPECTED[name]
+  assert len(items) == count and len({it.group for it in items}) == groups and task.kind == fewshot.MULTIPLE_CHOICE
+  assert {len(it.choices) for it in items} == {analogies.NUM_CHOICES}
+  assert all(len(set(it.choices)) == analogies.NUM_CHOICES for it in items)
   assert len({it.id for it in items}) == len(items)
-  # The pool is a held-back ~10% of groups, disjoint from the scored items.
-  assert 0.05 < len(task.pool) / len(items) < 0.15
+  # Gold positions are spread (a model that always picks one slot scores ~1/4).
+  golds = np.bincount([it.gold for it in items], minlength=analogies.NUM_CHOICES) / len(items)
+  assert golds.min() > 0.2
+  assert 0.03 < len(task.pool) / len(items) < 0.2
   assert not {it.group for it in task.pool} & {it.group for it in task.items}
 
 
-def test_bigbench_item_contents(bb_tasks):
-  by_id = {it.id: it for t in bb_tasks.values() for it in t.items + t.pool}
+def test_analogy_item_contents_and_no_leak_through_shots(analogy_tasks):
+  by_id = {it.id: it for t in analogy_tasks.values() for it in t.items + t.pool}
+  item = by_id['analogy_semantic/capital-common-countries/22']
+  assert item.context == 'Baghdad is to Iraq as Bangkok is to' and item.choices[item.gold] == 'Thailand'
+  assert item.solved() == 'Baghdad is to Iraq as Bangkok is to Thailand'
+  item = by_id['analogy_syntactic/gram9-plural-verbs/867']
+  assert item.context == 'write is to writes as vanish is to' and item.choices[item.gold] == 'vanishes'
+  # Distractors are answers of the same section, never the item's own b word.
+  sections = analogies.read_sections(analogies.wheel_member(analogies.SOURCE, analogies.MEMBER))
+  assert sum(map(len, sections.values())) == 19544 and len(sections) == 14
+  for task in analogy_tasks.values():
+    for it in task.items[:300]:
+      _, section, row = it.id.split('/')
+      a, b, c, d = sections[section][int(row)]
+      answers = {r[3] for r in sections[section]}
+      assert it.context == f'{a} is to {b} as {c} is to' and it.choices[it.gold] == d
+      assert set(it.choices) <= answers and b not in it.choices
+    # No few-shot example holds a word pair of any scored item (the buckets partition the pairs).
+    def pairs(it):
+      _, section, row = it.id.split('/')
+      a, b, c, d = sections[section][int(row)]
+      return {(section, a, b), (section, c, d)}
+    pool_pairs = set().union(*map(pairs, task.pool))
+    assert not [it.id for it in task.items if pairs(it) & pool_pairs]
+
+
+def test_the_pinned_wheel_is_checked_by_sha256(analogy_tasks):
+  del analogy_tasks
+  path = packages.pinned_wheel(analogies.SOURCE)
+  assert os.path.basename(path) == analogies.SOURCE.filename
+  assert packages.sha256_of(path) == analogies.SOURCE.sha256
+
+
+def test_a_vanished_or_changed_package_is_one_clear_error(tmp_path, monkeypatch):
+  wheel = package_sources.PinnedWheel('gensim', '4.4.0', analogies.SOURCE.filename, '0' * 64)
+  # The registry serves a file of that name with other bytes: refused, and not left in the cache.
+  def fake_download(cmd, dest, pattern, key):
+    del cmd, pattern, key
+    os.makedirs(dest, exist_ok=True)
+    path = os.path.join(dest, wheel.filename)
+    with open(path, 'wb') as f:
+      f.write(b'not the pinned wheel')
+    return [path]
+  monkeypatch.setattr(packages, 'download', fake_download)
+  with pytest.raises(packages.PackageUnavailable, match='registry serves a different file'):
+    packages.pinned_wheel(wheel, str(tmp_path))
+  assert not os.listdir(os.path.join(tmp_path, 'pypi', 'gensim-4.4.0'))
+  # The registry no longer serves it: one line naming the package, the file and where a copy goes.
+  def failing_download(cmd, dest, pattern, key):
+    raise RuntimeError('`pip download ...` failed: ERROR: No matching distribution found for gensim==4.4.0')
+  monkeypatch.setattr(packages, 'download', failing_download)
+  with pytest.raises(packages.PackageUnavailable) as err:
+    packages.pinned_wheel(wheel, str(tmp_path))
+  message = str(err.value)
+  assert '\n' not in message and 'gensim==4.4.0' in message and 'No matching distribution' in message
+  assert os.path.join(str(tmp_path), 'pypi', 'gensim-4.4.0', wheel.filename) in message
+  # The same for the BIG-bench sdist, which the registry no longer serves.
+  monkeypatch.setattr(bigbench, 'download', failing_download)
+  with pytest.raises(packages.PackageUnavailable, match=r'bigbench==1\.0\.0 is no longer served.*place '):
+    fewshot.load_task('bb_social_iqa', str(tmp_path))
+
+
+def test_pip_download_args_select_the_exact_file():
+  args = analogies.SOURCE.pip_download_args()
+  assert args[-1] == 'gensim==4.4.0' and '--only-binary=:all:' in args
+  assert [args[i + 1] for i, a in enumerate(args) if a == '--platform'] == ['manylinux_2_24_x86_64',
+                                                                           'manylinux_2_28_x86_64']
+  assert args[args.index('--python-version') + 1] == '311' and args[args.index('--abi') + 1] == 'cp311'
+
+
+# BIG-bench's task.json layout, a few examples per task (the first of each as in bigbench 1.0.0): the parser and the
+# streaming extraction run on a local sdist-shaped archive, as the registry no longer serves the real one.
+_BB_EXAMPLES = {
+    'goal_step_wikihow/step_inference/task.json': [
+        {'input': "The most reasonable step of 'Solve an Algebraic Expression' is",
+         'target_scores': {'Find the domain': 0, 'Know the order of operations': 1, 'Buy a calculator': 0,
+                           'Draw a graph': 0}},
+        {'input': "The most reasonable step of 'Bake Bread' is",
+         'target_scores': {'Knead the dough': 1, 'Wash the car': 0, 'Paint a wall': 0, 'Call a friend': 0}}],
+    'social_iqa/task.json': [
+        {'input': 'Tracy had a long day at work. What does Tracy need to do before this?',
+         'target_scores': {'Find somewhere to go': 1, 'Stay home': 0, 'Sleep all day': 0}},
+        {'input': 'Sam lent a pen. Why did Sam do this?', 'target_scores': {'To help': 1, 'To hurt': 0}}],
+    'natural_instructions/subtask029_winogrande_full_object/task.json': [
+        {'input': 'holes, spaces', 'target': [
+            'Sentence 1: The rats fled their holes for the open spaces since the _ were crowded for them.\n'
+            'Answer1: holes.\nSentence 2: The rats fled their holes for the open spaces since the _ were roomy '
+            'for them.\nAnswer2: spaces.', 'an alternative pair']},
+        {'input': 'cup, jar', 'target': ['Sentence 1: No blank here.\nAnswer1: cup\nSentence 2: None.\nAnswer2: jar']}],
+    'natural_instructions/subtask030_winogrande_full_person/task.json': [
+        {'input': 'x', 'target': ['Sentence 1: PersonX thanked PersonY because _ was helped.\n'
+                                  'Sentence 2: PersonX thanked PersonY because _ was helpful.']}],
+}
+
+
+@pytest.fixture(scope='module')
+def bb_cache(tmp_path_factory):
+  """A data cache holding an sdist-shaped archive of BIG-bench task files (plus a file that must not be extracted)."""
+  import io
+  import tarfile
+  root = str(tmp_path_factory.mktemp('bb_cache'))
+  sdist = os.path.join(root, 'pypi', bigbench.SPEC.replace('==', '-'), bigbench.SDIST)
+  os.makedirs(os.path.dirname(sdist))
+  with tarfile.open(sdist, 'w:gz') as tar:
+    files = {**{bigbench.TASKS_ROOT + rel: json.dumps({'examples': ex}) for rel, ex in _BB_EXAMPLES.items()},
+             bigbench.TASKS_ROOT + 'other_task/task.json': '{}'}
+    for name, text in files.items():
+      info = tarfile.TarInfo(name)
+      info.size = len(text.encode())
+      tar.addfile(info, io.BytesIO(text.encode()))
+  return root
+
+
+def test_bigbench_items_parse_from_an_sdist_in_the_cache(bb_cache):
+  tasks = {name: fewshot.load_task(name, bb_cache) for name in bigbench.TASKS}
+  by_id = {it.id: it for t in tasks.values() for it in t.items + t.pool}
   wiki = by_id['bb_wikihow_step/0']
   assert wiki.context == "The most reasonable step of 'Solve an Algebraic Expression' is"
-  assert wiki.choices[wiki.gold] == 'Know the order of operations'
+  assert wiki.choices[wiki.gold] == 'Know the order of operations' and len(wiki.choices) == 4
   siqa = by_id['bb_social_iqa/0']
   assert siqa.context.startswith('Q: Tracy') and siqa.context.endswith('before this?\nA:')
-  assert siqa.choices[siqa.gold] == 'Find somewhere to go'
+  assert siqa.choices[siqa.gold] == 'Find somewhere to go' and len(by_id['bb_social_iqa/1'].choices) == 2
   # A twin pair: same options, opposite answers, the option fills the blank and the rest is scored.
   a, b = (by_id[f'bb_winogrande_objects/0/{k}'] for k in (1, 2))
   assert a.choices == b.choices == ('holes', 'spaces') and (a.gold, b.gold) == (0, 1) and a.group == b.group
   assert a.solved() == 'The rats fled their holes for the open spaces since the holes were crowded for them.'
   assert a.requests()[1] == ('The rats fled their holes for the open spaces since the spaces',
                              ' were crowded for them.')
-  persons = bb_tasks['bb_winogrande_persons'].items
+  assert 'bb_winogrande_objects/1/1' not in by_id  # No blank: skipped.
+  persons = [by_id[f'bb_winogrande_persons/0/{k}'] for k in (1, 2)]
   assert all(re.fullmatch(r'(?i)person ?[xy]', c) for it in persons for c in it.choices)
-  for it in bb_tasks['bb_winogrande_objects'].items + persons:
-    assert it.suffix and '_' not in it.context + it.suffix
-    assert all(c.lower() in (it.context + it.suffix).lower() for c in it.choices)
-
-
-def test_only_the_needed_task_files_are_extracted(bb_tasks):
-  del bb_tasks
-  base = os.path.join(os.path.dirname(bigbench.sdist_path()), 'tasks')
+  assert [it.gold for it in persons] == [0, 1]
+  # Only the needed task files were extracted, in one pass.
+  base = os.path.join(os.path.dirname(bigbench.sdist_path(bb_cache)), 'tasks')
   found = {os.path.relpath(os.path.join(d, f), base) for d, _, files in os.walk(base) for f in files}
   assert found == {f for files in bigbench.TASK_FILES.values() for f in files}
 
@@ -160,7 +271,7 @@ def test_encode_pair_splits_like_lm_eval(smollm2_tokenizer):
 
 
 def test_unknown_task_lists_the_valid_ones():
-  with pytest.raises(ValueError, match=r"choose from \['austen_lastword', 'bb_social_iqa'"):
+  with pytest.raises(ValueError, match=r"choose from \['analogy_semantic', 'analogy_syntactic', 'austen_lastword'"):
     fewshot.load_task('hellaswag')
 
 
@@ -315,12 +426,16 @@ def smollm2(smollm2_tokenizer):
   torch.set_num_threads(threads)
 
 
-def test_loglikelihoods_match_transformers_on_smollm2(smollm2, bb_tasks):
+def _all_scored(task: fewshot.Task) -> fewshot.Task:
+  return fewshot.Task(task.name, task.kind, task.items + task.pool, [])
+
+
+def test_loglikelihoods_match_transformers_on_smollm2(smollm2, analogy_tasks, bb_cache):
   import torch
   hf, model, variables, tok = smollm2
   austen = fewshot.load_task('austen_lastword')
-  items = [(bb_tasks['bb_wikihow_step'], 1), (bb_tasks['bb_social_iqa'], 0), (bb_tasks['bb_winogrande_objects'], 1),
-           (austen, 0)]
+  items = [(analogy_tasks['analogy_semantic'], 1), (analogy_tasks['analogy_syntactic'], 0),
+           (_all_scored(fewshot.load_task('bb_winogrande_objects', bb_cache)), 0), (austen, 0)]
   requests, choices = [], 0
   for task, shots in items:
     item = min(fewshot.subset(task.items, 5, seed=5), key=lambda it: len(it.context))  # Short: a fast test.

@@ -103,7 +103,7 @@ def trained(tmp_path_factory):
   base = tmp_path_factory.mktemp('lm_eval')
   path = str(base / 'run')
   train(tiny_config(**{'train.steps': 2, 'checkpoint.every_steps': 0}), path)
-  cli = _start_evaluate(path, str(base / 'cli'), '--tasks=bb_social_iqa,austen_lastword')
+  cli = _start_evaluate(path, str(base / 'cli'), '--tasks=analogy_semantic,austen_lastword')
   yield path, cli
   if cli[0].poll() is None:
     cli[0].kill()
@@ -258,10 +258,10 @@ metric_list:
 
 def test_the_cli_prints_per_exit_accuracy_of_a_trained_workdir(trained):
   lines, rows = _finish_evaluate(trained[1])
-  assert any(line.split()[:3] == ['bb_social_iqa', '2', 'acc'] for line in lines)
+  assert any(line.split()[:3] == ["analogy_semantic", "2", "acc"] for line in lines)
   assert any(line.split()[:3] == ['austen_lastword', '2', 'exact_match'] for line in lines)
-  assert set(rows) == {'bb_social_iqa', 'austen_lastword'}
-  assert all(0 <= m['acc'] <= 1 for m in rows['bb_social_iqa']['per_exit'].values())
+  assert set(rows) == {"analogy_semantic", "austen_lastword"}
+  assert all(0 <= m['acc'] <= 1 for m in rows["analogy_semantic"]['per_exit'].values())
 
 
 @pytest.mark.slow  # lm_eval.simple_evaluate end to end, on a local task (a JSON lines file: nothing downloaded).

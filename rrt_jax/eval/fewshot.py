@@ -1,9 +1,11 @@
 """Few-shot scoring by log-likelihood (lm-eval-harness style) at the exit of every loop.
 
-Tasks (real offline data; sources and item counts in BUILD_NOTES.md, "Few-shot scoring"): the BIG-bench
-multiple-choice stand-ins of rrt_jax.data.bigbench (bb_wikihow_step, bb_social_iqa, bb_winogrande_objects,
-bb_winogrande_persons) and the Austen-LastWord cloze (austen_lastword). DEFAULT_TASKS are the four with signal
-above chance at 135M (bb_winogrande_persons is unnatural text, near chance).
+Tasks (real offline data; sources and item counts in BUILD_NOTES.md, "Few-shot scoring"): the word-analogy
+multiple-choice tasks of rrt_jax.data.analogies (analogy_semantic, analogy_syntactic; from a pinned wheel the
+registry serves), the Austen-LastWord cloze (austen_lastword), and the opt-in BIG-bench stand-ins of
+rrt_jax.data.bigbench (bb_wikihow_step, bb_social_iqa, bb_winogrande_objects, bb_winogrande_persons), whose sdist
+the registry no longer serves (they need a copy in the data cache). DEFAULT_TASKS are the ones a fresh machine
+can fetch.
 
 Each task is split once into evaluation items and a few-shot pool by a stable hash of the item's group (same
 question text, same twin pair, ...), so shots never share a group with the scored item. k-shot prompts are
@@ -31,16 +33,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rrt_jax.data import bigbench
-from rrt_jax.data.bigbench import MultipleChoice
+from rrt_jax.data import analogies, bigbench
+from rrt_jax.data.multiple_choice import MultipleChoice
 from rrt_jax.eval import austen_lastword
 from rrt_jax.eval.austen_lastword import Cloze
 from rrt_jax.model import Decoder
 from rrt_jax.utils.buckets import bucket
 
 MULTIPLE_CHOICE, CLOZE = 'multiple_choice', 'cloze'
-TASKS = {**{name: MULTIPLE_CHOICE for name in bigbench.TASKS}, austen_lastword.TASK: CLOZE}
-DEFAULT_TASKS = ('bb_wikihow_step', 'bb_social_iqa', 'bb_winogrande_objects', austen_lastword.TASK)
+TASKS = {**{name: MULTIPLE_CHOICE for name in analogies.TASKS + bigbench.TASKS}, austen_lastword.TASK: CLOZE}
+DEFAULT_TASKS = (*analogies.TASKS, austen_lastword.TASK)
 POOL_PERCENT = 10  # Of each task's groups, held back as the few-shot pool (never scored).
 SHOT_DELIMITER = '\n\n'
 MIN_BUCKET = 16
@@ -77,7 +79,10 @@ def load_task(name: str, root: str | None = None) -> Task:
   """A task by name, from the data cache (built on first use)."""
   if name not in TASKS:
     raise ValueError(f'Unknown few-shot task {name!r}: choose from {sorted(TASKS)}.')
-  items = austen_lastword.load(root) if TASKS[name] == CLOZE else bigbench.load(name, root)
+  if TASKS[name] == CLOZE:
+    items = austen_lastword.load(root)
+  else:
+    items = analogies.load(name, root) if name in analogies.TASKS else bigbench.load(name, root)
   return Task(name, TASKS[name], *split_pool(items))
 
 
