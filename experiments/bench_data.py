@@ -19,11 +19,11 @@ from absl import app, flags
 
 from rrt_jax import Decoder, RecursionConfig
 from rrt_jax.convert import to_recursive
-from rrt_jax.convert.gguf import load_gguf
 from rrt_jax.data.pipeline import PipelineConfig, lm_dataset
 from rrt_jax.data.tfds_builder import text_source
-from rrt_jax.data.tokenizer import make_tokenizer
 from rrt_jax.eval.perplexity import Windows, per_loop_perplexity, sliding_windows
+from rrt_jax.pretrained.gguf import load_gguf
+from rrt_jax.pretrained.tokenizer import make_tokenizer
 from rrt_jax.train.simple_step import train_step_fn
 from rrt_jax.utils.timing import compile_seconds, machine_description, median_seconds
 

@@ -52,8 +52,8 @@ def _source(name: str) -> tuple:
     ids = np.random.default_rng(0).integers(3, cfg.vocab_size, 16 * _PROMPT_LEN.value).tolist()
     return cfg, init_variables(cfg, RecursionConfig(), jax.random.key(0)), ids
   if name == 'smollm2':
-    from rrt_jax.convert.gguf import load_gguf, load_tokenizer
     from rrt_jax.data import austen
+    from rrt_jax.pretrained.gguf import load_gguf, load_tokenizer
     cfg, vanilla = load_gguf()
     return cfg, vanilla, load_tokenizer().encode(austen.novels()[0]['Emma']).ids
   raise ValueError(f'Unknown model {name!r}: choose tiny or smollm2.')

@@ -35,12 +35,12 @@ from absl import app, flags
 from experiments import serving_benchmark as sb
 from experiments.hf_anchor import copy_bandwidth
 from rrt_jax import Decoder, RecursionConfig, presets
+from rrt_jax.checkpoint import load_training_checkpoint
 from rrt_jax.convert import to_recursive
 from rrt_jax.eval.perplexity import sliding_windows
 from rrt_jax.model import init_variables
 from rrt_jax.serve.engine import Request
 from rrt_jax.serve.precision import cast_for_serving
-from rrt_jax.train.checkpointing import load_training_checkpoint
 from rrt_jax.utils.timing import machine_description
 
 _WORKDIR = flags.DEFINE_string('workdir', 'workdir/bench_serve', 'Where results, tables and plots go.')
@@ -92,8 +92,8 @@ def _vanilla_and_text():
     random_ids = lambda n: rng.integers(3, cfg.vocab_size, n).tolist()  # noqa: E731
     return (cfg, init_variables(cfg, RecursionConfig(), jax.random.key(0)),
             random_ids(max(4 * _PROMPT_LEN.value, 1024)), random_ids(_EVAL_TOKENS.value + 1), 'tiny random Llama')
-  from rrt_jax.convert.gguf import load_gguf, load_tokenizer
   from rrt_jax.data import austen
+  from rrt_jax.pretrained.gguf import load_gguf, load_tokenizer
   cfg, vanilla = load_gguf()
   tokenizer = load_tokenizer()
   books, _ = austen.novels()

@@ -29,13 +29,13 @@ from absl import app, flags
 from rrt_jax import Decoder, RecursionConfig
 from rrt_jax.convert import to_recursive
 from rrt_jax.convert.calibration import CalibrationConfig, calibration_batches, collect_grams, convert
-from rrt_jax.convert.gguf import load_gguf
 from rrt_jax.convert.low_rank import low_rank_compress, low_rank_param_count, rank_for_budget
 from rrt_jax.data.pipeline import PipelineConfig, lm_dataset
 from rrt_jax.data.tfds_builder import text_source
-from rrt_jax.data.tokenizer import make_tokenizer
 from rrt_jax.eval.perplexity import heldout_windows, per_loop_perplexity
 from rrt_jax.model import count_params
+from rrt_jax.pretrained.gguf import load_gguf
+from rrt_jax.pretrained.tokenizer import make_tokenizer
 from rrt_jax.train.healing import HealingConfig, heal
 from rrt_jax.train.loop import uptrain_on_batches
 from rrt_jax.utils.timing import machine_description

@@ -13,11 +13,11 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from rrt_jax import Decoder, RecursionConfig
-from rrt_jax.convert.gguf import load_gguf
 from rrt_jax.data import austen
-from rrt_jax.data.tokenizer import make_tokenizer
 from rrt_jax.eval.perplexity import sliding_windows
 from rrt_jax.model.layerwise import apply_layer, depth_variables, embed
+from rrt_jax.pretrained.gguf import load_gguf
+from rrt_jax.pretrained.tokenizer import make_tokenizer
 from rrt_jax.train.losses import cross_entropy
 
 _DEPTHS = flags.DEFINE_list('depths', ['10', '20', '30'], 'Read the hidden state after these many layers.')

@@ -34,16 +34,16 @@ from absl import app, flags
 
 from experiments.serving_benchmark import benchmark, markdown, plot_throughput
 from rrt_jax import Decoder, RecursionConfig
+from rrt_jax.checkpoint import load_training_checkpoint
 from rrt_jax.convert.calibration import CalibrationConfig, calibration_batches, convert
-from rrt_jax.convert.gguf import load_gguf
 from rrt_jax.data import austen
 from rrt_jax.data.tfds_builder import text_source
-from rrt_jax.data.tokenizer import make_tokenizer
 from rrt_jax.eval.perplexity import per_loop_perplexity, sliding_windows
 from rrt_jax.model import count_params
+from rrt_jax.pretrained.gguf import load_gguf
+from rrt_jax.pretrained.tokenizer import make_tokenizer
 from rrt_jax.serve.engine import Request
 from rrt_jax.serve.generate import ExitConfig, generate
-from rrt_jax.train.checkpointing import load_training_checkpoint
 from rrt_jax.train.healing import HealingConfig, heal
 from rrt_jax.train.loop import train
 from rrt_jax.utils.timing import machine_description

@@ -66,9 +66,9 @@ def main(argv):
   if _EMULATE.value:  # Before anything initialises a jax backend.
     jax.config.update('jax_platforms', 'cpu')
     jax.config.update('jax_num_cpu_devices', devices)
+  from rrt_jax.sharding import make_mesh
   from rrt_jax.train import flops
   from rrt_jax.train.plan import memory_plan
-  from rrt_jax.train.sharding import make_mesh
   if jax.device_count() < devices:
     raise ValueError(f'{devices} devices asked, this machine has {jax.device_count()}: drop --noemulate.')
   mesh = make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.get('dcn', 1), jax.devices()[:devices])

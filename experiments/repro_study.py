@@ -239,7 +239,7 @@ def pretrain_config(s: Settings):
 
 def pretrain(s: Settings, directory: str) -> dict:
   """Stage 1 (resumes from the trainer's checkpoints when interrupted)."""
-  from rrt_jax.train.checkpointing import load_training_checkpoint
+  from rrt_jax.checkpoint import load_training_checkpoint
   from rrt_jax.train.loop import train
   t0 = time.perf_counter()
   train(pretrain_config(s), directory)
@@ -319,7 +319,7 @@ class Study:
 
   @functools.cached_property
   def tokenizer(self):
-    from rrt_jax.data.tokenizer import make_tokenizer
+    from rrt_jax.pretrained.tokenizer import make_tokenizer
     return make_tokenizer('bytes')
 
   @functools.cached_property

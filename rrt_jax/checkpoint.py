@@ -1,12 +1,16 @@
-"""Saving and loading any of our models as an Orbax checkpoint with its configs alongside.
+"""Saving any of our models as an Orbax checkpoint with its configs alongside, and reading back any model: a saved
+one or a training workdir's. The one reader that eval, export, the CLIs and the notebook use.
 
   rrt_jax.save('/tmp/ckpt', cfg, rec, variables)
   model, variables = rrt_jax.load('/tmp/ckpt')      # model is a Decoder carrying cfg and rec
+  model, variables = rrt_jax.load('workdir/run')    # a training workdir: its latest readable step (or step=N)
+  loaded = load_pretrained('workdir/run')           # + the recorded tokenizer; or source='smollm2'
 
-Layout: <path>/model_config.json (ModelConfig + RecursionConfig, and the tokenizer when one was given: read it with
-`read_tokenizer`), <path>/variables (Orbax PyTree) and, for a tokenizer that is not packaged, <path>/tokenizer.json.
-Paths are local or URIs that etils.epath and Orbax handle (gs://bucket/dir, s3://...). Training workdirs are read by
-rrt_jax.train.checkpointing.load_training_checkpoint.
+Layout of a save: <path>/model_config.json (ModelConfig + RecursionConfig, and the tokenizer when one was given:
+read it with `read_tokenizer`), <path>/variables (Orbax PyTree) and, for a tokenizer that is not packaged,
+<path>/tokenizer.json. A training workdir: <workdir>/model_config.json and <workdir>/checkpoints/<step>/state (the
+TrainState, written by rrt_jax.train.checkpointing; only its variables are read here). Paths are local or URIs
+that etils.epath and Orbax handle (gs://bucket/dir, s3://...).
 """
 
 from __future__ import annotations
@@ -14,18 +18,31 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import logging
 import os
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from rrt_jax.config import ModelConfig, RecursionConfig
-from rrt_jax.data.tokenizer import Tokenizer, tokenizer_from_record, tokenizer_record
 from rrt_jax.model import Decoder, check_variables, variable_shapes
+from rrt_jax.pretrained.tokenizer import (
+  Tokenizer,
+  check_vocab,
+  make_tokenizer,
+  tokenizer_from_record,
+  tokenizer_record,
+)
 from rrt_jax.utils.uri import as_path
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = 'model_config.json'
 VARIABLES_DIR = 'variables'
+CHECKPOINTS_DIR = 'checkpoints'  # Of a training workdir: <workdir>/checkpoints/<step>/{state, data}.
+STATE = 'state'
+SOURCES = ('smollm2',)  # Packaged models load_pretrained reads by name.
 _SECTIONS = ('model', 'recursion', 'tokenizer')  # model_config.json's entries; tokenizer is optional.
 
 
@@ -120,12 +137,7 @@ def save(path: str, cfg: ModelConfig, rec: RecursionConfig, variables: dict,
   return str(directory)
 
 
-def load(path: str, shardings=None) -> tuple[Decoder, dict]:
-  """(Decoder(cfg, rec), variables) from a checkpoint written by `save` (or by training).
-
-  shardings: optional pytree of jax.sharding.Sharding matching the variables, to restore onto a mesh.
-  """
-  path = as_path(path)
+def _restore_saved(path: epath.Path, shardings=None) -> tuple[Decoder, dict]:
   cfg, rec = read_configs(path, 'is not a complete rrt_jax checkpoint (an interrupted save, or a different '
                                 'directory)')
   shapes = variable_shapes(cfg, rec)
@@ -143,3 +155,131 @@ def load(path: str, shardings=None) -> tuple[Decoder, dict]:
   check_variables(variables, cfg, rec, f'checkpoint {path}')
   return Decoder(cfg, rec), variables
 
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be written or read, with the directory and the fix in the message."""
+
+
+def checkpoints_dir(workdir: str | os.PathLike) -> epath.Path:
+  return as_path(workdir) / CHECKPOINTS_DIR  # Absolute if local; a URI stays a URI.
+
+
+def is_training_workdir(path: str | os.PathLike) -> bool:
+  return checkpoints_dir(path).is_dir()
+
+
+def restorable_steps(ckpt_dir: epath.Path) -> list[int]:
+  """Orbax's finalized steps: on GCS an unfinished step directory has its final name, only without its commit
+  file."""
+  return sorted(ocp.utils.checkpoint_steps(ckpt_dir))
+
+
+def restore_state_variables(state_dir: epath.Path, target: dict) -> dict:
+  """The 'variables' of a saved TrainState, restored onto `target`'s shardings (a partial restore: the optimizer
+  state and step stay on disk)."""
+  restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    restored = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item={'variables': target}, restore_args={'variables': restore_args}, partial_restore=True))
+  return restored['variables']
+
+
+def load_training_checkpoint(workdir: str | os.PathLike, step: int | None = None,
+                             shardings: dict | None = None) -> tuple[Decoder, dict, int]:
+  """(Decoder(cfg, rec), variables, step) from a training workdir (the latest readable checkpoint by default).
+
+  Only the variables are read (not the optimizer state), onto this process's first device or onto `shardings`
+  (a pytree of jax.sharding.Sharding matching the variables, e.g. rrt_jax.sharding.variable_shardings): a
+  checkpoint written on any topology (a pod slice, 8 GPUs) loads in a 1-device notebook."""
+  cfg, rec = read_configs(workdir, 'holds no training run')
+  ckpt_dir = checkpoints_dir(workdir)
+  if not ckpt_dir.is_dir():
+    raise FileNotFoundError(f'{workdir} holds no training run (no {CHECKPOINTS_DIR}/).')
+  steps = restorable_steps(ckpt_dir)
+  if not steps:
+    raise FileNotFoundError(f'No finished checkpoint in {ckpt_dir}.')
+  if step is not None and step not in steps:
+    raise FileNotFoundError(f'No checkpoint for step {step} in {ckpt_dir}; there are {steps}.')
+  shapes = variable_shapes(cfg, rec)
+  if shardings is None:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: device, shapes)
+  target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+  candidates = [step] if step is not None else steps[::-1]
+  errors = []
+  for candidate in candidates:
+    try:
+      variables = restore_state_variables(ckpt_dir / str(candidate) / STATE, target)
+    except Exception as e:  # noqa: BLE001  (Orbax/TensorStore raise many types for damaged files)
+      errors.append(f'step {candidate}: {type(e).__name__}: {" ".join(str(e).split())[:300]}')
+      log.error('checkpoint %s/%d could not be read (%s); trying the previous one', ckpt_dir, candidate, errors[-1])
+      continue
+    check_variables(variables, cfg, rec, f'checkpoint {ckpt_dir}/{candidate}')
+    return Decoder(cfg, rec), variables, candidate
+  raise CheckpointError(f'no checkpoint in {ckpt_dir} can be read ({"; ".join(errors)}): the files are damaged or '
+                        f'were written for another config than {CONFIG_FILE} describes.')
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """A model read back: a training workdir's step (`step` set) or an rrt_jax.save directory (`step` None)."""
+
+  model: Decoder
+  variables: dict
+  step: int | None
+  origin: str  # Where it came from, for messages and reports.
+
+
+def read(path: str | os.PathLike, step: int | None = None, shardings=None) -> Restored:
+  """Any of our models from a directory: a training workdir (it has checkpoints/: its latest readable step, or
+  `step`) or an rrt_jax.save directory (no step). shardings: a pytree of jax.sharding.Sharding matching the
+  variables, to restore onto a mesh."""
+  if is_training_workdir(path):
+    model, variables, got = load_training_checkpoint(path, step, shardings)
+    return Restored(model, variables, got, f'training workdir {path} at step {got}')
+  if step is not None:
+    raise ValueError(f'{path} is not a training workdir (it has no {CHECKPOINTS_DIR}/), so it has no step {step}: '
+                     'drop the step to read it as an rrt_jax.save directory, which holds one model.')
+  model, variables = _restore_saved(as_path(path), shardings)
+  return Restored(model, variables, None, f'checkpoint {path}')
+
+
+def load(path: str | os.PathLike, step: int | None = None, shardings=None) -> tuple[Decoder, dict]:
+  """(Decoder(cfg, rec), variables) from a checkpoint written by `save` or from a training workdir (see `read`)."""
+  restored = read(path, step, shardings)
+  return restored.model, restored.variables
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+  model: Decoder
+  variables: dict
+  tokenizer: object
+  description: dict  # What was loaded (path or source, step), for reports.
+
+
+def load_pretrained(pretrained: str | None = None, source: str | None = None, step: int | None = None,
+                    tokenizer: str | None = None) -> Loaded:
+  """A model with its tokenizer: a training workdir (its latest readable checkpoint, or `step`) or an rrt_jax.save
+  directory with the tokenizer recorded beside it (or the `tokenizer` spec), or with source='smollm2' the
+  packaged SmolLM2-135M. The vocabularies of model and tokenizer must agree."""
+  if (pretrained is None) == (source is None):
+    raise ValueError(f'Give pretrained=<training workdir or checkpoint directory> or source= one of {SOURCES}, '
+                     f'not {"both" if pretrained is not None else "neither"}.')
+  if source is not None:
+    if source not in SOURCES:
+      raise ValueError(f'Unknown source {source!r}: choose one of {SOURCES}, or give pretrained=<directory>.')
+    if step is not None:
+      raise ValueError('step= picks a checkpoint of a training workdir: give pretrained=<workdir>.')
+    from rrt_jax.pretrained.gguf import load_gguf
+    cfg, variables = load_gguf()
+    model, tok = Decoder(cfg), make_tokenizer(tokenizer or 'smollm2')
+    description = {'source': source}
+  else:
+    pretrained = str(pretrained)
+    restored = read(pretrained, step)
+    model, variables = restored.model, restored.variables
+    tok = make_tokenizer(tokenizer) if tokenizer else read_tokenizer(pretrained, required=True)
+    description = {'pretrained': pretrained, **({'step': restored.step} if restored.step is not None else {})}
+  check_vocab(tok, model.cfg.vocab_size, f'{description}')
+  return Loaded(model, variables, tok, description)

@@ -37,7 +37,7 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 HAVE_SMOLLM2=0
-if [ "$SMOLLM2" = 1 ] && "$PY" -c "from rrt_jax.convert.gguf import smollm2_path; smollm2_path()" >/dev/null 2>&1; then
+if [ "$SMOLLM2" = 1 ] && "$PY" -c "from rrt_jax.pretrained.gguf import smollm2_path; smollm2_path()" >/dev/null 2>&1; then
   HAVE_SMOLLM2=1
 fi
 STATUS="$OUT_DIR/stages.tsv"

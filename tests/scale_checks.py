@@ -17,10 +17,10 @@ jax.config.update('jax_num_cpu_devices', 8)
 import numpy as np  # noqa: E402
 from tiny_config import tiny_config  # noqa: E402
 
+from rrt_jax.sharding import batch_sharding, make_mesh  # noqa: E402
 from rrt_jax.train import setup  # noqa: E402
 from rrt_jax.train.loop import jit_train_step, train_state_shardings  # noqa: E402
 from rrt_jax.train.plan import abstract_batch, memory_plan, model_shapes  # noqa: E402
-from rrt_jax.train.sharding import batch_sharding, make_mesh  # noqa: E402
 from rrt_jax.train.step import init_state  # noqa: E402
 
 

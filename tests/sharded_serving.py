@@ -21,7 +21,7 @@ from rrt_jax.model import init_variables
 from rrt_jax.serve.engine import Engine, EngineConfig, Request
 from rrt_jax.serve.generate import ExitConfig, generate
 from rrt_jax.serve.sharding import cache_shardings
-from rrt_jax.train.sharding import make_mesh
+from rrt_jax.sharding import make_mesh
 
 jax.config.update('jax_default_matmul_precision', 'highest')  # As tests/conftest.py: fp32 on both sides.
 

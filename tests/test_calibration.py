@@ -14,10 +14,10 @@ from rrt_jax.convert.calibration import (
   convert,
   convert_sequential,
 )
-from rrt_jax.convert.hf import load_hf
 from rrt_jax.convert.recursive import svd_lora, to_recursive, whitened_svd_lora, whitening_factor
 from rrt_jax.model import layer_tree
 from rrt_jax.model.layerwise import apply_layer, depth_variables
+from rrt_jax.pretrained.hf import load_hf
 
 SEQ = 16
 CALIB = CalibrationConfig(tokens=96, seq_len=SEQ, batch_size=2)

@@ -7,8 +7,8 @@ import re
 import numpy as np
 import pytest
 
-from rrt_jax.convert.gguf import load_gguf, load_tokenizer
-from rrt_jax.convert.safetensors_io import Checkpoint, SafetensorsFile
+from rrt_jax.pretrained.gguf import load_gguf, load_tokenizer
+from rrt_jax.pretrained.safetensors_io import Checkpoint, SafetensorsFile
 
 
 @pytest.fixture

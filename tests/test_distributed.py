@@ -87,7 +87,7 @@ def test_sigterm_to_one_process_of_two_stops_both_with_a_checkpoint(tmp_path):
 
 def test_a_checkpoint_of_8_devices_loads_in_a_1_device_process(tmp_path):
   """The notebook case: variables only, onto this process's one device, whatever mesh wrote them."""
-  from rrt_jax.train.checkpointing import load_training_checkpoint
+  from rrt_jax.checkpoint import load_training_checkpoint
   _single_process(tmp_path, '--config.train.steps=2', '--config.mesh.data=2', '--config.mesh.fsdp=4')
   assert jax.device_count() == 1
   model, variables, step = load_training_checkpoint(tmp_path)

@@ -21,13 +21,13 @@ from unroll import unroll_middle_cycle
 
 from rrt_jax import Decoder, RecursionConfig
 from rrt_jax.config import RopeScaling
-from rrt_jax.convert.gguf import load_gguf, load_tokenizer
-from rrt_jax.convert.hf import config_from_hf, load_hf
-from rrt_jax.data.tokenizer import BPETokenizer
 from rrt_jax.export import hf_config as export_hf_config
 from rrt_jax.export import to_gguf, to_hf, unroll
 from rrt_jax.export.gguf import check_gguf_expressible
 from rrt_jax.model import variable_shapes
+from rrt_jax.pretrained.gguf import load_gguf, load_tokenizer
+from rrt_jax.pretrained.hf import config_from_hf, load_hf
+from rrt_jax.pretrained.tokenizer import BPETokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXTS = ['the cat sat on the mat 12', 'a dog ran to the park at 3 pm', 'the sun is warm today',
@@ -204,7 +204,7 @@ def test_cli_exports_a_training_workdir(tmp_path):
   import transformers as tf
   from tiny_config import tiny_config
 
-  from rrt_jax.train.checkpointing import load_training_checkpoint
+  from rrt_jax.checkpoint import load_training_checkpoint
   from rrt_jax.train.loop import train
   tokenizer = byte_level_bpe(TEXTS)
   workdir, hf_dir, gguf_path = tmp_path / 'run', tmp_path / 'hf', tmp_path / 'gguf' / 'model.gguf'
@@ -245,7 +245,7 @@ def test_relaxed_smollm2_exports_to_hf_and_gguf(tmp_path):
   import transformers as tf
 
   from rrt_jax.convert import to_recursive
-  from rrt_jax.data.tokenizer import make_tokenizer
+  from rrt_jax.pretrained.tokenizer import make_tokenizer
   cfg, vanilla = load_gguf()
   rec = RecursionConfig(loops=3, init='average', lora_rank=64)
   variables = to_recursive(vanilla, cfg, rec)  # SVD LoRA of the residuals and the norm deltas: all nonzero.

@@ -13,14 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rrt_jax import Decoder, RecursionConfig, presets
+from rrt_jax import Decoder, RecursionConfig, package_sources, presets
 from rrt_jax.convert import to_recursive
-from rrt_jax.data import analogies, bigbench, package_sources, packages, prepare
-from rrt_jax.data.byte_tokenizer import ByteTokenizer
+from rrt_jax.data import analogies, bigbench, packages, prepare
 from rrt_jax.data.multiple_choice import MultipleChoice
 from rrt_jax.eval import austen_lastword, fewshot
 from rrt_jax.eval.austen_lastword import Cloze
 from rrt_jax.model import init_variables
+from rrt_jax.pretrained.byte_tokenizer import ByteTokenizer
 from rrt_jax.utils.buckets import bucket
 
 # Facts of the pinned gensim==4.4.0 wheel's analogy file: (items, groups) per task after the bucket rule.
@@ -253,7 +253,7 @@ def test_fewshot_prompts_are_seeded_and_never_use_the_item():
 
 @pytest.fixture(scope='module')
 def smollm2_tokenizer():
-  from rrt_jax.convert.gguf import load_tokenizer
+  from rrt_jax.pretrained.gguf import load_tokenizer
   return load_tokenizer()
 
 
@@ -412,8 +412,8 @@ def smollm2(smollm2_tokenizer):
   import torch
   import transformers as tf
 
-  from rrt_jax.convert.gguf import smollm2_path
-  from rrt_jax.convert.hf import assemble, config_from_hf
+  from rrt_jax.pretrained.gguf import smollm2_path
+  from rrt_jax.pretrained.hf import assemble, config_from_hf
   threads = torch.get_num_threads()
   torch.set_num_threads(1)  # Small forwards: on a busy 2-core machine more threads only contend (up to 6x slower).
   path = smollm2_path()

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from rrt_jax import Decoder, presets
-from rrt_jax.convert.gguf import load_gguf, load_tokenizer, smollm2_path
-from rrt_jax.convert.hf import load_hf
+from rrt_jax.pretrained.gguf import load_gguf, load_tokenizer, smollm2_path
+from rrt_jax.pretrained.hf import load_hf
 
 TEXT = ('It is a truth universally acknowledged, that a single man in possession of a good fortune, must be '
         'in want of a wife. However little known the feelings or views of such a man may be on his first '

@@ -7,8 +7,8 @@ import pytest
 
 from rrt_jax import Decoder, RecursionConfig
 from rrt_jax.convert import to_recursive
-from rrt_jax.convert.hf import load_hf
 from rrt_jax.model.layerwise import apply_layer, depth_variables
+from rrt_jax.pretrained.hf import load_hf
 from rrt_jax.train.healing import HealingConfig, heal
 
 SEQ = 16

@@ -7,8 +7,8 @@ from conftest import FAMILIES
 from hf_fixtures import hf_logits
 
 from rrt_jax import Decoder
-from rrt_jax.convert.hf import load_hf
 from rrt_jax.model import LAYER_PATH, layer_tree
+from rrt_jax.pretrained.hf import load_hf
 
 
 @pytest.mark.parametrize('family', FAMILIES)
@@ -49,7 +49,7 @@ def test_leaves_are_placed_with_the_given_sharding(tiny_hf):
   import jax
   from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-  from rrt_jax.convert.hf import param_shapes
+  from rrt_jax.pretrained.hf import param_shapes
   cfg, _ = load_hf(tiny_hf['llama'][0])
   mesh = Mesh(np.array(jax.devices()[:1]), ('fsdp',))
   shardings = {path: NamedSharding(mesh, PartitionSpec('fsdp') if len(s.shape) == 3 else PartitionSpec())

@@ -19,7 +19,7 @@ from rrt_jax.eval import fewshot
 from rrt_jax.eval.perplexity import per_loop_perplexity, sliding_windows
 from rrt_jax.model import init_variables
 from rrt_jax.model.exits import ExitConfig
-from rrt_jax.serve.generate import generate
+from rrt_jax.serve.generate import generate, generator_for
 
 lm_eval = pytest.importorskip('lm_eval')
 from lm_eval.api.instance import Instance  # noqa: E402
@@ -149,7 +149,7 @@ def generations(tiny):
   once, shared with the adapter where the settings are the same.)"""
   model, variables, tok = tiny
   return {e: generate(model, variables, PROMPTS, MAX_GEN, exit_cfg=cfg, stop_tokens=[tok.eos_id],
-                      generator=adapter.generator_for(model, cfg)).tokens
+                      generator=generator_for(model, cfg)).tokens
           for e, cfg in ((1, ExitConfig(0.0)), (2, ExitConfig()))}
 
 
@@ -202,7 +202,7 @@ def test_generate_until_is_our_greedy_generation(tiny, generations):
   model, variables, tok = tiny
   lm = adapter.RRTLM(model=model, variables=variables, tokenizer=tok, batch_size=BATCH, progress=False)
   contexts = [_text(tok, p) for p in PROMPTS]
-  for exit_loop in (2, 1):  # Exit 1 generates with the model's first loop only (adapter.first_loops).
+  for exit_loop in (2, 1):  # Exit 1 generates with the model's first loop only (rrt_jax.model.first_loops).
     view, expected = lm.at_exit(exit_loop), [_text(tok, t) for t in generations[exit_loop]]
     got = view.generate_until([_request('generate_until', c, {'max_gen_toks': MAX_GEN}) for c in contexts])
     assert got == expected

@@ -9,12 +9,12 @@ from conftest import FAMILIES
 from rrt_jax import Decoder, RecursionConfig
 from rrt_jax.config import VANILLA, ModelConfig
 from rrt_jax.convert.calibration import CalibrationConfig, collect_grams
-from rrt_jax.convert.hf import load_hf
 from rrt_jax.convert.low_rank import low_rank_compress, low_rank_param_count, low_rank_recursion, rank_for_budget
 from rrt_jax.convert.recursive import svd_lora
 from rrt_jax.model import count_params, target_dims
 from rrt_jax.model.layerwise import TARGET_INPUTS, apply_layer, depth_variables, embed
 from rrt_jax.presets import SMOLLM2_135M
+from rrt_jax.pretrained.hf import load_hf
 
 SEQ = 16
 CALIB = CalibrationConfig(tokens=96, seq_len=SEQ, batch_size=2)

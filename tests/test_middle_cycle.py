@@ -13,7 +13,6 @@ from unroll import perturb, unroll_middle_cycle
 from rrt_jax import Decoder, RecursionConfig, presets
 from rrt_jax.convert import source_layers, tied_depths, to_recursive
 from rrt_jax.convert.calibration import CalibrationConfig, convert
-from rrt_jax.convert.hf import load_hf
 from rrt_jax.model import (
   check_variables,
   count_params,
@@ -24,6 +23,7 @@ from rrt_jax.model import (
   with_layer_tree,
 )
 from rrt_jax.model.layerwise import apply_layer, depth_variables, embed
+from rrt_jax.pretrained.hf import load_hf
 from rrt_jax.serve.engine import Engine
 from rrt_jax.serve.generate import ExitConfig, Generator, generate
 

@@ -8,8 +8,8 @@ import nbformat
 from nbclient import NotebookClient
 
 from experiments.configs import tiny_cpu
-from rrt_jax.data.byte_tokenizer import ByteTokenizer
 from rrt_jax.data.tfds_builder import text_source
+from rrt_jax.pretrained.byte_tokenizer import ByteTokenizer
 from rrt_jax.train.loop import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -20,11 +20,11 @@ from tensorboardX import record_writer
 import rrt_jax
 from experiments.configs import tiny_cpu
 from rrt_jax import presets
-from rrt_jax.checkpoint import read_configs
+from rrt_jax.checkpoint import load_training_checkpoint, read_configs
 from rrt_jax.config import RecursionConfig
-from rrt_jax.data.byte_tokenizer import ByteTokenizer
+from rrt_jax.pretrained.byte_tokenizer import ByteTokenizer
 from rrt_jax.train import flops
-from rrt_jax.train.checkpointing import TrainCheckpoints, load_training_checkpoint
+from rrt_jax.train.checkpointing import TrainCheckpoints
 from rrt_jax.train.loop import train
 from rrt_jax.train.metrics import MetricsWriter
 from rrt_jax.train.setup import init_distributed

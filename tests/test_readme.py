@@ -54,8 +54,8 @@ def test_the_readme_has_the_blocks_this_test_expects():
 def tiny_smollm2(monkeypatch):
   """load_gguf() -> SmolLM2's config at a tiny width with random weights; the GGUF tokenizer read once."""
   from rrt_jax import RecursionConfig, presets
-  from rrt_jax.convert import gguf
   from rrt_jax.model import init_variables
+  from rrt_jax.pretrained import gguf
   cfg = presets.SMOLLM2_135M.replace(num_layers=3, d_model=64, num_heads=4, num_kv_heads=2, head_dim=16,
                                      mlp_dim=128)
   vanilla = init_variables(cfg, RecursionConfig(), jax.random.key(0))

@@ -11,8 +11,8 @@ from unroll import unroll
 
 from rrt_jax import Decoder, RecursionConfig
 from rrt_jax.convert import source_layers, to_recursive
-from rrt_jax.convert.hf import load_hf
 from rrt_jax.model import layer_tree, with_layer_tree
+from rrt_jax.pretrained.hf import load_hf
 
 INITS = ['stepwise', 'stepwise_ends', 'average', 'lower', 'upper', 'random']
 TOKENS = jnp.asarray(np.random.default_rng(1).integers(0, 96, size=(2, 9)))

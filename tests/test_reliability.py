@@ -12,8 +12,8 @@ import pytest
 from orbax.checkpoint._src.path import atomicity
 from tiny_config import tiny_config
 
-from rrt_jax.data.byte_tokenizer import ByteTokenizer
-from rrt_jax.train.checkpointing import CheckpointError, load_training_checkpoint
+from rrt_jax.checkpoint import CheckpointError, load_training_checkpoint
+from rrt_jax.pretrained.byte_tokenizer import ByteTokenizer
 from rrt_jax.train.loop import train
 from rrt_jax.train.validate import ConfigError, check_config, check_mesh
 from rrt_jax.utils.locking import LockHeld, file_lock
@@ -147,7 +147,7 @@ def test_a_model_that_does_not_split_over_the_mesh_is_named():
 
   from rrt_jax import presets
   from rrt_jax.config import RecursionConfig
-  from rrt_jax.train.sharding import check_divisible
+  from rrt_jax.sharding import check_divisible
   cfg, rec = presets.get('tiny_llama').replace(vocab_size=259), RecursionConfig(loops=2, lora_rank=8)
   check_divisible(cfg, rec, AbstractMesh((2, 4, 1), ('data', 'fsdp', 'tensor')))
   with pytest.raises(ValueError, match=r"\['embedding'\] \(259, 64\): 259 over mesh tensor=2.*mesh.tensor=1"):

@@ -11,8 +11,8 @@ from hf_fixtures import hf_logits, randomise_norms_and_biases
 from rrt_jax import Decoder
 from rrt_jax.checkpoint import configs_from_json, configs_to_json
 from rrt_jax.config import VANILLA, ModelConfig, RopeScaling
-from rrt_jax.convert.hf import config_from_hf, load_hf
 from rrt_jax.model.layers import rope_inv_freq
+from rrt_jax.pretrained.hf import config_from_hf, load_hf
 
 # original_max_position_embeddings 64 puts the llama3 bands (wavelengths 16..64) inside a 40-token sequence, so the
 # scaling changes the logits a lot; Llama 3.1 itself uses 8192 (checked on frequencies below).

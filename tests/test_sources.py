@@ -13,9 +13,9 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from tiny_config import tiny_config as tiny
 
 from rrt_jax.data import pipeline
-from rrt_jax.data.byte_tokenizer import ByteTokenizer
 from rrt_jax.data.pipeline import CheckpointableIterator, PipelineConfig, lm_dataset
 from rrt_jax.data.sources import JsonlSource, Mixture, open_source, parse_spec
+from rrt_jax.pretrained.byte_tokenizer import ByteTokenizer
 from rrt_jax.train import flops
 from rrt_jax.train.loop import train
 from rrt_jax.train.validate import ConfigError, check_config

@@ -5,7 +5,7 @@ import pickle
 
 import pytest
 
-from rrt_jax.data.tokenizer import SMOLLM2_EOS, make_tokenizer
+from rrt_jax.pretrained.tokenizer import SMOLLM2_EOS, make_tokenizer
 
 
 def test_smollm2_eos_is_im_end_id_2():

@@ -14,10 +14,10 @@ from hf_fixtures import save_tiny
 from rrt_jax import presets
 from rrt_jax.checkpoint import CONFIG_FILE, configs_to_json, read_configs, read_tokenizer, write_configs
 from rrt_jax.config import VANILLA, RecursionConfig
-from rrt_jax.convert.hf import load_hf
-from rrt_jax.data.byte_tokenizer import ByteTokenizer
 from rrt_jax.data.pipeline import Tokenize
-from rrt_jax.data.tokenizer import (
+from rrt_jax.pretrained.byte_tokenizer import ByteTokenizer
+from rrt_jax.pretrained.hf import load_hf
+from rrt_jax.pretrained.tokenizer import (
   TOKENIZER_FILE,
   BPETokenizer,
   check_vocab,

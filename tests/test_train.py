@@ -14,11 +14,11 @@ import orbax.checkpoint as ocp
 import pytest
 from tiny_config import tiny_config as tiny
 
-from rrt_jax.data.byte_tokenizer import ByteTokenizer
 from rrt_jax.data.tfds_builder import text_source
+from rrt_jax.pretrained.byte_tokenizer import ByteTokenizer
+from rrt_jax.sharding import make_mesh
 from rrt_jax.train.loop import train
 from rrt_jax.train.setup import initial_variables, load_original, recursion_config
-from rrt_jax.train.sharding import make_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

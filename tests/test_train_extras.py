@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from tiny_config import tiny_config as tiny
 
-from rrt_jax.data.byte_tokenizer import ByteTokenizer
+from rrt_jax.checkpoint import load_training_checkpoint
 from rrt_jax.data.tfds_builder import text_source
 from rrt_jax.eval.perplexity import heldout_windows, per_loop_perplexity
-from rrt_jax.train.checkpointing import load_training_checkpoint
+from rrt_jax.pretrained.byte_tokenizer import ByteTokenizer
 from rrt_jax.train.loop import train
 from rrt_jax.train.metrics import WANDB_ID_FILE, MetricsWriter
 from rrt_jax.train.validate import ConfigError, check_config

@@ -22,9 +22,9 @@ import time
 
 from absl import app, flags
 
+from rrt_jax.checkpoint import load_pretrained
 from rrt_jax.cli import common
 from rrt_jax.eval.fewshot import DEFAULT_TASKS, TASKS, Task, evaluate_tasks, load_task
-from rrt_jax.eval.lm_eval import load_pretrained
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir or an rrt_jax.save directory.', required=True)
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step of a training workdir (default: the latest).')

@@ -18,8 +18,8 @@ from absl import flags
 from rrt_jax import Decoder, RecursionConfig
 from rrt_jax.cli import common
 from rrt_jax.convert import to_recursive
-from rrt_jax.convert.gguf import load_gguf, load_tokenizer
 from rrt_jax.eval.fewshot import DEFAULT_TASKS, TASKS, evaluate_tasks, load_task
+from rrt_jax.pretrained.gguf import load_gguf, load_tokenizer
 
 _TASKS = flags.DEFINE_list('tasks', list(DEFAULT_TASKS), f'Tasks, from {sorted(TASKS)}.')
 _SHOTS = flags.DEFINE_integer('shots', 0, 'Solved examples before each item.')

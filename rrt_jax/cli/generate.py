@@ -12,13 +12,15 @@ from __future__ import annotations
 
 from absl import app, flags
 
+from rrt_jax import checkpoint
 from rrt_jax.cli import common
 from rrt_jax.serve.generate import ExitConfig, SamplingConfig, generate
 
 _PROMPTS = flags.DEFINE_multi_string('prompt', ['The capital of France is'], 'Prompt(s); repeat the flag for more.')
 _WORKDIR = flags.DEFINE_string('workdir', '', 'A training workdir (latest checkpoint).')
 _CHECKPOINT = flags.DEFINE_string('checkpoint', '', 'A directory written by rrt_jax.save.')
-_TOKENIZER = flags.DEFINE_enum('tokenizer', 'smollm2', ['smollm2', 'bytes'], 'Tokenizer of the model.')
+_TOKENIZER = flags.DEFINE_string('tokenizer', '', 'A tokenizer spec (smollm2, bytes, hf:<dir>) instead of the one '
+                                 'the workdir or checkpoint records.')
 _MAX_NEW = flags.DEFINE_integer('max_new_tokens', 32, 'Tokens to generate per prompt.')
 _THRESHOLD = flags.DEFINE_float('exit_threshold', 1.0, 'Early-exit confidence threshold (1 = never exit).')
 _CONFIDENCE = flags.DEFINE_enum('confidence', 'max_prob', ['max_prob', 'margin', 'saturation'], 'Exit measure.')
@@ -30,26 +32,20 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 
 
 def load_model():
+  """The model and its tokenizer: the one recorded in the workdir or checkpoint (--tokenizer overrides it), or
+  SmolLM2's for the packaged model."""
   if _WORKDIR.value and _CHECKPOINT.value:
     raise app.UsageError('Give --workdir or --checkpoint, not both.')
-  if _WORKDIR.value:
-    from rrt_jax.train.checkpointing import load_training_checkpoint
-    model, variables, _ = load_training_checkpoint(_WORKDIR.value)
-    return model, variables
-  if _CHECKPOINT.value:
-    import rrt_jax
-    return rrt_jax.load(_CHECKPOINT.value)
-  from rrt_jax import Decoder
-  from rrt_jax.convert.gguf import load_gguf
-  cfg, variables = load_gguf()
-  return Decoder(cfg), variables
+  tokenizer = _TOKENIZER.value or None
+  if _WORKDIR.value or _CHECKPOINT.value:
+    return checkpoint.load_pretrained(_WORKDIR.value or _CHECKPOINT.value, tokenizer=tokenizer)
+  return checkpoint.load_pretrained(source='smollm2', tokenizer=tokenizer)
 
 
 def main(argv):
   del argv
-  from rrt_jax.data.tokenizer import make_tokenizer
-  tokenizer = make_tokenizer(_TOKENIZER.value)
-  model, variables = load_model()
+  loaded = load_model()
+  model, variables, tokenizer = loaded.model, loaded.variables, loaded.tokenizer
   prompts = [tokenizer.encode(p).ids for p in _PROMPTS.value]
   out = generate(model, variables, prompts, _MAX_NEW.value,
                  sampling=SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _SEED.value),

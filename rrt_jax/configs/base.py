@@ -58,7 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.text_field = 'text'
   c.data.split = 'train'
   # auto (the model's own: SmolLM2's, or model.path's tokenizer.json for hf; random models must name one) |
-  # smollm2 | bytes (tiny from-scratch models) | hf:<dir with tokenizer.json> (rrt_jax.data.tokenizer).
+  # smollm2 | bytes (tiny from-scratch models) | hf:<dir with tokenizer.json> (rrt_jax.pretrained.tokenizer).
   c.data.tokenizer = 'auto'
   c.data.seq_len = 256
   c.data.global_batch = 8

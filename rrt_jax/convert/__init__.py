@@ -1,4 +1,4 @@
-"""Checkpoint readers and the vanilla -> recursive -> relaxed conversion."""
+"""The vanilla -> recursive -> relaxed conversion (checkpoint readers: rrt_jax.pretrained)."""
 
 from rrt_jax.convert.recursive import source_layers, tied_depths, to_recursive
 

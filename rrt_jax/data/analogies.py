@@ -27,7 +27,7 @@ import os
 
 import numpy as np
 
-from rrt_jax.data import package_sources
+from rrt_jax import package_sources
 from rrt_jax.data.multiple_choice import MultipleChoice
 from rrt_jax.data.packages import cache_dir, wheel_member
 from rrt_jax.utils.locking import atomic_write_text

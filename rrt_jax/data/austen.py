@@ -10,7 +10,7 @@ import os
 import struct
 import zlib
 
-from rrt_jax.data import package_sources
+from rrt_jax import package_sources
 from rrt_jax.data.packages import debian_package
 
 PACKAGE = package_sources.AUSTEN

@@ -19,7 +19,8 @@ import re
 import subprocess
 from collections.abc import Callable
 
-from rrt_jax.data import austen, package_sources
+from rrt_jax import package_sources
+from rrt_jax.data import austen
 from rrt_jax.data.packages import debian_package, npm_package, pypi_file
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable
 
-from rrt_jax.data.package_sources import PinnedWheel
+from rrt_jax.package_sources import PinnedWheel
 from rrt_jax.utils.locking import atomic_file, file_lock, remove_stale_temps, staging_dir
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset
 
 from rrt_jax.data.sources import Mixture
-from rrt_jax.data.tokenizer import check_ids
+from rrt_jax.pretrained.tokenizer import check_ids
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def lm_dataset(source, tokenizer, config: PipelineConfig, max_seq_len: int | Non
                shard_index: int | None = None, shard_count: int | None = None,
                vocab_size: int | None = None) -> grain.IterDataset:
   """The training/eval pipeline over a random-access source of {'text'} documents, or a weighted
-  rrt_jax.data.sources.Mixture of them; `tokenizer` (see rrt_jax.data.tokenizer) ends every document with its
+  rrt_jax.data.sources.Mixture of them; `tokenizer` (see rrt_jax.pretrained.tokenizer) ends every document with its
   eos_id. `vocab_size`: the model's, to refuse ids beyond it on the host (an out-of-range id gives NaN inside jit,
   not an error)."""
   if max_seq_len is not None and config.seq_len > max_seq_len:

@@ -23,14 +23,12 @@ first `exit_loop` loops (the same shared weights and those loops' LoRA), which i
 Teacher-forced scores are at the fixed exit `exit_loop`; `exit_threshold` only changes generation.
 
 lm-eval is optional: rrt_jax never imports this module, and without lm-eval installed the module still imports
-(for `load_pretrained`) but RRTLM raises an ImportError naming `pip install lm-eval`.
+but RRTLM raises an ImportError naming `pip install lm-eval`.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import functools
 import hashlib
 import json
 import logging
@@ -40,13 +38,12 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from rrt_jax import checkpoint
-from rrt_jax.data.tokenizer import check_vocab, make_tokenizer, spec_of
+from rrt_jax.checkpoint import Loaded, load_pretrained
 from rrt_jax.eval import fewshot
-from rrt_jax.model import Decoder, check_variables
+from rrt_jax.model import Decoder, first_loops
 from rrt_jax.model.exits import ExitConfig
-from rrt_jax.model.layers import LORA
-from rrt_jax.serve.generate import Generator, SamplingConfig, generate
+from rrt_jax.pretrained.tokenizer import check_vocab, make_tokenizer, spec_of
+from rrt_jax.serve.generate import SamplingConfig, generate, generator_for
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +52,6 @@ LM_EVAL_VERSION = '0.4.13'  # The version pyproject's test extra pins and the te
 INSTALL_HINT = f'pip install lm-eval=={LM_EVAL_VERSION}'
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's default for generate_until.
-SOURCES = ('smollm2',)
 
 try:  # Optional: rrt_jax itself never needs lm-eval.
   from lm_eval.api.model import LM as _LMBase  # noqa: N811
@@ -71,78 +67,6 @@ def require_lm_eval() -> None:
   if _IMPORT_ERROR is not None:
     raise ImportError(f'The rrt_jax lm-eval-harness model needs lm-eval: {INSTALL_HINT} (the version the tests '
                       f'use; importing it failed with: {_IMPORT_ERROR}).') from _IMPORT_ERROR
-
-
-# ----------------------------------------------------------------------------------------------------- loading
-
-@dataclasses.dataclass(frozen=True)
-class Loaded:
-  model: Decoder
-  variables: dict
-  tokenizer: object
-  description: dict  # What was loaded (path or source, step), for reports.
-
-
-def load_pretrained(pretrained: str | None = None, source: str | None = None, step: int | None = None,
-                    tokenizer: str | None = None) -> Loaded:
-  """A training workdir (its latest readable checkpoint, or `step`), an rrt_jax.save directory, or with
-  source='smollm2' the packaged SmolLM2-135M; with the tokenizer recorded beside it (or the `tokenizer` spec)."""
-  if (pretrained is None) == (source is None):
-    raise ValueError(f'Give pretrained=<training workdir or checkpoint directory> or source= one of {SOURCES}, '
-                     f'not {"both" if pretrained is not None else "neither"}.')
-  if source is not None:
-    if source not in SOURCES:
-      raise ValueError(f'Unknown source {source!r}: choose one of {SOURCES}, or give pretrained=<directory>.')
-    if step is not None:
-      raise ValueError('step= picks a checkpoint of a training workdir: give pretrained=<workdir>.')
-    from rrt_jax.convert.gguf import load_gguf
-    cfg, variables = load_gguf()
-    model, tok = Decoder(cfg), make_tokenizer(tokenizer or 'smollm2')
-    description = {'source': source}
-  else:
-    from rrt_jax.train.checkpointing import checkpoints_dir, load_training_checkpoint
-    pretrained = str(pretrained)
-    if checkpoints_dir(pretrained).is_dir():
-      model, variables, step = load_training_checkpoint(pretrained, step)
-    else:
-      if step is not None:
-        raise ValueError(f'step={step} picks a checkpoint of a training workdir, and {pretrained} has no '
-                         'checkpoints/ (an rrt_jax.save directory holds one model).')
-      model, variables = checkpoint.load(pretrained)
-    tok = make_tokenizer(tokenizer) if tokenizer else checkpoint.read_tokenizer(pretrained, required=True)
-    description = {'pretrained': pretrained, **({'step': step} if step is not None else {})}
-  check_vocab(tok, model.cfg.vocab_size, f'{MODEL_NAME} {description}')
-  return Loaded(model, variables, tok, description)
-
-
-def first_loops(model: Decoder, variables: dict, loops: int) -> tuple[Decoder, dict]:
-  """The model that runs only the first `loops` loops of `model` (CYCLE or MIDDLE_CYCLE): the same shared weights
-  (and unique layers) with those loops' LoRA; its last exit computes `model`'s exit `loops`."""
-  cfg, rec = model.cfg, model.rec
-  if loops == rec.loops:
-    return model, variables
-  if not rec.loops_are_exits or not 1 <= loops < rec.loops:
-    raise ValueError(f'Cannot cut a {rec.looping.value} model of {rec.loops} loops to {loops}.')
-  per_loop = rec.shared_layers(cfg.num_layers)
-  cut_cfg = cfg.replace(num_layers=2 * rec.unique_layers + loops * per_loop)
-  cut_rec = rec.replace(loops=loops)
-  cut = dict(variables)
-  if LORA in variables:  # Every LoRA / relaxation leaf leads with the loop axis [R, K, ...].
-    cut[LORA] = jax.tree.map(lambda x: x[:loops], variables[LORA])
-  check_variables(cut, cut_cfg, cut_rec, f'the first {loops} loops')
-  return Decoder(cut_cfg, cut_rec), cut
-
-
-def generator_for(model: Decoder, exit_cfg: ExitConfig = ExitConfig(), sampling: SamplingConfig | None = None,
-                  decode: str = 'vmapped') -> Generator:
-  """One compiled Generator per (model, exit rule, sampling, decode), shared by every RRTLM (and its at_exit
-  views) and by whoever else generates with the same settings."""
-  return _generator(model, exit_cfg, sampling or SamplingConfig(), decode)
-
-
-@functools.lru_cache(maxsize=16)
-def _generator(model: Decoder, exit_cfg: ExitConfig, sampling: SamplingConfig, decode: str) -> Generator:
-  return Generator(model, exit_cfg, sampling, decode)
 
 
 # ------------------------------------------------------------------------------------------------- the model
@@ -404,5 +328,4 @@ if _register_model is not None:
   RRTLM = _register_model(MODEL_NAME)(RRTLM)
 
 
-__all__ = ['INSTALL_HINT', 'LM_EVAL_VERSION', 'MODEL_NAME', 'Loaded', 'RRTLM', 'first_loops', 'generator_for',
-           'load_pretrained', 'require_lm_eval']
+__all__ = ['INSTALL_HINT', 'LM_EVAL_VERSION', 'MODEL_NAME', 'RRTLM', 'require_lm_eval']

@@ -13,7 +13,7 @@ import numpy as np
 
 from rrt_jax.model import Decoder
 from rrt_jax.model.exits import confidence, first_exit, select_exit
-from rrt_jax.train.losses import cross_entropy
+from rrt_jax.model.scoring import cross_entropy
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Our vanilla Llama-family params -> a llama.cpp GGUF file: the inverse of rrt_jax/convert/gguf.py.
+"""Our vanilla Llama-family params -> a llama.cpp GGUF file: the inverse of rrt_jax/pretrained/gguf.py.
 
 Tensors go under llama.cpp's names (token_embd, blk.N.attn_q, ...), in HF's [out, in] layout, with the Q and K rows
 permuted back into llama.cpp's interleaved rotary order (`permute_qk`, the inverse of the reader's unpermute_qk).
@@ -32,7 +32,7 @@ _DTYPES = {'float32': np.float32, 'float16': np.float16}
 
 def permute_qk(w_OxI: np.ndarray, heads: int) -> np.ndarray:
   """llama.cpp's convert permutation of Q/K rows (per head: rotate-half halves -> interleaved pairs); the inverse of
-  rrt_jax.convert.gguf.unpermute_qk."""
+  rrt_jax.pretrained.gguf.unpermute_qk."""
   rows = w_OxI.shape[0]
   return w_OxI.reshape(heads, 2, rows // heads // 2, *w_OxI.shape[1:]).swapaxes(1, 2).reshape(w_OxI.shape)
 
@@ -114,7 +114,7 @@ def _placeholder_tokens(writer, cfg: ModelConfig) -> None:
 def to_gguf(source: Source, out_path: str | os.PathLike, step: int | None = None, dtype: str = 'float32',
             tokenizer=None, name: str = 'rrt_jax export') -> ExportResult:
   """Writes the unrolled Llama-family model (the final exit's function as a plain model) as a GGUF file at the local
-  path `out_path`; rrt_jax.convert.gguf.load_gguf reads it back to the same params.
+  path `out_path`; rrt_jax.pretrained.gguf.load_gguf reads it back to the same params.
 
   source: a training workdir (latest checkpoint, or `step`), an rrt_jax.save directory, or (cfg, rec, variables).
   dtype: 'float32' or 'float16' for the matrices (norms stay float32).

@@ -1,5 +1,5 @@
 """Our vanilla params -> an HF transformers checkpoint directory (Llama, Gemma, GPT-NeoX): the inverse of
-rrt_jax/convert/hf.py.
+rrt_jax/pretrained/hf.py.
 
 Kernels are transposed back to torch's [out, in]. Our Q/K rows are already in HF's rotate-half order and Gemma's
 norm weights are stored as HF stores them (the w of 1 + w), so neither is changed; GPT-NeoX's Q, K and V are
@@ -19,10 +19,10 @@ import numpy as np
 from flax import traverse_util
 
 from rrt_jax.config import Family, ModelConfig
-from rrt_jax.convert.hf import config_from_hf
 from rrt_jax.export.source import ExportResult, Source, eos_id, load_source, tokenizers_object, unrolled_note
 from rrt_jax.export.unroll import unroll
 from rrt_jax.model import LAYER_PATH, layer_tree
+from rrt_jax.pretrained.hf import config_from_hf
 
 WEIGHTS_FILE = 'model.safetensors'
 ARCHITECTURES = {Family.LLAMA: 'LlamaForCausalLM', Family.GEMMA: 'GemmaForCausalLM',
@@ -161,7 +161,7 @@ def to_hf(source: Source, out_dir: str | os.PathLike, step: int | None = None, d
 
   source: a training workdir (latest checkpoint, or `step`), an rrt_jax.save directory, or (cfg, rec, variables).
   dtype: the tensors' dtype ('float32', 'bfloat16', 'float16'); None = the model's param_dtype.
-  tokenizer: overrides the recorded tokenizer (an rrt_jax.data.tokenizer tokenizer)."""
+  tokenizer: overrides the recorded tokenizer (an rrt_jax.pretrained.tokenizer tokenizer)."""
   try:
     from safetensors.numpy import save_file
   except ImportError as e:

@@ -9,8 +9,8 @@ from typing import Any
 
 from rrt_jax import checkpoint
 from rrt_jax.config import ModelConfig, RecursionConfig
-from rrt_jax.data.byte_tokenizer import ByteTokenizer
-from rrt_jax.data.tokenizer import BPETokenizer, spec_of
+from rrt_jax.pretrained.byte_tokenizer import ByteTokenizer
+from rrt_jax.pretrained.tokenizer import BPETokenizer, spec_of
 
 # A training workdir or checkpoint directory (local or a URI), or (cfg, rec, variables).
 Source = str | os.PathLike | tuple
@@ -21,7 +21,7 @@ class LoadedModel:
   cfg: ModelConfig
   rec: RecursionConfig
   variables: dict
-  tokenizer: Any | None  # An rrt_jax.data.tokenizer tokenizer, or None when none is known.
+  tokenizer: Any | None  # An rrt_jax.pretrained.tokenizer tokenizer, or None when none is known.
   origin: str  # Where it came from, for messages.
   notes: tuple[str, ...] = ()
 
@@ -46,17 +46,9 @@ def load_source(source: Source, step: int | None = None, tokenizer: Any | None =
       raise ValueError('step picks a checkpoint of a training workdir; the model was given directly.')
     cfg, rec, variables = source
     return LoadedModel(cfg, rec, variables, tokenizer, 'the given variables')
-  from rrt_jax.train.checkpointing import checkpoints_dir, load_training_checkpoint
   path = os.fspath(source)
-  if checkpoints_dir(path).is_dir():
-    model, variables, got = load_training_checkpoint(path, step)
-    origin = f'training workdir {path} at step {got}'
-  else:
-    if step is not None:
-      raise ValueError(f'{path} is not a training workdir (it has no checkpoints/), so it has no step {step}: drop '
-                       'the step to read it as an rrt_jax.save checkpoint.')
-    model, variables = checkpoint.load(path)
-    origin = f'checkpoint {path}'
+  restored = checkpoint.read(path, step)
+  model, variables, origin = restored.model, restored.variables, restored.origin
   notes = ()
   if tokenizer is None:
     try:

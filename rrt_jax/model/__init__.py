@@ -2,6 +2,7 @@
 
 from rrt_jax.model.decoder import Decoder, lora_specs, target_dims
 from rrt_jax.model.propagation import propagate_kv
+from rrt_jax.model.scoring import cross_entropy
 from rrt_jax.model.variables import (
     LAYER_PATH,
     MIDDLE,
@@ -10,6 +11,7 @@ from rrt_jax.model.variables import (
     check_variables,
     count_params,
     dynamic_loop_variables,
+    first_loops,
     init_cache,
     init_variables,
     layer_tree,
@@ -22,6 +24,6 @@ from rrt_jax.model.variables import (
 )
 
 __all__ = ['LAYER_PATH', 'MIDDLE', 'PART_PATHS', 'Decoder', 'ParamCount', 'check_variables', 'count_params',
-           'dynamic_loop_variables', 'init_cache', 'init_variables', 'layer_tree', 'logical_axes', 'loop_variables',
-           'lora_specs', 'multi_lora_variables', 'one_loop', 'propagate_kv', 'target_dims', 'variable_shapes',
-           'with_layer_tree']
+           'cross_entropy', 'dynamic_loop_variables', 'first_loops', 'init_cache', 'init_variables', 'layer_tree',
+           'logical_axes', 'loop_variables', 'lora_specs', 'multi_lora_variables', 'one_loop', 'propagate_kv',
+           'target_dims', 'variable_shapes', 'with_layer_tree']

@@ -78,6 +78,24 @@ def dynamic_loop_variables(variables: dict, loop: jax.Array | int) -> dict:
   return out
 
 
+def first_loops(model: Decoder, variables: dict, loops: int) -> tuple[Decoder, dict]:
+  """The model that runs only the first `loops` loops of `model` (CYCLE or MIDDLE_CYCLE): the same shared weights
+  (and unique layers) with those loops' LoRA; its last exit computes `model`'s exit `loops`."""
+  cfg, rec = model.cfg, model.rec
+  if loops == rec.loops:
+    return model, variables
+  if not rec.loops_are_exits or not 1 <= loops < rec.loops:
+    raise ValueError(f'Cannot cut a {rec.looping.value} model of {rec.loops} loops to {loops}.')
+  per_loop = rec.shared_layers(cfg.num_layers)
+  cut_cfg = cfg.replace(num_layers=2 * rec.unique_layers + loops * per_loop)
+  cut_rec = rec.replace(loops=loops)
+  cut = dict(variables)
+  if LORA in variables:  # Every LoRA / relaxation leaf leads with the loop axis [R, K, ...].
+    cut[LORA] = jax.tree.map(lambda x: x[:loops], variables[LORA])
+  check_variables(cut, cut_cfg, cut_rec, f'the first {loops} loops')
+  return Decoder(cut_cfg, cut_rec), cut
+
+
 def multi_lora_variables(variables: dict) -> dict:
   """`variables` of a recursive model as variables of `one_loop(model)` that hold EVERY loop's LoRA, for rows
   at different loops in one batch (multi-LoRA, see lora.py): each 'lora' leaf [R, K, ...] becomes

@@ -39,7 +39,7 @@ from rrt_jax.model import Decoder, init_cache, multi_lora_variables, one_loop, p
 from rrt_jax.model.exits import ExitConfig, confidence, exits_at
 from rrt_jax.serve.generate import Generator, SamplingConfig, check_seed, sample, token_keys, validate_prompts
 from rrt_jax.serve.sharding import cache_shardings, rows_sharding, shard_variables, sharded_cache
-from rrt_jax.train.sharding import replicated
+from rrt_jax.sharding import replicated
 from rrt_jax.utils.buckets import bucket
 
 

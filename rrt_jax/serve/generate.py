@@ -24,6 +24,7 @@ reached. With kv_fill='full' or threshold >= 1 every slot is the no-exit one (ex
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from collections.abc import Sequence
@@ -217,6 +218,18 @@ class Generator:
     return token, exit_loop, {**cache, 'k': jnp.concatenate(new_k), 'v': jnp.concatenate(new_v)}
 
 
+def generator_for(model: Decoder, exit_cfg: ExitConfig = ExitConfig(), sampling: SamplingConfig | None = None,
+                  decode: str = 'vmapped') -> Generator:
+  """One compiled Generator per (model, exit rule, sampling, decode), shared by every RRTLM (and its at_exit
+  views) and by whoever else generates with the same settings."""
+  return _generator(model, exit_cfg, sampling or SamplingConfig(), decode)
+
+
+@functools.lru_cache(maxsize=16)
+def _generator(model: Decoder, exit_cfg: ExitConfig, sampling: SamplingConfig, decode: str) -> Generator:
+  return Generator(model, exit_cfg, sampling, decode)
+
+
 def validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_new_tokens: int,
                      max_len: int) -> None:
   """Clear errors for requests the model cannot serve; generate() and the Engine's per-request check use it."""
@@ -291,4 +304,4 @@ def generate(model: Decoder, variables: dict, prompts: Sequence[Sequence[int]], 
 
 
 __all__ = ['DECODES', 'ExitConfig', 'Generation', 'Generator', 'SamplingConfig', 'check_sampling', 'check_seed',
-           'generate', 'sample', 'token_keys', 'validate_prompts']
+           'generate', 'generator_for', 'sample', 'token_keys', 'validate_prompts']

@@ -1,6 +1,6 @@
 """Serving over a device mesh: the variables by the training rule table, the KV cache to match.
 
-Variables go where training puts them (rrt_jax.train.sharding.RULES): heads, kv, MLP and vocab split over
+Variables go where training puts them (rrt_jax.sharding.RULES): heads, kv, MLP and vocab split over
 'tensor', embed over 'fsdp'. The KV cache [R, K, B, T, kv_heads, head_dim] (model.init_cache; MIDDLE_CYCLE's
 prelude and coda alike) takes the same table through logical names: its rows (generate) or slots (Engine) are
 'batch' (over data x fsdp) and its kv_heads 'kv' (over tensor, like the K/V projections that fill it), so each
@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rrt_jax.model import Decoder, check_variables, init_cache
 from rrt_jax.model.attention import KVCache
-from rrt_jax.train.sharding import RULES, check_divisible, variable_shardings
+from rrt_jax.sharding import RULES, check_divisible, variable_shardings
 
 log = logging.getLogger(__name__)
 

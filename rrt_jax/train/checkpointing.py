@@ -1,4 +1,5 @@
-"""A training workdir's checkpoints: written by TrainCheckpoints, read back by `load_training_checkpoint`.
+"""A training workdir's checkpoints: written and resumed by TrainCheckpoints (any model reads them back with
+rrt_jax.checkpoint.read / load).
 
 Layout: <workdir>/model_config.json (rrt_jax.checkpoint's configs) and <workdir>/checkpoints/<step>/{state, data}
 (Orbax CheckpointManager: the TrainState and the grain iterator state). Saves asynchronously every N steps and on
@@ -16,27 +17,22 @@ import signal
 import grain
 import jax
 import orbax.checkpoint as ocp
-from etils import epath
 
 from rrt_jax import checkpoint
+from rrt_jax.checkpoint import (
+    CHECKPOINTS_DIR,
+    STATE,
+    CheckpointError,
+    checkpoints_dir,
+)
 from rrt_jax.config import ModelConfig, RecursionConfig
-from rrt_jax.model import Decoder, check_variables, variable_shapes
 from rrt_jax.utils.uri import as_path
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS_DIR = 'checkpoints'
-STATE, DATA = 'state', 'data'  # The items of each step.
+DATA = 'data'  # The grain iterator state, the other item of each step beside checkpoint.STATE.
 # Config fields a resumed run may change: how it computes, not what it trains.
 RESUMABLE_CHANGES = ('dtype', 'remat', 'seed')
-
-
-def checkpoints_dir(workdir: str | os.PathLike) -> epath.Path:
-  return as_path(workdir) / CHECKPOINTS_DIR  # Absolute if local; a URI stays a URI.
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint that cannot be written or read, with the directory and the fix in the message."""
 
 
 class TrainCheckpoints:
@@ -166,57 +162,6 @@ class TrainCheckpoints:
       self.wait()
     finally:
       self.manager.close()
-
-
-def _restorable_steps(ckpt_dir: epath.Path) -> list[int]:
-  # Orbax's finalized steps: on GCS an unfinished step directory has its final name, only without its commit file.
-  return sorted(ocp.utils.checkpoint_steps(ckpt_dir))
-
-
-def load_training_checkpoint(workdir: str | os.PathLike, step: int | None = None,
-                             shardings: dict | None = None) -> tuple[Decoder, dict, int]:
-  """(Decoder(cfg, rec), variables, step) from a training workdir (the latest readable checkpoint by default).
-
-  Only the variables are read (not the optimizer state), onto this process's first device or onto `shardings`
-  (a pytree of jax.sharding.Sharding matching the variables, e.g. train.sharding.variable_shardings): a checkpoint
-  written on any topology (a pod slice, 8 GPUs) loads in a 1-device notebook."""
-  cfg, rec = checkpoint.read_configs(workdir, 'holds no training run')
-  ckpt_dir = checkpoints_dir(workdir)
-  if not ckpt_dir.is_dir():
-    raise FileNotFoundError(f'{workdir} holds no training run (no {CHECKPOINTS_DIR}/).')
-  steps = _restorable_steps(ckpt_dir)
-  if not steps:
-    raise FileNotFoundError(f'No finished checkpoint in {ckpt_dir}.')
-  if step is not None and step not in steps:
-    raise FileNotFoundError(f'No checkpoint for step {step} in {ckpt_dir}; there are {steps}.')
-  shapes = variable_shapes(cfg, rec)
-  if shardings is None:
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    shardings = jax.tree.map(lambda _: device, shapes)
-  target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-  candidates = [step] if step is not None else steps[::-1]
-  errors = []
-  for candidate in candidates:
-    try:
-      variables = _restore_variables(ckpt_dir / str(candidate) / STATE, target)
-    except Exception as e:  # noqa: BLE001  (Orbax/TensorStore raise many types for damaged files)
-      errors.append(f'step {candidate}: {type(e).__name__}: {" ".join(str(e).split())[:300]}')
-      log.error('checkpoint %s/%d could not be read (%s); trying the previous one', ckpt_dir, candidate, errors[-1])
-      continue
-    check_variables(variables, cfg, rec, f'checkpoint {ckpt_dir}/{candidate}')
-    return Decoder(cfg, rec), variables, candidate
-  raise CheckpointError(f'no checkpoint in {ckpt_dir} can be read ({"; ".join(errors)}): the files are damaged or '
-                        f'were written for another config than {checkpoint.CONFIG_FILE} describes.')
-
-
-def _restore_variables(state_dir: epath.Path, target: dict) -> dict:
-  """The 'variables' of a saved TrainState, restored onto `target`'s shardings (a partial restore: the optimizer
-  state and step stay on disk)."""
-  restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-  with ocp.PyTreeCheckpointer() as ckptr:
-    restored = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
-        item={'variables': target}, restore_args={'variables': restore_args}, partial_restore=True))
-  return restored['variables']
 
 
 class Preemption:

@@ -28,12 +28,12 @@ import ml_collections
 import optax
 
 from rrt_jax.config import ModelConfig, RecursionConfig
-from rrt_jax.data.tokenizer import check_vocab, tokenizer_for_model
 from rrt_jax.model import Decoder
+from rrt_jax.pretrained.tokenizer import check_vocab, tokenizer_for_model
+from rrt_jax.sharding import RULES, check_divisible, global_batch, make_mesh, optimizer_shardings, replicated
 from rrt_jax.train import flops, setup
 from rrt_jax.train.checkpointing import Interrupted, Preemption, TrainCheckpoints
 from rrt_jax.train.metrics import MetricsWriter, to_scalars
-from rrt_jax.train.sharding import RULES, check_divisible, global_batch, make_mesh, optimizer_shardings, replicated
 from rrt_jax.train.step import TrainState, init_state, make_train_step
 from rrt_jax.train.validate import check_config, check_mesh
 from rrt_jax.utils.locking import atomic_write_text, file_lock
@@ -256,7 +256,7 @@ def heldout_evaluator(c: ml_collections.ConfigDict, cfg: ModelConfig, rec: Recur
   traced under the mesh and RULES, so the eval batch (eval.batch windows; 0 = the training micro-batch, capped at
   the windows there are) is split over the batch axes like a training batch. The loss is log(perplexity)."""
   from rrt_jax.eval.perplexity import heldout_windows, per_loop_perplexity
-  from rrt_jax.train.sharding import batch_ways
+  from rrt_jax.sharding import batch_ways
   windows = heldout_windows(tokenizer, c.eval.split, c.eval.tokens, c.data.seq_len)
   ways = batch_ways(mesh)
   batch = min(c.eval.batch or c.data.global_batch // c.train.grad_accum, -(-len(windows.inputs) // ways) * ways)

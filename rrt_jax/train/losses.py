@@ -13,6 +13,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from rrt_jax.model.scoring import cross_entropy
+
 EARLY_EXIT_SCHEMES = ('none', 'aggressive', 'weighted')
 KD_TARGETS = ('teacher', 'last_loop')
 
@@ -36,12 +38,6 @@ def exit_weights(num_exits: int, scheme: str, alpha: float = 0.1) -> jnp.ndarray
 def masked_mean(x_ExBxS: jax.Array, mask_BxS: jax.Array) -> jax.Array:
   """Mean over scored tokens, per exit: [E]."""
   return jnp.sum(x_ExBxS * mask_BxS, axis=(-2, -1)) / jnp.maximum(jnp.sum(mask_BxS), 1.0)
-
-
-def cross_entropy(logits_ExBxSxV: jax.Array, targets_BxS: jax.Array) -> jax.Array:
-  """Per-token CE [E, B, S] in fp32."""
-  logp = jax.nn.log_softmax(logits_ExBxSxV.astype(jnp.float32))
-  return -jnp.take_along_axis(logp, jnp.broadcast_to(targets_BxS, logp.shape[:-1])[..., None], axis=-1)[..., 0]
 
 
 def forward_kl(student_ExBxSxV: jax.Array, teacher_xBxSxV: jax.Array, temperature: float = 1.0) -> jax.Array:

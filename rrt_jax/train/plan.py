@@ -21,9 +21,9 @@ import numpy as np
 from rrt_jax import presets
 from rrt_jax.config import ModelConfig, RecursionConfig
 from rrt_jax.model import variable_shapes
+from rrt_jax.sharding import batch_sharding, check_divisible, make_mesh, variable_shardings
 from rrt_jax.train import flops, setup
 from rrt_jax.train.loop import jit_train_step, train_state_shardings
-from rrt_jax.train.sharding import batch_sharding, check_divisible, make_mesh, variable_shardings
 from rrt_jax.train.step import init_state
 
 HEADROOM = 0.9  # A plan fits a chip when its peak is at most this fraction of HBM (runtime, fragmentation).

@@ -19,8 +19,8 @@ from rrt_jax import presets
 from rrt_jax.config import LoraInit, ModelConfig, RecursionConfig
 from rrt_jax.convert import to_recursive
 from rrt_jax.model import init_variables
+from rrt_jax.sharding import variable_shardings
 from rrt_jax.train.optimizer import learning_rate_schedule, make_optimizer, trainable_collections
-from rrt_jax.train.sharding import variable_shardings
 from rrt_jax.train.step import LossConfig
 from rrt_jax.utils.uri import is_uri
 
@@ -68,12 +68,12 @@ def load_original(c: ml_collections.ConfigDict, vocab_size: int) -> tuple[ModelC
   None: random models are initialised directly into their shardings by `initial_variables`)."""
   m = c.model
   if m.source == 'smollm2':
-    from rrt_jax.convert.gguf import load_gguf
+    from rrt_jax.pretrained.gguf import load_gguf
     cfg, variables = load_gguf()
   elif m.source == 'hf':
     if not m.path:
       raise ValueError('model.source=hf needs --config.model.path=/path/to/hf_checkpoint_dir.')
-    from rrt_jax.convert.hf import load_hf
+    from rrt_jax.pretrained.hf import load_hf
     cfg, variables = load_hf(m.path)
   elif m.source == 'random':
     cfg, variables = presets.get(m.preset).replace(vocab_size=vocab_size), None

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from rrt_jax.model import Decoder
-from rrt_jax.train.losses import cross_entropy
+from rrt_jax.model.scoring import cross_entropy
 
 
 def next_token_loss(model: Decoder, variables: dict, tokens_BxS1: jax.Array) -> jax.Array:

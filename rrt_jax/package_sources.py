@@ -1,8 +1,8 @@
 """Every package the project's text, few-shot tasks and default weights come from, in one list, and a check that
-each can still be fetched: `python3 rrt_jax/data/package_sources.py` (standard library only, so `.ci/run` runs it
+each can still be fetched: `python3 rrt_jax/package_sources.py` (standard library only, so `.ci/run` runs it
 first, before anything is installed, and fails in seconds naming what the registries no longer serve).
 
-The readers (rrt_jax.data.corpora, .austen, .analogies, rrt_jax.convert.gguf, scripts/setup.sh) take their names
+The readers (rrt_jax.data.corpora, .austen, .analogies, rrt_jax.pretrained.gguf, scripts/setup.sh) take their names
 and versions from here. Debian packages are named without a version (the archive replaces a version on each
 point release; the corpus manifest records the one used); npm and PyPI ones are exact.
 """
