@@ -38,7 +38,7 @@ def stage_latencies(model: Decoder, variables: dict, batch: int, cache_len: int)
   onehot_BxR = jax.nn.one_hot(jnp.arange(batch) % rec.loops, rec.loops) if 'lora' in block_vars else None
   h_Bx1xD = jnp.zeros((batch, 1, cfg.d_model), jnp.dtype(cfg.dtype))
   embed = jax.jit(lambda v, t: model.apply(v, t, method=Decoder.embed))
-  block = jax.jit(lambda v, h, c, o: block_model.apply(v, h, positions_Bx1, c, None, o,
+  block = jax.jit(lambda v, h, c, o: block_model.apply(v, h, positions_Bx1, c, o,
                                                        method=Decoder.decode_stack)[0])
   head = jax.jit(lambda v, h: model.apply(v, h, method=Decoder.logits))
   return {'embedding_s': median_seconds(embed, variables, tokens_Bx1),

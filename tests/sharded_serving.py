@@ -65,19 +65,19 @@ def engine_runs(model, variables, mesh, config: EngineConfig) -> dict:
     completions, stats = engine.run(mixed)
     out[name] = {'tokens': [c.tokens for c in completions], 'exit_loops': [c.exit_loops for c in completions],
                  'errors': [c.error for c in completions], 'tokens_served': stats.tokens,
-                 'step_compiles': engine._step._cache_size()}  # 1: every step took the same shardings.
+                 'step_compiles': engine.slots.step._cache_size()}  # 1: every step took the same shardings.
   out['placement'] = step_placement(engine)
   return out
 
 
 def step_placement(engine: Engine) -> dict:
   """One engine step from the initial state: do the cache and states come back in the shardings they went in?"""
-  cache, h = engine._initial_state()
-  slots = engine.config.slots
-  zeros = jnp.zeros(slots, jnp.int32)
-  args = (zeros, h, zeros, zeros, jnp.ones(slots, bool), jax.random.key(0), zeros, zeros)
+  state = engine.initial_state()
+  running = jnp.ones(engine.config.slots, bool)
+  cache, h = state.cache, state.h
   cache_in, h_in = cache['k'].sharding, h.sharding
-  _, _, h_out, cache_out = engine._step(engine.variables, engine.step_variables, cache, *args)
+  _, _, _, out = engine.slots.step(engine.variables, engine.slots.step_variables, state, running, jax.random.key(0))
+  cache_out, h_out = out.cache, out.h
   return {'cache_kept': cache_out['k'].sharding.is_equivalent_to(cache_in, cache['k'].ndim),
           'h_kept': h_out.sharding.is_equivalent_to(h_in, 3),
           'cache_shard': list(cache_out['k'].addressable_shards[0].data.shape), 'cache': list(cache_out['k'].shape)}

@@ -185,7 +185,7 @@ def test_multi_lora_selects_each_rows_loop(relaxed):
   positions = jnp.zeros((3, 1), jnp.int32)
   cache = {'k': jnp.zeros((1, 2, 3, 4, CFG.num_kv_heads, CFG.head_dim)), 'v': None}
   cache['v'] = cache['k']
-  mixed, _ = block.apply(multi_lora_variables(variables), h, positions, cache, None, jax.nn.one_hot(loops, 3),
+  mixed, _ = block.apply(multi_lora_variables(variables), h, positions, cache, jax.nn.one_hot(loops, 3),
                          method=Decoder.decode_stack)
   for row, b in enumerate(np.asarray(loops)):
     alone, _ = block.apply(loop_variables(variables, int(b)), h[row:row + 1], positions[row:row + 1],

@@ -163,11 +163,9 @@ class Attention(nn.Module):
     return apply_rotary(k, positions_BxS, cfg.rope_theta, cfg.rotary_dim, cfg.rope_scaling), v
 
   def __call__(self, x_BxSxD: jax.Array, positions_BxS: jax.Array, mask_BxSxT: jax.Array,
-               cache: KVCache | None = None, kv_x_BxSxD: jax.Array | None = None,
-               loop_onehot_BxR: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+               cache: KVCache | None = None, loop_onehot_BxR: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
     """mask: `self_mask`'s SelfMask without a cache (the decoder's), or a [B, S, T] array (cache slots, or a plain
     `causal_mask`), which always runs the einsum.
-    kv_x: input of the K/V projections when it differs from the queries' (early-exit state propagation).
     loop_onehot: each row's loop, for multi-LoRA (see lora.py)."""
     cfg = self.cfg
     b, s, _ = x_BxSxD.shape
@@ -175,7 +173,7 @@ class Attention(nn.Module):
     sel = loop_onehot_BxR
     q = self.q(x_BxSxD, sel).reshape(b, s, h, hd)
     q = apply_rotary(q, positions_BxS, cfg.rope_theta, cfg.rotary_dim, cfg.rope_scaling)
-    k, v = self.project_kv(x_BxSxD if kv_x_BxSxD is None else kv_x_BxSxD, positions_BxS, sel)
+    k, v = self.project_kv(x_BxSxD, positions_BxS, sel)
 
     new_cache = None
     if cache is not None:
@@ -185,7 +183,7 @@ class Attention(nn.Module):
 
     if isinstance(mask_BxSxT, SelfMask):
       impl = 'einsum'
-      if cache is None and kv_x_BxSxD is None:
+      if cache is None:
         impl = _no_cache_impl(cfg, s, mask_BxSxT.segment_ids is not None)
       if impl == 'splash':
         return self.o(splash_attention(q, k, v, mask_BxSxT.segment_ids).reshape(b, s, h * hd), sel), None

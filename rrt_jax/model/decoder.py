@@ -103,17 +103,11 @@ class DecoderLayer(nn.Module):
     self.mlp = Mlp(cfg, specs)
 
   def __call__(self, h_BxSxD: jax.Array, cache: KVCache | None, positions_BxS: jax.Array,
-               mask_BxSxT: jax.Array, kv_state=None, loop_onehot_BxR=None) -> tuple[jax.Array, KVCache | None]:
-    """kv_state: None, or (state [B, S, D], rows [B] bool): for those rows the K/V written to the cache are
-    computed from `state` (CALM-style propagation of an early-exited token's hidden state).
-    loop_onehot_BxR: each row's loop when rows sit at different depths (multi-LoRA, see lora.py)."""
+               mask_BxSxT: jax.Array, loop_onehot_BxR=None) -> tuple[jax.Array, KVCache | None]:
+    """loop_onehot_BxR: each row's loop when rows sit at different depths (multi-LoRA, see lora.py). The K/V an
+    early-exited token skips are filled outside the layer, by rrt_jax.model.propagation.propagate_kv."""
     sel = loop_onehot_BxR
-    attn_in = self.attn_norm(h_BxSxD, sel)
-    kv_in = None
-    if kv_state is not None:
-      state, rows = kv_state
-      kv_in = jnp.where(rows[:, None, None], self.attn_norm(state, sel), attn_in)
-    attn_out, new_cache = self.attn(attn_in, positions_BxS, mask_BxSxT, cache, kv_in, sel)
+    attn_out, new_cache = self.attn(self.attn_norm(h_BxSxD, sel), positions_BxS, mask_BxSxT, cache, sel)
     if self.cfg.parallel_residual:
       h = h_BxSxD + attn_out + self.mlp(self.mlp_norm(h_BxSxD, sel), sel)
     else:
@@ -133,8 +127,8 @@ def _maybe_remat(layer_cls: type[nn.Module], policy: str) -> type[nn.Module]:
   return nn.remat(layer_cls, policy=_CHECKPOINT_POLICIES[policy], prevent_cse=False)
 
 
-# (cache slice, positions, mask, kv_state, loop_onehot)
-_BROADCAST_ARGS = (0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast)
+# (cache slice, positions, mask, loop_onehot)
+_BROADCAST_ARGS = (0, nn.broadcast, nn.broadcast, nn.broadcast)
 
 
 def _scan(target, length: int, axis_name: str, params_scanned: bool, lora_axis: int = 0,
@@ -159,11 +153,10 @@ class CycleLoop(nn.Module):
   rec: RecursionConfig
 
   @nn.compact
-  def __call__(self, h_BxSxD, cache_K, positions_BxS, mask_BxSxT, kv_state=None, loop_onehot=None):
+  def __call__(self, h_BxSxD, cache_K, positions_BxS, mask_BxSxT, loop_onehot=None):
     layers = _scan(_maybe_remat(DecoderLayer, self.cfg.remat), self.rec.shared_layers(self.cfg.num_layers),
                    'layers', params_scanned=True, unroll=self.cfg.scan_unroll)
-    h, new_cache = layers(self.cfg, self.rec, name='layer')(h_BxSxD, cache_K, positions_BxS, mask_BxSxT, kv_state,
-                                                            loop_onehot)
+    h, new_cache = layers(self.cfg, self.rec, name='layer')(h_BxSxD, cache_K, positions_BxS, mask_BxSxT, loop_onehot)
     return h, (h, new_cache)  # Emit the loop's final hidden state: every loop is an exit.
 
 
@@ -174,11 +167,10 @@ class SequenceRepeat(nn.Module):
   rec: RecursionConfig
 
   @nn.compact
-  def __call__(self, h_BxSxD, cache_R, positions_BxS, mask_BxSxT, kv_state=None, loop_onehot=None):
+  def __call__(self, h_BxSxD, cache_R, positions_BxS, mask_BxSxT, loop_onehot=None):
     repeats = _scan(_maybe_remat(DecoderLayer, self.cfg.remat), self.rec.loops, 'loops', params_scanned=False,
                     unroll=self.cfg.scan_unroll)
-    return repeats(self.cfg, self.rec, name='layer')(h_BxSxD, cache_R, positions_BxS, mask_BxSxT, kv_state,
-                                                     loop_onehot)
+    return repeats(self.cfg, self.rec, name='layer')(h_BxSxD, cache_R, positions_BxS, mask_BxSxT, loop_onehot)
 
 
 class RecursiveStack(nn.Module):
@@ -194,16 +186,16 @@ class RecursiveStack(nn.Module):
   rec: RecursionConfig
 
   @nn.compact
-  def __call__(self, h_BxSxD, cache, positions_BxS, mask_BxSxT, kv_state=None, loop_onehot=None):
+  def __call__(self, h_BxSxD, cache, positions_BxS, mask_BxSxT, loop_onehot=None):
     cfg, rec = self.cfg, self.rec
     if rec.loops_are_exits:  # CYCLE, and MIDDLE_CYCLE's middle.
       loops = _scan(CycleLoop, rec.loops, 'loops', params_scanned=False, unroll=cfg.scan_unroll)
       _, (hidden_ExBxSxD, new_cache) = loops(cfg, rec, name='block')(h_BxSxD, cache, positions_BxS,
-                                                                     mask_BxSxT, kv_state, loop_onehot)
+                                                                     mask_BxSxT, loop_onehot)
       return hidden_ExBxSxD, new_cache
     groups = _scan(SequenceRepeat, rec.shared_layers(cfg.num_layers), 'layers', params_scanned=True, lora_axis=1,
                    in_axes=(1,) + _BROADCAST_ARGS[1:], out_axes=1, unroll=cfg.scan_unroll)
-    h, new_cache = groups(cfg, rec, name='block')(h_BxSxD, cache, positions_BxS, mask_BxSxT, kv_state, loop_onehot)
+    h, new_cache = groups(cfg, rec, name='block')(h_BxSxD, cache, positions_BxS, mask_BxSxT, loop_onehot)
     return h[None], new_cache
 
 
@@ -217,7 +209,7 @@ class UniqueStack(nn.Module):
   def __call__(self, h_BxSxD, cache_U, positions_BxS, mask_BxSxT):
     layers = _scan(_maybe_remat(DecoderLayer, self.cfg.remat), self.length, 'layers', params_scanned=True,
                    unroll=self.cfg.scan_unroll)
-    return layers(self.cfg, VANILLA, name='layer')(h_BxSxD, cache_U, positions_BxS, mask_BxSxT, None, None)
+    return layers(self.cfg, VANILLA, name='layer')(h_BxSxD, cache_U, positions_BxS, mask_BxSxT, None)
 
 
 # The coda over exits: one set of weights (broadcast), each exit with its own hidden states and cache slots.
@@ -322,13 +314,13 @@ class Decoder(nn.Module):
     coda = jax.tree.map(lambda full, new: full.at[exit_index].set(new[0]), cache[CODA], slot)
     return h[0], {**cache, CODA: coda}
 
-  def decode_stack(self, h_BxSxD: jax.Array, positions_BxS: jax.Array, cache: KVCache, kv_state=None,
+  def decode_stack(self, h_BxSxD: jax.Array, positions_BxS: jax.Array, cache: KVCache,
                    loop_onehot_BxR: jax.Array | None = None):
     """Runs the looped stack on already-embedded inputs against a cache (one loop when rec.loops == 1; no
     prelude or coda): the building block of loop-by-loop early-exit decoding and of depth-wise batching (rows
     at different loops: pass their one-hot and LoRA variables holding every loop, see lora.py)."""
     mask = cache_mask(positions_BxS, cache['k'].shape[3])
-    return self.stack(h_BxSxD, _middle_cache(cache), positions_BxS, mask, kv_state, loop_onehot_BxR)
+    return self.stack(h_BxSxD, _middle_cache(cache), positions_BxS, mask, loop_onehot_BxR)
 
   def logits(self, hidden_xD: jax.Array) -> jax.Array:
     """The shared exit head: final norm then LM head, fp32 logits. Any exit's hidden state can go in."""

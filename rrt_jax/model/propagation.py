@@ -2,9 +2,9 @@
 
 A token that exits after loop r never runs loops r+1..R-1, yet later tokens attend to its K/V there. CALM-style
 propagation fills those (loop, layer) cache entries from the token's exit state: each layer's attention norm and
-K/V projections (with that loop's LoRA) applied to the exit hidden state. Generation does this inside the
-remaining loops (`kv_state` of the decoder layer); the depth-wise batching engine, whose slots have left the
-block, calls `propagate_kv` directly.
+K/V projections (with that loop's LoRA) applied to the exit hidden state. Every decode path (rrt_jax.serve: the
+unrolled and vmapped steps of generation, the depth-wise batching engine) fills them with `propagate_kv`: the
+model itself has no second propagation mechanism.
 """
 
 from __future__ import annotations

@@ -34,8 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from rrt_jax.model import Decoder, init_cache, loop_variables, one_loop
+from rrt_jax.model import Decoder, init_cache, loop_variables, propagate_kv
 from rrt_jax.model.exits import ExitConfig, confidence, exits_at, first_exit, select_exit
+from rrt_jax.serve.loop_step import loop_step, write_token_kv
 from rrt_jax.serve.sharding import shard_variables, sharded_cache
 from rrt_jax.serve.vmapped_decode import vmapped_step
 from rrt_jax.utils.buckets import bucket
@@ -140,7 +141,6 @@ class Generator:
                        'full state.')
     check_sampling(sampling, model.cfg.vocab_size)  # The one check both generate() and the Engine go through.
     self.model, self.exit_cfg, self.sampling, self.decode = model, exit_cfg, sampling, decode
-    self.one_loop = one_loop(model)
     self.prefill = jax.jit(self._prefill)
     self.step = jax.jit(self._step, donate_argnums=(3,))
     self.counted_step = jax.jit(self._counted_step, donate_argnums=(3,))
@@ -186,7 +186,9 @@ class Generator:
     return sample(logits, self.sampling, rng), jnp.full(tokens_B.shape, self.model.rec.loops, jnp.int32), cache
 
   def _unrolled_step(self, variables, tokens_B, positions_B, cache, rng):
-    """One token per row at its own position: every loop for every row, each row's exit selected after."""
+    """One token per row at its own position: every loop for every row (`loop_step`), each row's exit selected
+    after. Under kv_fill='propagate' an exited row's K/V in each later loop are replaced by `propagate_kv` of its
+    exit state (what the vmapped step and the engine write)."""
     model, rec = self.model, self.model.rec
     propagate = self.exit_cfg.kv_fill == 'propagate'
     tokens, positions = tokens_B[:, None], positions_B[:, None]
@@ -197,23 +199,31 @@ class Generator:
     exit_h = jnp.zeros_like(h)  # The middle's state at each row's exit.
     logits_per_loop, conf_per_loop, new_k, new_v = [], [], [], []
     for b in range(rec.loops):
-      kv_state = (exit_h, exited) if propagate else None
-      loop_cache = {'k': cache['k'][b:b + 1], 'v': cache['v'][b:b + 1]}
-      hidden, loop_cache = self.one_loop.apply(loop_variables(variables, b), h, positions, loop_cache,
-                                               kv_state, method=Decoder.decode_stack)
-      h_next = hidden[-1]
-      coda_in = jnp.where(exited[:, None, None], exit_h, h_next) if propagate and rec.unique_layers else h_next
-      out, cache = model.apply(variables, coda_in, positions, cache, b, method=Decoder.decode_coda)
-      logits = model.apply(variables, out, method=Decoder.logits)[:, -1]
-      conf = confidence(self.exit_cfg.confidence, logits, out[:, -1], prev[:, -1])
-      newly = ~exited & exits_at(conf, self.exit_cfg.threshold)
-      exit_h = jnp.where(newly[:, None, None], h_next, exit_h)
+      loop_vars = loop_variables(variables, b)
+
+      def coda(h_next, b=b, cache=cache, exited=exited, exit_h=exit_h):
+        coda_in = jnp.where(exited[:, None, None], exit_h, h_next) if propagate else h_next
+        return model.apply(variables, coda_in, positions, cache, b, method=Decoder.decode_coda)
+
+      slots = {'k': cache['k'][b:b + 1], 'v': cache['v'][b:b + 1]}
+      step = loop_step(model, loop_vars, variables, h, prev, positions, slots, self.exit_cfg,
+                       coda=coda if rec.unique_layers else None)
+      slots = step.slots
+      if rec.unique_layers:
+        cache = step.coda_aux
+      if propagate and b > 0:  # Rows that exited before loop b: their K/V here come from their exit state.
+        fill = propagate_kv(model, loop_vars, exit_h, positions, (0,))  # Loop b's LoRA sits at index 0.
+        slots = jax.tree.map(
+            lambda kv, new, rows=exited: jnp.where(rows[None, None, :, None, None, None],
+                                                   write_token_kv(kv, new, positions_B), kv), slots, fill)
+      newly = ~exited & exits_at(step.conf, self.exit_cfg.threshold)
+      exit_h = jnp.where(newly[:, None, None], step.h, exit_h)
       exited |= newly
-      logits_per_loop.append(logits)
-      conf_per_loop.append(conf)
-      new_k.append(loop_cache['k'])
-      new_v.append(loop_cache['v'])
-      h, prev = h_next, out
+      logits_per_loop.append(step.logits)
+      conf_per_loop.append(step.conf)
+      new_k.append(slots['k'])
+      new_v.append(slots['v'])
+      h, prev = step.h, step.out
     token, exit_loop = self._choose(jnp.stack(logits_per_loop), jnp.stack(conf_per_loop), rng)
     return token, exit_loop, {**cache, 'k': jnp.concatenate(new_k), 'v': jnp.concatenate(new_v)}
 

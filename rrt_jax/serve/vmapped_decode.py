@@ -16,8 +16,9 @@ step), so only the slots read are gathered. The loop carries only the token's ow
 (every masked iteration would copy it); `vmapped_step` writes them into the cache for the whole batch at the end.
 
 kv_fill='propagate': a second while_loop, over the loops the token skipped only, fills their K/V from its exit
-state (`propagate_kv` with loop b's LoRA: K/V projections, no attention or MLP), as the unrolled step's kv_state
-does. kv_fill='full' (the oracle): every row runs to loop R, so nothing is saved.
+state (`propagate_kv` with loop b's LoRA: K/V projections, no attention or MLP), as the unrolled step does.
+kv_fill='full' (the oracle): every row runs to loop R, so nothing is saved. Each loop's body is
+rrt_jax.serve.loop_step.loop_step, the one every decode path runs.
 
 MIDDLE_CYCLE: the prelude runs once before the loops; after loop b the coda runs against exit b's coda slots
 (index b dynamic) and the head reads its output. Under 'propagate' the second while_loop also runs the coda
@@ -31,9 +32,10 @@ import jax
 import jax.numpy as jnp
 
 from rrt_jax.config import CODA, PRELUDE
-from rrt_jax.model import Decoder, dynamic_loop_variables, one_loop, propagate_kv
-from rrt_jax.model.attention import KVCache, write_cache
-from rrt_jax.model.exits import ExitConfig, confidence, exits_at
+from rrt_jax.model import Decoder, dynamic_loop_variables, propagate_kv
+from rrt_jax.model.attention import KVCache
+from rrt_jax.model.exits import ExitConfig, exits_at
+from rrt_jax.serve.loop_step import loop_step, write_token_kv
 
 _ROWS = 'rows'  # The vmapped batch axis.
 
@@ -92,18 +94,18 @@ def _prelude(model: Decoder, variables: dict, embed_1x1xD: jax.Array, positions_
 def _loops(model: Decoder, variables: dict, exit_cfg: ExitConfig, h_1x1xD: jax.Array, embed_1x1xD: jax.Array,
            positions_1x1: jax.Array, cache: KVCache, row: jax.Array, axis_name: str | None) -> dict:
   """The while_loop over loops for one token -> its final carry (see `init` below)."""
-  rec, block, position = model.rec, one_loop(model), positions_1x1[0, 0]
+  rec, position = model.rec, positions_1x1[0, 0]
   run_past_exit = exit_cfg.kv_fill == 'full'  # The oracle computes the skipped loops for real.
 
   def body(c: dict) -> dict:
     b = c['loop'] if axis_name is None else jax.lax.pmax(c['loop'], axis_name)  # The running rows' loop.
     slots = _row_slots({'k': cache['k'], 'v': cache['v']}, b, row)
-    hidden, slots = block.apply(dynamic_loop_variables(variables, b), c['h'], positions_1x1, slots,
-                                method=Decoder.decode_stack)
-    h_next = hidden[-1]
-    out, coda_kv = _coda(model, variables, h_next, positions_1x1, cache, row, b)
-    logits_V = model.apply(variables, out, method=Decoder.logits)[0, -1]
-    conf = confidence(exit_cfg.confidence, logits_V[None], out[:, -1], c['prev'][:, -1])[0]
+    coda = (lambda h_next: _coda(model, variables, h_next, positions_1x1, cache, row, b)) if rec.unique_layers \
+        else None
+    step = loop_step(model, dynamic_loop_variables(variables, b), variables, c['h'], c['prev'], positions_1x1,
+                     slots, exit_cfg, coda=coda)
+    h_next, out, slots, coda_kv = step.h, step.out, step.slots, step.coda_aux
+    logits_V, conf = step.logits[0], step.conf[0]
     newly = ~c['exited'] & (exits_at(conf, exit_cfg.threshold) | (b == rec.loops - 1))
     new = dict(loop=b + 1, h=h_next, prev=out, exited=c['exited'] | newly, count=c['count'] + 1,
                exit_loop=jnp.where(newly, b, c['exit_loop']), exit_h=jnp.where(newly, h_next, c['exit_h']),
@@ -128,7 +130,7 @@ def _loops(model: Decoder, variables: dict, exit_cfg: ExitConfig, h_1x1xD: jax.A
 def _propagated(model: Decoder, variables: dict, c: dict, positions_1x1: jax.Array, cache: KVCache,
                 row: jax.Array, axis_name: str | None) -> dict:
   """The carry with the K/V of every loop the token skipped filled from its exit state (under MIDDLE_CYCLE also
-  the skipped exits' coda K/V, the coda run on the exit state), as the unrolled step's kv_state fills them. A
+  the skipped exits' coda K/V, the coda run on the exit state), as the unrolled step fills them. A
   second while_loop over the skipped loops only: K/V projections (and U coda layers) per skipped loop, none
   when the token ran every loop. Under vmap it starts at the batch's earliest skipped loop, the index shared
   (unbatched, as in `_loops`), and a row keeps its real K/V up to its exit."""
@@ -172,11 +174,6 @@ def decode_token(model: Decoder, variables: dict, exit_cfg: ExitConfig, token: j
   return c['logits'], c['exit_loop'], jax.tree.map(lambda x: x[:, :, 0], new), c['count']
 
 
-def _write(cache_AxCxBxTxHxD: jax.Array, new_AxCxBx1xHxD: jax.Array, positions_B: jax.Array) -> jax.Array:
-  over_slots = jax.vmap(jax.vmap(write_cache, in_axes=(0, 0, None)), in_axes=(0, 0, None))
-  return over_slots(cache_AxCxBxTxHxD, new_AxCxBx1xHxD, positions_B)
-
-
 def vmapped_step(model: Decoder, variables: dict, exit_cfg: ExitConfig, tokens_B: jax.Array,
                  positions_B: jax.Array, cache: KVCache) -> tuple[jax.Array, jax.Array, KVCache, jax.Array]:
   """`decode_token` vmapped over the batch -> (exit logits [B, V], 0-based exit loops [B], the cache with every
@@ -186,7 +183,7 @@ def vmapped_step(model: Decoder, variables: dict, exit_cfg: ExitConfig, tokens_B
   rows_B = jnp.arange(tokens_B.shape[0], dtype=jnp.int32)
   logits_BxV, exit_B, new, loops_B = jax.vmap(row, out_axes=(0, 0, 2, 0), axis_name=_ROWS)(tokens_B, positions_B,
                                                                                           rows_B)
-  return logits_BxV, exit_B, jax.tree.map(lambda c, n: _write(c, n, positions_B), cache, new), loops_B
+  return logits_BxV, exit_B, jax.tree.map(lambda c, n: write_token_kv(c, n, positions_B), cache, new), loops_B
 
 
 __all__ = ['decode_token', 'vmapped_step']

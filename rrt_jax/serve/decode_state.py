@@ -1,0 +1,153 @@
+"""The device side of the depth-wise batching engine: every slot's state in one pytree, and the three jitted
+functions that change it. The host scheduler (rrt_jax.serve.scheduler) only decides which request goes in which
+slot and which slots run; it reads back tokens and exits, nothing else.
+
+  state = slots.init_state()                                            # N empty slots
+  token, exit_loop, row = slots.prefill(variables, tokens_1xS, length_1, key)   # a request's cache row
+  state = slots.insert(state, slot, row, token, length, seed)           # ...into slot `slot`
+  token_N, exit_loop_N, exits_N, state = slots.step(variables, step_variables, state, running_N, base_key)
+
+`step` is one pass of the shared block over all N slots, each at its own loop (`loop_step` with multi-LoRA rows),
+then the exit head; a running slot whose token exits (confidence >= threshold, or the last loop) advances to its
+next token at loop 0, the others to their next loop. Exited tokens' skipped (loop, layer) K/V are filled by
+`propagate_kv` from the exit state. Cache layout: [R, K, N slots, T, kv_heads, head_dim]; a step gathers each
+slot's [K, T] slice at its own loop and scatters only the new entries back.
+
+Sharded (`mesh`): the cache and the hidden states over the mesh (rrt_jax.serve.sharding), the small per-slot
+integers replicated (the host reads them); the jitted functions return the state in the shardings they take it
+in, so the donated state is updated in place and nothing moves between steps.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax.sharding import Mesh
+
+from rrt_jax.model import Decoder, init_cache, multi_lora_variables, propagate_kv
+from rrt_jax.model.attention import KVCache
+from rrt_jax.model.exits import ExitConfig, exits_at
+from rrt_jax.serve.generate import Generator, SamplingConfig, sample, token_keys
+from rrt_jax.serve.loop_step import loop_step
+from rrt_jax.serve.sharding import cache_shardings, rows_sharding, shard_variables, sharded_cache
+from rrt_jax.sharding import replicated
+
+
+@struct.dataclass
+class DecodeState:
+  """Every slot of the engine, on device (N slots)."""
+
+  cache: KVCache  # {'k', 'v'} of [R, K, N, T, kv_heads, head_dim].
+  h: jax.Array  # [N, 1, D] each slot's hidden state between loops.
+  tokens: jax.Array  # [N] int32: the last token each slot emitted (the input of its next token's loop 0).
+  loops: jax.Array  # [N] int32: the 0-based loop each slot runs next.
+  positions: jax.Array  # [N] int32: the cache position of `tokens`.
+  seeds: jax.Array  # [N] int32: each slot's request's sampling seed (token_keys).
+  emitted: jax.Array  # [N] int32: tokens each slot's request has emitted (the index of its next token's key).
+
+
+class SlotDecoder:
+  """The jitted prefill / insert / step of one model and configuration over `slots` slots of `max_len`."""
+
+  def __init__(self, model: Decoder, variables: dict, slots: int, max_len: int, exit_cfg: ExitConfig,
+               sampling: SamplingConfig, mesh: Mesh | None = None):
+    self.model, self.slots, self.max_len, self.exit_cfg, self.sampling, self.mesh = (
+        model, slots, max_len, exit_cfg, sampling, mesh)
+    self.generator = Generator(model, exit_cfg, sampling)  # Its prefill is the request's prefill.
+    self.variables = variables if mesh is None else shard_variables(model, variables, mesh)
+    self.step_variables = multi_lora_variables(self.variables)  # Every slot selects its own loop's LoRA.
+    self.relaxed = len(self.step_variables) > 1
+    pinned = {}
+    if mesh is not None:  # Outputs pinned to the inputs' shardings: the donated state aliases, no per-step moves.
+      host, state = replicated(mesh), self.state_shardings()  # host: what the scheduler reads.
+      pinned = {'prefill': {'out_shardings': (host, host, None)}, 'insert': {'out_shardings': state},
+                'step': {'out_shardings': (host, host, host, state)}}
+    self.prefill = jax.jit(self._prefill, **pinned.get('prefill', {}))
+    self.insert = jax.jit(self._insert, donate_argnums=(0,), **pinned.get('insert', {}))
+    self.step = jax.jit(self._step, donate_argnums=(2,), **pinned.get('step', {}))
+
+  def state_shardings(self) -> DecodeState:
+    mesh, n = self.mesh, self.slots
+    small = replicated(mesh)
+    return DecodeState(cache_shardings(self.model, mesh, n), rows_sharding(mesh, (n, 1, self.model.cfg.d_model)),
+                       small, small, small, small, small)
+
+  def init_state(self) -> DecodeState:
+    """N empty slots: a zero cache [R, K, N, T, ...] and zero states, in the step's shardings."""
+    cfg, n = self.model.cfg, self.slots
+    h = jnp.zeros((n, 1, cfg.d_model), jnp.dtype(cfg.dtype))
+    ints = [jnp.zeros(n, jnp.int32) for _ in range(5)]  # Five buffers: the step donates each.
+    if self.mesh is None:
+      return DecodeState(init_cache(cfg, self.model.rec, n, self.max_len), h, *ints)
+    state = DecodeState(sharded_cache(self.model, self.mesh, n, self.max_len), h, *ints)
+    return jax.device_put(state, self.state_shardings())
+
+  # ---- Device functions (jitted in __init__) ----------------------------------------------------------------
+
+  def _prefill(self, variables, tokens_1xS, length_1, key):
+    """One request's prompt through every loop into a fresh cache row [R, K, 1, T, ...] -> (its first token,
+    1-based exit loop, the row). A fresh row, not a slice of the slots' cache: its old entries are never read,
+    and slicing slots split over the mesh would gather the whole cache onto every device."""
+    row = init_cache(self.model.cfg, self.model.rec, 1, self.max_len)
+    token, exit_loop, row = self.generator.prefill(variables, tokens_1xS, length_1, row, key)
+    return token[0], exit_loop[0], row
+
+  def _insert(self, state: DecodeState, slot, row: KVCache, token, length, seed) -> DecodeState:
+    """`state` with a prefilled request in slot `slot`: its cache row, its first token at position `length`,
+    loop 0, its seed, one token emitted."""
+    cache = jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r.astype(c.dtype), slot, axis=2),
+                         state.cache, row)
+    put = lambda x, value: x.at[slot].set(jnp.asarray(value, x.dtype))  # noqa: E731
+    return state.replace(cache=cache, tokens=put(state.tokens, token), loops=put(state.loops, 0),
+                         positions=put(state.positions, length), seeds=put(state.seeds, seed),
+                         emitted=put(state.emitted, 1))
+
+  def _step(self, variables, step_variables, state: DecodeState, running_N, base_key):
+    """One pass of the shared block over all N slots, each at its own loop -> (sampled token [N], 1-based loop
+    it ran [N], exits [N], the advanced state). Slots not `running` compute but write nothing and keep their
+    place. Slot s samples with its request's key for its next token (token_keys)."""
+    model, loops, exit_cfg = self.model, self.model.rec.loops, self.exit_cfg
+    loops_N, positions_N = state.loops, state.positions
+    max_len = state.cache['k'].shape[3]
+    slot_ids = jnp.arange(loops_N.shape[0])
+    head_vars = {'params': variables['params']}
+    embedded = model.apply(head_vars, state.tokens[:, None], method=Decoder.embed)
+    h_in = jnp.where((loops_N == 0)[:, None, None], embedded, state.h)
+    # Each slot's cache at its own loop: [N, K, T, ...] -> [1 loop, K, N, T, ...].
+    gathered = jax.tree.map(lambda c: jnp.moveaxis(c[loops_N, :, slot_ids], 0, 1)[None], state.cache)
+    onehot = jax.nn.one_hot(loops_N, loops, dtype=jnp.float32) if self.relaxed else None
+    out = loop_step(model, step_variables, head_vars, h_in, h_in, positions_N[:, None], gathered, exit_cfg, onehot)
+    exits = (loops_N == loops - 1) | exits_at(out.conf, exit_cfg.threshold)
+    token = sample(out.logits, self.sampling, token_keys(base_key, state.seeds, state.emitted))
+    # Scatter the new K/V: mode='drop' with an out-of-range position skips slots that must not write.
+    write_pos = jnp.where(running_N, positions_N, max_len)
+    cache = jax.tree.map(
+        lambda c, g: c.at[loops_N, :, slot_ids, write_pos].set(jnp.swapaxes(g[0][:, slot_ids, positions_N], 0, 1),
+                                                               mode='drop'), state.cache, out.slots)
+    if loops > 1 and exit_cfg.early:
+      fill = running_N & exits & (loops_N < loops - 1)
+      cache = jax.lax.cond(jnp.any(fill), self._fill_skipped_kv, lambda _, c, *__: c, variables, cache, out.h,
+                           loops_N, positions_N, fill)
+    done = running_N & exits  # These slots emit `token` and start their next one.
+    state = state.replace(
+        cache=cache, h=out.h, tokens=jnp.where(done, token, state.tokens),
+        loops=jnp.where(running_N, jnp.where(exits, 0, loops_N + 1), loops_N),
+        positions=jnp.where(done, positions_N + 1, positions_N), emitted=jnp.where(done, state.emitted + 1,
+                                                                                   state.emitted))
+    return token, loops_N + 1, exits, state
+
+  def _fill_skipped_kv(self, variables, cache, h_Nx1xD, loops_N, positions_N, fill_N):
+    """Writes K/V propagated from each exiting slot's exit state into every (loop, layer) after its exit loop."""
+    loops, max_len = self.model.rec.loops, cache['k'].shape[3]
+    later = range(1, loops)  # Loop 0 is never skipped.
+    new = propagate_kv(self.model, variables, h_Nx1xD, positions_N[:, None], later)  # [R-1, K, N, 1, ...]
+    later_R = jnp.arange(1, loops)[:, None]  # [R-1, 1]
+    write_pos = jnp.where(fill_N[None] & (later_R > loops_N[None]), positions_N[None], max_len)  # [R-1, N]
+    slot_ids = jnp.arange(loops_N.shape[0])[None]
+    put = lambda c, x: c.at[later_R, :, slot_ids, write_pos].set(jnp.swapaxes(x[:, :, :, 0], 1, 2),  # noqa: E731
+                                                                 mode='drop')
+    return {'k': put(cache['k'], new['k']), 'v': put(cache['v'], new['v'])}
+
+
+__all__ = ['DecodeState', 'SlotDecoder']

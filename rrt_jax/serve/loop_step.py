@@ -1,0 +1,59 @@
+"""One loop of a decode step: the shared block at one depth for a batch of rows, then the exit head and the exit
+confidence. Every decode path runs this body: the Generator's unrolled step (a Python loop over depths), the
+vmapped per-sequence while_loop (rrt_jax.serve.vmapped_decode) and the depth-wise batching engine (rows at
+different loops, each selecting its own LoRA by a one-hot). The K/V an exited token skips are filled by
+`rrt_jax.model.propagate_kv`, the only propagation mechanism; `write_token_kv` writes them (or any token's K/V)
+into cache slots.
+
+Shapes: B rows, S new tokens per row (1 when decoding), D width, V vocabulary, R loops, A / C the two leading
+slot axes of a cache leaf ([loops, layers] of the block), T cache length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+
+from rrt_jax.model import Decoder, one_loop
+from rrt_jax.model.attention import KVCache, write_cache
+from rrt_jax.model.exits import ExitConfig, confidence
+
+
+class LoopOut(NamedTuple):
+  h: jax.Array  # [B, S, D] the block's output: the next loop's input.
+  out: jax.Array  # [B, S, D] the exit hidden state the head read (the coda's output under MIDDLE_CYCLE, else h).
+  logits: jax.Array  # [B, V] the exit head at each row's last token, fp32.
+  conf: jax.Array  # [B] the exit confidence (ExitConfig.confidence) of those logits.
+  slots: KVCache  # The block's cache slots with this step's K/V written.
+  coda_aux: Any  # What `coda` returned beside its output (None without one).
+
+
+def loop_step(model: Decoder, block_variables: dict, head_variables: dict, h_BxSxD: jax.Array,
+              prev_BxSxD: jax.Array, positions_BxS: jax.Array, slots: KVCache, exit_cfg: ExitConfig,
+              loop_onehot_BxR: jax.Array | None = None,
+              coda: Callable[[jax.Array], tuple[jax.Array, Any]] | None = None) -> LoopOut:
+  """One pass of `model`'s shared block on h against `slots` ({'k', 'v'} of [1, K, B, T, ...]), the exit head on
+  its output and the confidence against `prev` (the previous exit's state, for saturation).
+
+  block_variables: one loop's variables (`loop_variables`, `dynamic_loop_variables`) or every loop's
+  (`multi_lora_variables`, with `loop_onehot_BxR` selecting each row's). head_variables: the model's variables
+  (only 'params' is read). coda: MIDDLE_CYCLE's coda on the block's output -> (exit state, anything to return).
+  """
+  hidden, slots = one_loop(model).apply(block_variables, h_BxSxD, positions_BxS, slots, loop_onehot_BxR,
+                                        method=Decoder.decode_stack)
+  h_next = hidden[-1]
+  out, aux = (h_next, None) if coda is None else coda(h_next)
+  logits_BxV = model.apply(head_variables, out, method=Decoder.logits)[:, -1]
+  conf_B = confidence(exit_cfg.confidence, logits_BxV, out[:, -1], prev_BxSxD[:, -1])
+  return LoopOut(h_next, out, logits_BxV, conf_B, slots, aux)
+
+
+def write_token_kv(cache_AxCxBxTxHxD: jax.Array, new_AxCxBx1xHxD: jax.Array, positions_B: jax.Array) -> jax.Array:
+  """The cache leaf with each row's one new token written at its position, in every (A, C) slot."""
+  over_slots = jax.vmap(jax.vmap(write_cache, in_axes=(0, 0, None)), in_axes=(0, 0, None))
+  return over_slots(cache_AxCxBxTxHxD, new_AxCxBx1xHxD, positions_B)
+
+
+__all__ = ['LoopOut', 'loop_step', 'write_token_kv']
