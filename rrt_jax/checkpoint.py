@@ -22,6 +22,7 @@ import logging
 import os
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -40,8 +41,10 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = 'model_config.json'
 VARIABLES_DIR = 'variables'
-CHECKPOINTS_DIR = 'checkpoints'  # Of a training workdir: <workdir>/checkpoints/<step>/{state, data}.
+CHECKPOINTS_DIR = 'checkpoints'  # Of a training workdir: <workdir>/checkpoints/<step>/{state, data, checksums}.
 STATE = 'state'
+CHECKSUMS = 'checksums'  # Per-array checksums of the state, written with it (absent in older checkpoints).
+CHECKSUMS_FILE = 'metadata'  # The JSON file Orbax's JsonSave writes in the item's directory.
 SOURCES = ('smollm2',)  # Packaged models load_pretrained reads by name.
 _SECTIONS = ('model', 'recursion', 'tokenizer')  # model_config.json's entries; tokenizer is optional.
 
@@ -111,6 +114,15 @@ def read_configs(directory: str | os.PathLike, missing: str) -> tuple[ModelConfi
   return configs_from_json(data, where)
 
 
+def read_tokenizer_record(directory: str | os.PathLike) -> dict | None:
+  """The `tokenizer` entry of `directory`'s model_config.json, or None (none recorded, or no file)."""
+  if not (as_path(directory) / CONFIG_FILE).exists():
+    return None
+  data, _ = _read_json(directory, 'holds no rrt_jax checkpoint')
+  record = data.get('tokenizer') if isinstance(data, dict) else None
+  return record if isinstance(record, dict) else None
+
+
 def read_tokenizer(directory: str | os.PathLike, required: bool = False) -> Tokenizer | None:
   """The tokenizer recorded in `directory`'s model_config.json (a checkpoint or a training workdir). Checkpoints
   written before tokenizers were recorded have none: None, or with `required` an error naming the fix."""
@@ -174,6 +186,74 @@ def restorable_steps(ckpt_dir: epath.Path) -> list[int]:
   return sorted(ocp.utils.checkpoint_steps(ckpt_dir))
 
 
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+  """A uint32 checksum of an array's bits: each element's bits (as uint32) times an odd multiplier of its index,
+  summed mod 2**32, so a flipped bit or two swapped elements change it."""
+  bits = x.reshape(-1)
+  if jnp.issubdtype(bits.dtype, jnp.floating) or jnp.issubdtype(bits.dtype, jnp.integer):
+    width = bits.dtype.itemsize * 8
+    if jnp.issubdtype(bits.dtype, jnp.floating):
+      bits = jax.lax.bitcast_convert_type(bits, jnp.dtype(f'uint{width}'))
+    if width == 64:
+      bits = (bits ^ (bits >> 32)).astype(jnp.uint32)
+    bits = bits.astype(jnp.uint32)
+  else:  # bool and the like.
+    bits = bits.astype(jnp.uint32)
+  weights = jnp.arange(bits.shape[0], dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
+  return jnp.sum(bits * weights, dtype=jnp.uint32)
+
+
+def _flat(tree) -> dict[str, jax.Array]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(path): leaf for path, leaf in leaves if hasattr(leaf, 'dtype')
+          and not jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)}
+
+
+@jax.jit
+def _checksums_and_finite(arrays: dict) -> tuple[dict, dict]:
+  sums = {k: _leaf_checksum(v) for k, v in arrays.items()}
+  finite = {k: jnp.all(jnp.isfinite(v)) for k, v in arrays.items() if jnp.issubdtype(v.dtype, jnp.inexact)}
+  return sums, finite
+
+
+def array_checksums(tree) -> dict[str, str]:
+  """{leaf path: 8-hex-digit checksum} of every array leaf of `tree` (keys as jax.tree_util.keystr)."""
+  sums, _ = _checksums_and_finite(_flat(tree))
+  return {k: f'{int(v):08x}' for k, v in sums.items()}
+
+
+def damage(tree, stored: dict[str, str] | None, prefix: str = '') -> str | None:
+  """Why the restored `tree` is not what was saved, or None: a non-finite value (saves never hold one: the NaN
+  guard stops first) or a checksum other than the one stored at save time (`stored`, keyed by leaf path under
+  `prefix`; None for checkpoints written before checksums, which are checked for finiteness only)."""
+  sums, finite = _checksums_and_finite(_flat(tree))
+  bad = sorted(k for k, ok in finite.items() if not bool(ok))
+  if bad:
+    more = ', ...' if len(bad) > 3 else ''
+    return f'{len(bad)} of {len(sums)} arrays hold non-finite values ({", ".join(bad[:3])}{more})'
+  if stored is None:
+    return None
+  changed = sorted(k for k, v in sums.items() if prefix + k in stored and stored[prefix + k] != f'{int(v):08x}')
+  missing = [k for k in sums if prefix + k not in stored]
+  if changed:
+    return f'{len(changed)} arrays differ from their saved checksums ({", ".join(changed[:3])})'
+  if missing:
+    return f'{len(missing)} arrays have no saved checksum ({", ".join(missing[:3])})'
+  return None
+
+
+def read_checksums(step_dir: epath.Path) -> dict[str, str] | None:
+  """The checksums saved with a training step, or None for a checkpoint written before them."""
+  path = step_dir / CHECKSUMS / CHECKSUMS_FILE
+  if not path.exists():
+    return None
+  try:
+    data = json.loads(path.read_text())
+  except (OSError, ValueError, UnicodeDecodeError):
+    return {}  # Unreadable checksums: every array then counts as missing one (damage).
+  return data if isinstance(data, dict) else {}
+
+
 def restore_state_variables(state_dir: epath.Path, target: dict) -> dict:
   """The 'variables' of a saved TrainState, restored onto `target`'s shardings (a partial restore: the optimizer
   state and step stay on disk)."""
@@ -208,16 +288,25 @@ def load_training_checkpoint(workdir: str | os.PathLike, step: int | None = None
   candidates = [step] if step is not None else steps[::-1]
   errors = []
   for candidate in candidates:
+    step_dir = ckpt_dir / str(candidate)
     try:
-      variables = restore_state_variables(ckpt_dir / str(candidate) / STATE, target)
+      variables = restore_state_variables(step_dir / STATE, target)
+      why = damage(variables, read_checksums(step_dir), prefix="['variables']")
+      if why is not None:
+        raise CheckpointError(f'the restored arrays are damaged: {why}')
     except Exception as e:  # noqa: BLE001  (Orbax/TensorStore raise many types for damaged files)
       errors.append(f'step {candidate}: {type(e).__name__}: {" ".join(str(e).split())[:300]}')
       log.error('checkpoint %s/%d could not be read (%s); trying the previous one', ckpt_dir, candidate, errors[-1])
       continue
     check_variables(variables, cfg, rec, f'checkpoint {ckpt_dir}/{candidate}')
+    if candidate != candidates[0]:
+      log.warning('loaded step %d of %s: the newer steps could not be read (%s)', candidate, ckpt_dir,
+                  '; '.join(errors))
     return Decoder(cfg, rec), variables, candidate
-  raise CheckpointError(f'no checkpoint in {ckpt_dir} can be read ({"; ".join(errors)}): the files are damaged or '
-                        f'were written for another config than {CONFIG_FILE} describes.')
+  which = f'the checkpoint of step {step}' if step is not None else f'no checkpoint in {ckpt_dir}'
+  raise CheckpointError(f'{which} can be read ({"; ".join(errors)}): the files are damaged or were written for '
+                        f'another config than {CONFIG_FILE} describes.' + (
+                            f' Other steps there: {[s for s in steps if s != step]}.' if step is not None else ''))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -277,3 +277,11 @@ def test_the_cli_runs_lm_eval_tasks_through_simple_evaluate(workdir, tmp_path):
   assert any(line.split()[:3] == ['rrt_toy_mc', '3', 'acc'] for line in lines)
   assert set(rows) == {'rrt_toy_mc'}
   assert all(0 <= m['acc'] <= 1 for m in rows['rrt_toy_mc']['per_exit'].values())
+
+
+def test_importing_the_adapter_keeps_lm_evals_own_models():
+  code = ('import rrt_jax.eval.lm_eval\nfrom lm_eval.api.registry import get_model\n'
+          "print(get_model('hf').__name__, get_model('rrt_jax').__name__)")
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300, check=False)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == ['HFLM', 'RRTLM']

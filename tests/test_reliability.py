@@ -85,6 +85,56 @@ def test_no_readable_checkpoint_is_an_error_not_a_silent_restart(tmp_path):
     load_training_checkpoint(tmp_path)
 
 
+def tamper(state_dir, change):
+  """Rewrites a saved TrainState with `change` applied to its first LoRA-free float array: valid files holding
+  other values, as bit flips on disk leave them (Orbax reads them back without complaint)."""
+  import shutil
+
+  import orbax.checkpoint as ocp
+  with ocp.StandardCheckpointer() as ckptr:
+    tree = ckptr.restore(state_dir)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  index = next(i for i, (path, x) in enumerate(leaves)
+               if 'variables' in jax.tree_util.keystr(path) and np.asarray(x).dtype == np.float32)
+  arrays = [x for _, x in leaves]
+  arrays[index] = change(np.array(arrays[index]))
+  tmp = state_dir.parent / 'state.tampered'
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp, jax.tree_util.tree_unflatten(treedef, arrays))
+    ckptr.wait_until_finished()
+  shutil.rmtree(state_dir)
+  tmp.rename(state_dir)
+
+
+def flip_a_bit(x):
+  bits = x.view(np.uint32).copy()
+  bits.flat[0] ^= np.uint32(1 << 12)  # A low mantissa bit: still finite, barely different.
+  return bits.view(np.float32)
+
+
+def make_nan(x):
+  x.flat[:3] = np.nan
+  return x
+
+
+@pytest.mark.parametrize('change', [flip_a_bit, make_nan])
+def test_bit_flips_in_checkpoint_data_are_detected_and_the_previous_step_used(tmp_path, caplog, change):
+  c = tiny(**{'train.steps': 4, 'log_every': 1, 'checkpoint.every_steps': 2, 'checkpoint.keep': 5})
+  full = run(c, tmp_path / 'full')
+  run(c, tmp_path / 'run')
+  tamper(tmp_path / 'run' / 'checkpoints' / '4' / 'state', change)
+  with caplog.at_level('WARNING'):  # Readers (generate, export, eval, the notebook) fall back, saying so.
+    assert load_training_checkpoint(tmp_path / 'run')[2] == 2
+  assert 'damaged' in caplog.text and 'loaded step 2' in caplog.text
+  with pytest.raises(CheckpointError, match=r'the checkpoint of step 4 can be read.*damaged.*Other steps there: \[2\]'):
+    load_training_checkpoint(tmp_path / 'run', 4)  # Asked for by name: an error, never the damaged values.
+  resumed = run(c, tmp_path / 'run')  # Training resumes from the intact step 2 and retrains step 4.
+  assert [h['step'] for h in resumed] == [3, 4]
+  assert [h['loss'] for h in resumed] == [h['loss'] for h in full[2:]]
+  assert (tmp_path / 'run' / 'checkpoints.unreadable' / '4').is_dir()
+  assert load_training_checkpoint(tmp_path / 'run')[2] == 4
+
+
 @pytest.mark.parametrize('every_steps', [1, 0])
 def test_a_non_finite_loss_between_log_steps_is_never_checkpointed(tmp_path, every_steps):
   c = tiny(**{'train.lr': 1e30, 'train.warmup_steps': 0, 'train.clip_norm': 0.0, 'log_every': 100,

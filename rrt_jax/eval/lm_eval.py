@@ -54,6 +54,9 @@ DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's default for generate_until.
 
 try:  # Optional: rrt_jax itself never needs lm-eval.
+  # lm-eval registers its own models (hf, vllm, ...) only while its registry is empty: fill it first, so that
+  # registering ours does not hide them in this process.
+  import lm_eval.models  # noqa: F401
   from lm_eval.api.model import LM as _LMBase  # noqa: N811
   from lm_eval.api.registry import register_model as _register_model
   from lm_eval.utils import get_rolling_token_windows, make_disjoint_window

@@ -163,7 +163,8 @@ class Attention(nn.Module):
     return apply_rotary(k, positions_BxS, cfg.rope_theta, cfg.rotary_dim, cfg.rope_scaling), v
 
   def __call__(self, x_BxSxD: jax.Array, positions_BxS: jax.Array, mask_BxSxT: jax.Array,
-               cache: KVCache | None = None, loop_onehot_BxR: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+               cache: KVCache | None = None,
+               loop_onehot_BxR: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
     """mask: `self_mask`'s SelfMask without a cache (the decoder's), or a [B, S, T] array (cache slots, or a plain
     `causal_mask`), which always runs the einsum.
     loop_onehot: each row's loop, for multi-LoRA (see lora.py)."""

@@ -215,6 +215,29 @@ def tokenizer_record(tokenizer, directory: str | os.PathLike) -> dict:
   return {'spec': FILE_PREFIX + TOKENIZER_FILE, **record, 'from': tokenizer.spec or None}
 
 
+def differs_from_record(tokenizer, record: dict, directory: str | os.PathLike) -> str | None:
+  """How `tokenizer` differs from the one a model_config.json `tokenizer` entry in `directory` records, or None
+  when it is the same: the same name, or for a recorded tokenizer.json the same file; and the same EOS and
+  vocabulary. Two tokenizers of one vocabulary size (bytes and synthetic:259) are different tokenizers."""
+  if isinstance(tokenizer, str):
+    tokenizer = make_tokenizer(tokenizer)
+  spec, recorded = spec_of(tokenizer), record.get('spec')
+  if isinstance(recorded, str) and recorded.startswith(FILE_PREFIX):
+    path = as_path(directory) / recorded[len(FILE_PREFIX):]
+    inner = getattr(tokenizer, 'tokenizer', None)
+    if not isinstance(tokenizer, BPETokenizer) or not hasattr(inner, 'to_str'):
+      return f'the workdir records a tokenizer.json ({record.get("from") or recorded}); this run uses {spec}'
+    if path.exists() and path.read_text() != inner.to_str():
+      return f'the workdir records another tokenizer.json ({record.get("from") or recorded}) than {spec}'
+  elif recorded != spec:
+    return f'the workdir records tokenizer {recorded!r}; this run uses {spec!r}'
+  got = {'eos_id': int(tokenizer.eos_id), 'vocab_size': int(tokenizer.get_vocab_size())}
+  want = {k: record.get(k) for k in got}
+  if any(want[k] is not None and want[k] != got[k] for k in got):
+    return f'the workdir records a tokenizer with {want}; this run\'s has {got}'
+  return None
+
+
 def tokenizer_from_record(record: dict, directory: str | os.PathLike) -> Tokenizer:
   """The tokenizer a model_config.json `tokenizer` entry records ('file:' paths are relative to `directory`)."""
   where = as_path(directory)

@@ -21,11 +21,13 @@ import orbax.checkpoint as ocp
 from rrt_jax import checkpoint
 from rrt_jax.checkpoint import (
     CHECKPOINTS_DIR,
+    CHECKSUMS,
     STATE,
     CheckpointError,
     checkpoints_dir,
 )
 from rrt_jax.config import ModelConfig, RecursionConfig
+from rrt_jax.pretrained.tokenizer import differs_from_record
 from rrt_jax.utils.uri import as_path
 
 log = logging.getLogger(__name__)
@@ -50,12 +52,13 @@ class TrainCheckpoints:
     self.every_steps = every_steps
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                            create=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA))
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA, CHECKSUMS))
     self._saving: int | None = None  # The step of the save in flight, for error messages.
 
-  def check_configs(self, cfg: ModelConfig, rec: RecursionConfig) -> None:
+  def check_configs(self, cfg: ModelConfig, rec: RecursionConfig, tokenizer=None) -> None:
     """Refuses a workdir whose checkpoints were trained with another model or recursion config (restoring them
-    would fail, or silently mix two runs when the shapes agree, e.g. cycle vs sequence)."""
+    would fail, or silently mix two runs when the shapes agree, e.g. cycle vs sequence), or with another
+    tokenizer (one of the same vocabulary size would mix two runs' token ids silently)."""
     if not (self.workdir / checkpoint.CONFIG_FILE).exists() or self.latest_step() is None:
       return
     old = checkpoint.configs_to_json(*checkpoint.read_configs(self.workdir, 'holds no training run'))
@@ -63,6 +66,10 @@ class TrainCheckpoints:
     changed = [f'{section}.{k}: {v!r} in the workdir, {new[section].get(k)!r} now'
                for section in ('model', 'recursion') for k, v in old[section].items()
                if k not in RESUMABLE_CHANGES and new[section].get(k) != v]
+    record = checkpoint.read_tokenizer_record(self.workdir)
+    if tokenizer is not None and record is not None:
+      if (why := differs_from_record(tokenizer, record, self.workdir)) is not None:
+        changed.append(f'data.tokenizer: {why}')
     if changed:
       raise ValueError(f'{self.workdir} holds checkpoints (up to step {self.latest_step()}) of another model: '
                        + '; '.join(changed) + '. Train into a new --workdir, or rerun with the workdir\'s config.')
@@ -80,8 +87,10 @@ class TrainCheckpoints:
       return False
     self.wait()  # Orbax waits for the previous save anyway; a failure of it is reported as its own step's.
     # grain's handler writes one state file per process, so every host resumes its own shard.
+    # Per-array checksums go with the state: a restore that reads other bits (a flipped bit on disk) is refused.
     args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
-                                 DATA: grain.checkpoint.CheckpointSave(data_iterator)})
+                                 DATA: grain.checkpoint.CheckpointSave(data_iterator),
+                                 CHECKSUMS: ocp.args.JsonSave(checkpoint.array_checksums(state))})
     try:
       saved = self.manager.save(step, args=args, force=force)
     except Exception as e:  # noqa: BLE001  (Orbax and TensorStore raise many types)
@@ -117,6 +126,9 @@ class TrainCheckpoints:
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(**{
             STATE: ocp.args.StandardRestore(abstract_state), DATA: grain.checkpoint.CheckpointRestore(data_iterator)}))
+        why = checkpoint.damage(restored[STATE], checkpoint.read_checksums(self.directory / str(step)))
+        if why is not None:
+          raise CheckpointError(f'the restored arrays are damaged: {why}')
       except Exception as e:  # noqa: BLE001  (Orbax raises several types for missing or corrupt files)
         reason = ' '.join(str(e).split())[:300]
         log.error('checkpoint at step %d could not be restored (%s: %s); trying the previous one', step,
@@ -125,6 +137,8 @@ class TrainCheckpoints:
         continue
       if failures:
         self._move_aside([s for s, _ in failures])
+        log.warning('resuming from step %d: the newer steps %s could not be restored and were moved to %s.unreadable/',
+                    step, [s for s, _ in failures], self.directory)
       return step, restored[STATE]
     if failures:
       raise CheckpointError(

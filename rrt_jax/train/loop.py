@@ -104,7 +104,6 @@ def workdir_lock(workdir: str):
 def _train(c: ml_collections.ConfigDict, workdir: str, source, tokenizer, stop_after: int | None,
            student_variables: dict | None) -> list[dict]:
   from rrt_jax.data.pipeline import CheckpointableIterator
-  write_config(c, workdir)
   if tokenizer is None:
     tokenizer, _ = tokenizer_for_model(c.data.tokenizer, c.model.source, c.model.path)
   if source is None:
@@ -120,7 +119,8 @@ def _train(c: ml_collections.ConfigDict, workdir: str, source, tokenizer, stop_a
 
   use_teacher = c.loss.kd_weight > 0
   ckpts = TrainCheckpoints(workdir, **c.checkpoint)
-  ckpts.check_configs(cfg, rec)  # Before the conversion recipe: a config/workdir mismatch fails in seconds.
+  ckpts.check_configs(cfg, rec, tokenizer)  # Before the conversion recipe: a mismatch fails in seconds...
+  write_config(c, workdir)  # ...and leaves the workdir's config.json as it was.
   if student_variables is None and vanilla is not None:
     # The conversion recipe (calibration, healing) runs only for a fresh run: a resumed run restores its state,
     # so the plain conversion is enough as a template.
