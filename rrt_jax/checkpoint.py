@@ -224,8 +224,9 @@ def array_checksums(tree) -> dict[str, str]:
 
 def damage(tree, stored: dict[str, str] | None, prefix: str = '') -> str | None:
   """Why the restored `tree` is not what was saved, or None: a non-finite value (saves never hold one: the NaN
-  guard stops first) or a checksum other than the one stored at save time (`stored`, keyed by leaf path under
-  `prefix`; None for checkpoints written before checksums, which are checked for finiteness only)."""
+  guard stops first) or a checksum other than the one stored at save time (`stored`, keyed by leaf path; with
+  `prefix`, `tree` is the state's entry of that name; None for checkpoints written before checksums, which are
+  checked for finiteness only)."""
   sums, finite = _checksums_and_finite(_flat(tree))
   bad = sorted(k for k, ok in finite.items() if not bool(ok))
   if bad:
@@ -233,8 +234,10 @@ def damage(tree, stored: dict[str, str] | None, prefix: str = '') -> str | None:
     return f'{len(bad)} of {len(sums)} arrays hold non-finite values ({", ".join(bad[:3])}{more})'
   if stored is None:
     return None
-  changed = sorted(k for k, v in sums.items() if prefix + k in stored and stored[prefix + k] != f'{int(v):08x}')
-  missing = [k for k in sums if prefix + k not in stored]
+  if prefix:  # The saved state's entries under `prefix` (an attribute of a dataclass state, or a dict key).
+    stored = {k[len(p):]: v for k, v in stored.items() for p in (f'.{prefix}', f"['{prefix}']") if k.startswith(p)}
+  changed = sorted(k for k, v in sums.items() if k in stored and stored[k] != f'{int(v):08x}')
+  missing = [k for k in sums if k not in stored]
   if changed:
     return f'{len(changed)} arrays differ from their saved checksums ({", ".join(changed[:3])})'
   if missing:
@@ -291,7 +294,7 @@ def load_training_checkpoint(workdir: str | os.PathLike, step: int | None = None
     step_dir = ckpt_dir / str(candidate)
     try:
       variables = restore_state_variables(step_dir / STATE, target)
-      why = damage(variables, read_checksums(step_dir), prefix="['variables']")
+      why = damage(variables, read_checksums(step_dir), prefix='variables')
       if why is not None:
         raise CheckpointError(f'the restored arrays are damaged: {why}')
     except Exception as e:  # noqa: BLE001  (Orbax/TensorStore raise many types for damaged files)

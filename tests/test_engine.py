@@ -117,13 +117,15 @@ def test_bad_request_values_are_rejected_with_the_generate_checks(relaxed):
   model, variables = relaxed
   engine = Engine(model, variables, EngineConfig(slots=2, max_len=64))
   bad = [Request([1.0, 2.5], 4), Request([1, 2], -1), Request([1, 2], 2.5), Request([1, -4], 4),
-         Request([1, 2], 4, seed=-1)]
-  completions, _ = engine.run(bad + [Request([5, 17, 3], 2)])
+         Request([1, 2], 4, seed=-1), Request([1, 2], 4, arrival=float('inf')), Request([1, 2], 4, arrival=-1.0)]
+  completions, _ = engine.run(bad + [Request([5, 17, 3], 2)])  # An infinite arrival used to hang the run.
   assert [c.error for c in completions[:-1]] == [
       f'The prompt must hold integer token ids in [0, {CFG.vocab_size}), got float64 values [1.0, 2.5].',
       'max_new_tokens must be an integer >= 1, got -1.', 'max_new_tokens must be an integer >= 1, got 2.5.',
       f'The prompt has token ids outside the vocabulary [0, {CFG.vocab_size}): [-4].',
-      'Request seed must be an integer in [0, 2**31), got -1.']
+      'Request seed must be an integer in [0, 2**31), got -1.',
+      'Request arrival must be a finite number of seconds >= 0, got inf.',
+      'Request arrival must be a finite number of seconds >= 0, got -1.0.']
   assert completions[-1].error is None and len(completions[-1].tokens) == 2
   with pytest.raises(ValueError, match=rf'top_k must be in \[0, vocab_size={CFG.vocab_size}\]'):
     Engine(model, variables, EngineConfig(sampling=SamplingConfig(temperature=1.0, top_k=CFG.vocab_size + 1)))

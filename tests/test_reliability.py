@@ -55,7 +55,31 @@ def test_a_changed_model_config_in_an_old_workdir_is_refused(tmp_path, change):
   with pytest.raises(ValueError, match=message):
     run(tiny(**{'train.steps': 4, **change}), tmp_path)
   assert (tmp_path / 'model_config.json').read_text() == before  # Not overwritten: the old run still loads.
+  assert json.loads((tmp_path / 'config.json').read_text())['train']['steps'] == 2  # The run's own config too.
   assert load_training_checkpoint(tmp_path)[2] == 2
+
+
+def test_resuming_with_another_tokenizer_of_the_same_size_is_refused(tmp_path):
+  from rrt_jax.pretrained.tokenizer import make_tokenizer
+  run(tiny(**{'train.steps': 2, 'checkpoint.every_steps': 2}), tmp_path)
+  other = make_tokenizer('synthetic:259')
+  assert other.get_vocab_size() == ByteTokenizer().get_vocab_size()  # Same size: the shapes alone cannot tell.
+  with pytest.raises(ValueError, match=r"data.tokenizer: the workdir records tokenizer 'bytes'; this run uses "
+                                       r"'synthetic:259'.* new --workdir"):
+    train(tiny(**{'train.steps': 4}), str(tmp_path), source=TEXT, tokenizer=other)
+  assert run(tiny(**{'train.steps': 3, 'checkpoint.every_steps': 1}), tmp_path)[0]['step'] == 3  # Same one: resumes.
+
+
+def test_generate_uses_the_tokenizer_the_workdir_records(tmp_path):
+  import subprocess
+  import sys
+  run(tiny(**{'train.steps': 1, 'checkpoint.every_steps': 1}), tmp_path)
+  out = subprocess.run([sys.executable, '-m', 'experiments.generate', f'--workdir={tmp_path}', '--prompt=ab',
+                        '--max_new_tokens=2'], capture_output=True, text=True, timeout=600, check=False,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert 'tokenizer bytes (recorded with the model)' in out.stdout
+  assert "'ab' -> " in out.stdout
 
 
 def test_unreadable_checkpoints_are_moved_aside_and_the_retrained_steps_saved(tmp_path, caplog):
@@ -202,3 +226,27 @@ def test_a_model_that_does_not_split_over_the_mesh_is_named():
   check_divisible(cfg, rec, AbstractMesh((2, 4, 1), ('data', 'fsdp', 'tensor')))
   with pytest.raises(ValueError, match=r"\['embedding'\] \(259, 64\): 259 over mesh tensor=2.*mesh.tensor=1"):
     check_divisible(cfg, rec, AbstractMesh((2, 2, 2), ('data', 'fsdp', 'tensor')))
+
+
+def test_a_missing_model_path_is_one_config_error(tmp_path):
+  with pytest.raises(ConfigError) as e:
+    check_config(tiny(**{'model.source': 'hf', 'model.path': str(tmp_path / 'none')}))
+  assert len(e.value.problems) == 1 and 'has no config.json' in e.value.problems[0]
+
+
+def test_the_clis_report_an_unreadable_workdir_in_one_line(tmp_path):
+  import subprocess
+  import sys
+  run(tiny(**{'train.steps': 2, 'checkpoint.every_steps': 1}), tmp_path)
+  for step in (1, 2):
+    damage(tmp_path / 'checkpoints' / str(step) / 'state')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for args in (['experiments.evaluate', f'--workdir={tmp_path}', '--tasks='],
+               ['experiments.evaluate', f'--workdir={tmp_path}', '--tasks=', '--step=2'],
+               ['experiments.export', f'--workdir={tmp_path}', f'--out={tmp_path / "out"}', '--step=2']):
+    out = subprocess.run([sys.executable, '-m', *args], capture_output=True, text=True, timeout=600, check=False,
+                         cwd=root)
+    assert out.returncode == 1, (args, out.stderr[-2000:])
+    last = out.stderr.strip().splitlines()[-1]
+    assert 'can be read' in last and 'Traceback' not in out.stderr, (args, out.stderr[-2000:])
+    assert len(out.stderr.splitlines()) < 20, (args, len(out.stderr.splitlines()))

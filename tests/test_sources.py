@@ -185,6 +185,16 @@ def test_jsonl_index_skips_blank_lines_and_spans_files(tmp_path):
     source[4]
 
 
+def test_a_bad_jsonl_line_is_found_when_the_source_opens_naming_its_line(tmp_path):
+  path = tmp_path / 'docs.jsonl'
+  path.write_text('{"text": "one"}\n\n{"text": "two"}\n{"text": "three"\n{"body": "four"}\n')
+  with pytest.raises(ValueError, match=rf'{path}, line 4 is not JSON'):  # Before training reads a document.
+    open_source(f'jsonl:{path}')
+  path.write_text('{"text": "one"}\n{"body": "four"}\n')
+  with pytest.raises(ValueError, match=rf"{path}, line 2: no text field 'text'"):
+    open_source(f'jsonl:{path}')
+
+
 def test_the_default_is_the_packaged_corpora_unchanged():
   from rrt_jax.data.tfds_builder import text_source, tfds_dir
   packaged = text_source('validation')

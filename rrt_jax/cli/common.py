@@ -22,11 +22,14 @@ from collections.abc import Callable
 from absl import app, flags
 
 from rrt_jax import configs
+from rrt_jax.checkpoint import CheckpointError
 from rrt_jax.data.packages import PackageUnavailable
 from rrt_jax.utils.logs import QuietLibraries, quiet_libraries  # noqa: F401  (QuietLibraries: experiments/cli.py)
 
 USAGE_ERROR = 2
-UNAVAILABLE = 1  # A package the data or weights come from cannot be fetched: one line naming it, not a traceback.
+FAILED = 1  # What was asked for cannot be had: one line saying why and naming the fix, not a traceback.
+# A package the data or weights come from cannot be fetched; a model or checkpoint that cannot be read.
+_ONE_LINE_ERRORS = (PackageUnavailable, CheckpointError, FileNotFoundError)
 
 
 def _fail(message: str) -> None:
@@ -149,15 +152,15 @@ def _help(main: Callable, argv: list[str]) -> None:
 
 def run(main: Callable[[list[str]], None], validate: Callable[[], None] | None = None) -> None:
   """app.run(main) with `parse_flags`, quiet library logs (-v 1 shows them), a --help that exits 0, and a missing
-  source package (PackageUnavailable) reported in one line with exit status 1."""
+  source package or an unreadable model or checkpoint reported in one line with exit status 1."""
   _help(main, sys.argv)
 
   def guarded(argv):
     try:
       return main(argv)
-    except PackageUnavailable as e:
-      print(f'{sys.argv[0].rsplit("/", 1)[-1]}: {e}', file=sys.stderr)
-      sys.exit(UNAVAILABLE)
+    except _ONE_LINE_ERRORS as e:
+      print(f'{sys.argv[0].rsplit("/", 1)[-1]}: {" ".join(str(e).split())}', file=sys.stderr)
+      sys.exit(FAILED)
 
   def parse(argv):
     rest = parse_flags(argv, validate)

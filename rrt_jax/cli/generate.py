@@ -5,7 +5,8 @@ from a checkout `python -m experiments.generate`.
   rrt-generate --workdir=workdir/main/uptrain --exit_threshold=0.8 --prompt="Once upon"
   rrt-generate --checkpoint=/tmp/ckpt --prompt="..."                                 # rrt_jax.save output
 
-Prints each completion and the loop at which every generated token exited.
+Prints the model and the tokenizer it uses (the one the workdir or checkpoint records, unless --tokenizer names
+another), then each completion and the loop at which every generated token exited.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from absl import app, flags
 
 from rrt_jax import checkpoint
 from rrt_jax.cli import common
+from rrt_jax.pretrained.tokenizer import spec_of
 from rrt_jax.serve.generate import ExitConfig, SamplingConfig, generate
 
 _PROMPTS = flags.DEFINE_multi_string('prompt', ['The capital of France is'], 'Prompt(s); repeat the flag for more.')
@@ -46,6 +48,9 @@ def main(argv):
   del argv
   loaded = load_model()
   model, variables, tokenizer = loaded.model, loaded.variables, loaded.tokenizer
+  where = 'given' if _TOKENIZER.value else 'recorded with the model' if (_WORKDIR.value or _CHECKPOINT.value) else \
+      'the packaged model\'s'
+  print(f'{loaded.description}: tokenizer {spec_of(tokenizer)} ({where})')
   prompts = [tokenizer.encode(p).ids for p in _PROMPTS.value]
   out = generate(model, variables, prompts, _MAX_NEW.value,
                  sampling=SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _SEED.value),

@@ -220,13 +220,32 @@ def line_ranges(path: str) -> tuple[np.ndarray, np.ndarray]:
   return starts, ends
 
 
+def check_jsonl(path: str, field: str) -> None:
+  """Every non-blank line of a JSON Lines file is a JSON object with a text `field`, or one ValueError naming the
+  file, the line number and what is wrong: a bad line fails the run before its first step, not when training
+  reaches it."""
+  with open(path, 'rb') as f:
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      where = f'{path}, line {number}'
+      try:
+        doc = json.loads(line)
+      except ValueError as e:
+        raise ValueError(f'{where} is not JSON ({e}): jsonl: wants one JSON object per line.') from None
+      _text_of(doc, field, where)
+
+
 class JsonlSource:
   """JSON Lines files as a random-access source of {'text'}: every non-blank line is a document, a JSON object
-  with the text under `field`. The line index is built once here (in memory); reads are os.pread, so threads
-  share no file position, and the source pickles (to grain workers) without its open files."""
+  with the text under `field`. Every line is checked once here (check_jsonl) and the line index built (in
+  memory); reads are os.pread, so threads share no file position, and the source pickles (to grain workers)
+  without its open files."""
 
   def __init__(self, paths: Sequence[str], field: str = 'text'):
     self._paths, self._field = tuple(paths), field
+    for path in self._paths:
+      check_jsonl(path, field)
     ranges = [line_ranges(p) for p in self._paths]
     self._starts = np.concatenate([s for s, _ in ranges]) if ranges else np.zeros(0, np.int64)
     self._ends = np.concatenate([e for _, e in ranges]) if ranges else np.zeros(0, np.int64)
