@@ -208,8 +208,11 @@ def test_a_tiny_cli_run_prints_our_lines_only_and_evaluates_exactly_on_a_sharded
   records = record.findall(out)
   assert {name for level, name in records if level == 'I'} <= ours, out  # No Orbax/grain/TFDS INFO line.
   other = [line for line in out.splitlines() if line.strip() and not progress.match(line) and not record.search(line)]
-  # Ours: model, MFU, eval, checkpoint saved, the summary (Orbax alone would add ~40 lines a checkpoint).
-  assert len(records) + len(other) <= 9, out
+  # Ours: model, MFU, eval, checkpoint saved, the eval results, the summary (Orbax alone would add ~40 lines a
+  # checkpoint).
+  evals = [line for line in other if 'held-out perplexity per loop' in line]
+  assert [line.split(':')[0].strip() for line in evals] == ['step 5', 'step 10'], out  # Results on the console.
+  assert len(records) + len(other) <= 11, out
   assert other and other[-1].startswith('step 10: loss '), out
   logged = rows(workdir)
   assert [s for s, r in logged.items() if 'eval/ppl/loop1' in r] == [5, 10]

@@ -204,8 +204,12 @@ def _train(c: ml_collections.ConfigDict, workdir: str, source, tokenizer, stop_a
       if evaluate is not None and (done % c.eval_every == 0 or (done == end and not preemption.requested)):
         finite.check(ckpts)
         eval_start = time.perf_counter()
-        row.update(evaluate(state.variables))
+        scores = evaluate(state.variables)
+        row.update(scores)
         t0 += time.perf_counter() - eval_start  # (Evaluating is not training throughput.)
+        ppl = ' '.join(f'{scores[k]:.2f}' for k in sorted(k for k in scores if k.startswith('eval/ppl/')))
+        bar.write(f'step {done}: held-out perplexity per loop ({c.eval.split}) {ppl}')  # On the console, not only
+        # in metrics.jsonl / TensorBoard.
       if row:
         writer.write(done, row)
         history.append({'step': done, **row})
