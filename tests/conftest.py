@@ -1,7 +1,16 @@
 import os
 
-import jax
-import pytest
+# XLA's compiled programs persist across the tests' processes (the xdist workers, the CLI subprocesses) and runs:
+# the same tiny models compile the same programs in many tests. Set before jax is imported, so subprocesses
+# inherit it. RRT_JAX_TEST_COMPILE_CACHE='' turns it off.
+_COMPILE_CACHE = os.environ.setdefault('RRT_JAX_TEST_COMPILE_CACHE', os.path.join(
+    os.environ.get('RRT_DATA_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'rrt_jax')), 'jax_compile_cache'))
+if _COMPILE_CACHE:
+  os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', _COMPILE_CACHE)
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')

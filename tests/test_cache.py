@@ -10,7 +10,8 @@ from rrt_jax import Decoder, RecursionConfig, presets
 from rrt_jax.model import init_cache, init_variables
 
 
-@pytest.mark.parametrize('preset,lora_rank', [('tiny_llama', None), ('tiny_pythia', 4), ('tiny_gemma', 4)])
+@pytest.mark.parametrize('preset,lora_rank', [('tiny_llama', None), ('tiny_gemma', 4),
+                                              pytest.param('tiny_pythia', 4, marks=pytest.mark.slow)])
 def test_cached_decoding_equals_full_recompute(preset, lora_rank):
   cfg = presets.get(preset)
   rec = RecursionConfig(loops=3, lora_rank=lora_rank)

@@ -55,7 +55,8 @@ def test_unique_layers_zero_is_cycle():
                to_recursive(vanilla, cfg, rec.replace(looping='middle_cycle')))
 
 
-@pytest.mark.parametrize('family,lora_rank', [('llama', None), ('gemma', 4), ('gpt_neox', 4)])
+@pytest.mark.parametrize('family,lora_rank', [('llama', None), ('gemma', 4),
+                                              pytest.param('gpt_neox', 4, marks=pytest.mark.slow)])
 def test_every_exit_equals_the_unrolled_model(family, lora_rank):
   """Exit r of the scanned model = a vanilla model of [prelude, r loops of tied middle copies, coda]."""
   cfg = TINY[family]

@@ -24,7 +24,8 @@ def test_bf16_compute_keeps_fp32_params_and_logits():
   assert 1e-4 < err < 0.1 * float(jnp.max(jnp.abs(fp32)))
 
 
-@pytest.mark.parametrize('policy', ['full', 'dots', 'dots_no_batch'])
+@pytest.mark.parametrize('policy', ['dots', pytest.param('full', marks=pytest.mark.slow),
+                                    pytest.param('dots_no_batch', marks=pytest.mark.slow)])
 def test_remat_policies_give_the_same_gradients(policy):
   cfg = presets.TINY_LLAMA
   rec = RecursionConfig(loops=3, lora_rank=4)

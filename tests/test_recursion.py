@@ -23,9 +23,17 @@ def random_variables(cfg, rec, seed=0):
   return jax.tree.map(jnp.asarray, perturb(init_variables(cfg, rec, jax.random.key(seed)), seed, 0.2))
 
 
-@pytest.mark.parametrize('family', sorted(TINY))
-@pytest.mark.parametrize('looping', ['cycle', 'sequence'])
-@pytest.mark.parametrize('lora_rank', [None, 4])
+def _grid():
+  """Every (family, looping) in the default run, its rank alternating; the other rank in the slow set."""
+  out = []
+  for i, (family, looping) in enumerate((f, lp) for f in sorted(TINY) for lp in ('cycle', 'sequence')):
+    for j, rank in enumerate((None, 4)):
+      marks = [pytest.mark.slow] if (i + j) % 2 else []
+      out.append(pytest.param(family, looping, rank, marks=marks, id=f'{rank}-{looping}-{family}'))
+  return out
+
+
+@pytest.mark.parametrize('family,looping,lora_rank', _grid())
 def test_recursive_equals_unrolled_tied_model(family, looping, lora_rank):
   cfg = TINY[family]
   rec = RecursionConfig(loops=3, looping=looping, lora_rank=lora_rank, lora_alpha=8.0)
@@ -67,7 +75,9 @@ def test_sequence_has_only_the_final_exit():
   assert exits.shape[0] == 1
 
 
-@pytest.mark.parametrize('init', ['stepwise', 'stepwise_ends', 'average', 'lower', 'upper', 'random'])
+# Loop 1 of any init is the vanilla model; two inits in the default run, the rest repeat it in the slow set.
+@pytest.mark.parametrize('init', ['stepwise', 'average'] + [pytest.param(i, marks=pytest.mark.slow)
+                                                          for i in ('stepwise_ends', 'lower', 'upper', 'random')])
 def test_one_loop_is_the_vanilla_model(init):
   cfg = TINY['gpt_neox']
   vanilla = random_variables(cfg, RecursionConfig(), seed=2)

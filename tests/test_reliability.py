@@ -141,7 +141,7 @@ def make_nan(x):
   return x
 
 
-@pytest.mark.parametrize('change', [flip_a_bit, make_nan])
+@pytest.mark.parametrize('change', [flip_a_bit, pytest.param(make_nan, marks=pytest.mark.slow)])
 def test_bit_flips_in_checkpoint_data_are_detected_and_the_previous_step_used(tmp_path, caplog, change):
   c = tiny(**{'train.steps': 4, 'log_every': 1, 'checkpoint.every_steps': 2, 'checkpoint.keep': 5})
   full = run(c, tmp_path / 'full')
