@@ -17,12 +17,38 @@ class Family(enum.StrEnum):
   GEMMA = 'gemma'
   LLAMA = 'llama'
   GPT_NEOX = 'gpt_neox'
+  QWEN2 = 'qwen2'  # Llama + bias on q, k, v (Qwen2 and Qwen2.5).
+  QWEN3 = 'qwen3'  # Llama + per-head q/k RMSNorm.
+  MISTRAL = 'mistral'  # Llama + sliding-window attention.
+  GEMMA2 = 'gemma2'  # Gemma + sandwich norms, soft-capping, query_pre_attn_scalar, local/global layers.
+  GEMMA3 = 'gemma3'  # Gemma 2 + per-head q/k norm and a RoPE base of its own for local layers (no soft-capping).
+  OLMO2 = 'olmo2'  # Llama with post-norms only and q/k RMSNorm over the whole projection.
+  PHI3 = 'phi3'  # Llama with fused qkv and gate_up projections in its checkpoints (split on load).
 
 
 class NormType(enum.StrEnum):
   RMS = 'rms'
   RMS_ONE_PLUS = 'rms_one_plus'  # Gemma's RMSNorm with scale (1 + w).
   LAYER = 'layer'
+
+
+class NormPlacement(enum.StrEnum):
+  """Where a layer's norms sit around its two branches f (attention, MLP)."""
+
+  PRE = 'pre'  # h + f(norm(h)): Llama, Gemma, GPT-NeoX and most others.
+  SANDWICH = 'sandwich'  # h + post_norm(f(norm(h))): Gemma 2 and 3.
+  POST = 'post'  # h + post_norm(f(h)): OLMo 2.
+
+
+class QKNorm(enum.StrEnum):
+  """RMSNorm of queries and keys before RoPE."""
+
+  NONE = 'none'
+  HEAD = 'head'  # Over each head's head_dim, one weight shared by the heads: Qwen3, Gemma 3.
+  PROJECTION = 'projection'  # Over the whole q (heads * head_dim) and k projection: OLMo 2.
+
+
+FULL, SLIDING = 'full', 'sliding'  # Attention types of `ModelConfig.layer_types`.
 
 
 class MlpType(enum.StrEnum):
@@ -179,6 +205,17 @@ class ModelConfig:
   # Unroll the scans over layers and loops (a Python-level loop in the compiled program): faster steps and compiles
   # for small models (few depth positions, tiny matmuls, where while-loop overhead dominates); same values.
   scan_unroll: bool = False
+  # The features of the newer families; every default keeps the families above as they were.
+  qkv_bias: bool = False  # Bias on q, k and v but not o (Qwen2); attn_bias puts one on all four.
+  qk_norm: QKNorm | str = QKNorm.NONE
+  norm_placement: NormPlacement | str = NormPlacement.PRE
+  query_pre_attn_scalar: float | None = None  # Attention logits scaled by its -1/2 power; None: head_dim's.
+  attn_softcap: float | None = None  # Attention logits -> cap * tanh(logits / cap) (Gemma 2).
+  final_softcap: float | None = None  # The same on the LM head's logits.
+  sliding_window: int | None = None  # A sliding layer's query at p sees keys at p - window < q <= p.
+  # Per layer 'full' or 'sliding'; None: every layer sliding when sliding_window is set (Mistral), else full.
+  layer_types: tuple[str, ...] | None = None
+  local_rope_theta: float | None = None  # Sliding layers' RoPE base, unscaled (Gemma 3); None: the full layers'.
 
   def __post_init__(self):
     set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass normalisation)
@@ -187,6 +224,11 @@ class ModelConfig:
     set_('mlp', _parse_enum(MlpType, self.mlp, 'mlp'))
     set_('remat', _parse_enum(RematPolicy, self.remat, 'remat policy'))
     set_('attention', _parse_enum(AttentionImpl, self.attention, 'attention implementation'))
+    set_('qk_norm', _parse_enum(QKNorm, self.qk_norm, 'qk_norm'))
+    set_('norm_placement', _parse_enum(NormPlacement, self.norm_placement, 'norm_placement'))
+    self._check_layer_types()
+    if self.parallel_residual and self.norm_placement != NormPlacement.PRE:
+      raise ValueError(f'parallel_residual needs norm_placement=\'pre\', got {self.norm_placement.value!r}.')
     if isinstance(self.rope_scaling, dict):
       known = {f.name for f in dataclasses.fields(RopeScaling)}
       if unknown := sorted(set(self.rope_scaling) - known):
@@ -201,9 +243,41 @@ class ModelConfig:
           f'rotary_fraction={self.rotary_fraction} gives {rotary_dim} rotary dims of head_dim '
           f'{self.head_dim}: it must be a positive even number.')
 
+  def _check_layer_types(self):
+    if self.layer_types is None:
+      return
+    object.__setattr__(self, 'layer_types', tuple(self.layer_types))
+    if len(self.layer_types) != self.num_layers:
+      raise ValueError(f'layer_types has {len(self.layer_types)} entries for num_layers={self.num_layers}: give '
+                       'one per layer.')
+    if bad := sorted(set(self.layer_types) - {FULL, SLIDING}):
+      raise ValueError(f'Unknown layer type(s) {bad}: choose {FULL!r} or {SLIDING!r} per layer.')
+    if SLIDING in self.layer_types and not self.sliding_window:
+      raise ValueError("layer_types has 'sliding' layers but sliding_window is not set.")
+
   @property
   def rotary_dim(self) -> int:
     return int(self.head_dim * self.rotary_fraction)
+
+  @property
+  def sliding_layers(self) -> tuple[bool, ...]:
+    """Per layer: whether it attends through the sliding window."""
+    if self.layer_types is None:
+      return (bool(self.sliding_window),) * self.num_layers
+    return tuple(t == SLIDING for t in self.layer_types)
+
+  @property
+  def uniform_sliding(self) -> bool | None:
+    """Whether every layer slides (True) or none does (False); None when the layers mix both types."""
+    kinds = set(self.sliding_layers)
+    return kinds.pop() if len(kinds) == 1 else None
+
+  def layer_config(self, depth: int) -> ModelConfig:
+    """This config with every layer of depth position `depth`'s attention type: what one layer run on its own
+    (conversion, healing) computes there."""
+    if self.uniform_sliding is not None:
+      return self
+    return self.replace(layer_types=(self.layer_types[depth],) * self.num_layers)
 
   @property
   def has_gate(self) -> bool:
@@ -365,3 +439,48 @@ def lora_rank_for(rec: RecursionConfig, d_in: int, d_out: int) -> int:
   """Rank of one target's LoRA: the configured rank capped at min(d_in, d_out)."""
   assert rec.lora_rank is not None
   return min(rec.lora_rank, d_in, d_out)
+
+
+def _pattern_fits(sliding: tuple[bool, ...], rec: RecursionConfig) -> bool:
+  """Whether every shared layer of `rec` is tied only to depth positions of one attention type."""
+  num_layers = len(sliding)
+  try:
+    rec.shared_layers(num_layers)
+  except ValueError:
+    return False
+  seen: dict[int, bool] = {}
+  for depth, kind in enumerate(sliding):
+    if not rec.is_unique_depth(depth, num_layers):
+      if seen.setdefault(rec.depth_to_shared(depth, num_layers), kind) != kind:
+        return False
+  return True
+
+
+def check_layer_pattern(cfg: ModelConfig, rec: RecursionConfig) -> None:
+  """A shared layer keeps one attention type (its window and RoPE base are part of what it computes): a looping
+  that ties a local layer to a global one is refused, naming the loop counts (and middle-cycle settings) that fit."""
+  sliding = cfg.sliding_layers
+  if cfg.uniform_sliding is not None or _pattern_fits(sliding, rec):
+    return
+  n = cfg.num_layers
+  fits = [b for b in range(1, n + 1) if _pattern_fits(sliding, rec.replace(loops=b))]
+  middle = [f'loops={b}, unique_layers={u}' for u in range(1, (n + 1) // 2) for b in range(2, n)
+            if _pattern_fits(sliding, rec.replace(looping=Looping.MIDDLE_CYCLE, unique_layers=u, loops=b))][:6]
+  pattern = ''.join('L' if s else 'G' for s in sliding)
+  raise ValueError(
+      f'loops={rec.loops} ({rec.looping.value}) ties local (sliding-window) and global layers to one shared layer '
+      f'(layer pattern {pattern}, L = local, G = global): a shared layer must keep one attention type. With '
+      f'looping={rec.looping.value!r} choose loops from {fits}'
+      + (f"; or looping='middle_cycle' with {'; '.join(middle)}" if middle else '') + '.')
+
+
+def layer_kinds(cfg: ModelConfig, rec: RecursionConfig) -> dict[str, tuple[bool, ...]] | None:
+  """Whether each layer slides, by stack: {'stack': [K] per shared layer, 'prelude': [U], 'coda': [U]}; None when
+  every layer has the same type (then it is static, read from cfg). Checks the pattern first."""
+  if cfg.uniform_sliding is not None:
+    return None
+  check_layer_pattern(cfg, rec)
+  n, u, sliding = cfg.num_layers, rec.unique_layers, cfg.sliding_layers
+  stack = {rec.depth_to_shared(d, n): sliding[d] for d in range(n) if not rec.is_unique_depth(d, n)}
+  return {'stack': tuple(stack[k] for k in range(rec.shared_layers(n))), PRELUDE: sliding[:u],
+          CODA: sliding[n - u:]}

@@ -109,6 +109,11 @@ def apply_rotary(x_BxSxHxD: jax.Array, positions_BxS: jax.Array, theta: float,
   return jnp.concatenate([out, x_pass], axis=-1).astype(x_BxSxHxD.dtype)
 
 
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+  """cap * tanh(x / cap) (Gemma 2's soft-capping of logits); x unchanged for cap None."""
+  return x if cap is None else jnp.tanh(x / cap) * cap
+
+
 def activation(name: str):
   """The MLP non-linearity of each MLP kind."""
   return {
