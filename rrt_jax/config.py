@@ -463,15 +463,18 @@ def check_layer_pattern(cfg: ModelConfig, rec: RecursionConfig) -> None:
   if cfg.uniform_sliding is not None or _pattern_fits(sliding, rec):
     return
   n = cfg.num_layers
-  fits = [b for b in range(1, n + 1) if _pattern_fits(sliding, rec.replace(loops=b))]
+  fits = {looping: [b for b in range(1, n + 1)
+                    if _pattern_fits(sliding, rec.replace(looping=looping, unique_layers=0, loops=b))]
+          for looping in (Looping.CYCLE, Looping.SEQUENCE)}
   middle = [f'loops={b}, unique_layers={u}' for u in range(1, (n + 1) // 2) for b in range(2, n)
             if _pattern_fits(sliding, rec.replace(looping=Looping.MIDDLE_CYCLE, unique_layers=u, loops=b))][:6]
   pattern = ''.join('L' if s else 'G' for s in sliding)
+  options = '; '.join(f'looping={k.value!r} with loops in {v}' for k, v in fits.items())
   raise ValueError(
-      f'loops={rec.loops} ({rec.looping.value}) ties local (sliding-window) and global layers to one shared layer '
-      f'(layer pattern {pattern}, L = local, G = global): a shared layer must keep one attention type. With '
-      f'looping={rec.looping.value!r} choose loops from {fits}'
-      + (f"; or looping='middle_cycle' with {'; '.join(middle)}" if middle else '') + '.')
+      f'loops={rec.loops} ({rec.looping.value}, unique_layers={rec.unique_layers}) ties local (sliding-window) and '
+      f'global layers to one shared layer (layer pattern {pattern}, L = local, G = global): a shared layer must keep '
+      f'one attention type. What fits: {options}'
+      + (f"; looping='middle_cycle' with {'; or '.join(middle)}" if middle else '') + '.')
 
 
 def layer_kinds(cfg: ModelConfig, rec: RecursionConfig) -> dict[str, tuple[bool, ...]] | None:

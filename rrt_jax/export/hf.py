@@ -169,7 +169,9 @@ def _newer_features(cfg: ModelConfig, hf: dict) -> None:
     hf['use_sliding_window'] = bool(cfg.sliding_window)
     hf['max_window_layers'] = cfg.num_layers
   if cfg.family in (Family.GEMMA2, Family.GEMMA3):
-    hf.update(query_pre_attn_scalar=cfg.query_pre_attn_scalar, attn_logit_softcapping=cfg.attn_softcap,
+    scalar = cfg.query_pre_attn_scalar  # transformers types it int.
+    hf.update(query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,
+              attn_logit_softcapping=cfg.attn_softcap,
               final_logit_softcapping=cfg.final_softcap)
   if cfg.family == Family.GEMMA3:
     local = cfg.local_rope_theta if cfg.local_rope_theta is not None else cfg.rope_theta

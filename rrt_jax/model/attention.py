@@ -175,7 +175,8 @@ class Attention(nn.Module):
   def setup(self):
     cfg = self.cfg
     dense = lambda name, features, axes: LoraDense(  # noqa: E731
-        features, axes, use_bias=cfg.attn_bias, lora=self.lora[name], dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        features, axes, use_bias=cfg.attn_bias or (cfg.qkv_bias and name != 'o'), lora=self.lora[name],
+        dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     self.q = dense('q', h * hd, ('embed', 'heads'))
     self.k = dense('k', kvh * hd, ('embed', 'kv'))
