@@ -213,3 +213,38 @@ def test_bias_a_family_does_not_have_is_refused():
     hf = {**family_config(family).to_dict(), 'attention_bias': True}
     with pytest.raises(ValueError, match='attention_bias'):
       config_from_hf(hf)
+
+
+# The public config.json values of each preset's model (transformers' config classes fill in the rest as the
+# checkpoints' files do): our reader must give exactly the preset.
+PUBLIC_CONFIGS = {
+    'qwen3_0_6b': ('Qwen3Config', dict(
+        vocab_size=151_936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=40_960, rms_norm_eps=1e-6,
+        rope_theta=1_000_000.0, tie_word_embeddings=True, attention_bias=False, use_sliding_window=False))),
+    'qwen2_5_0_5b': ('Qwen2Config', dict(
+        vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+        num_key_value_heads=2, max_position_embeddings=32_768, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+        tie_word_embeddings=True, use_sliding_window=False, sliding_window=32_768, max_window_layers=24)),
+    'llama3_2_1b': ('LlamaConfig', dict(
+        vocab_size=128_256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=64, max_position_embeddings=131_072, rms_norm_eps=1e-5,
+        rope_parameters={'rope_type': 'llama3', 'rope_theta': 500_000.0, 'factor': 32.0, 'low_freq_factor': 1.0,
+                         'high_freq_factor': 4.0, 'original_max_position_embeddings': 8192},
+        tie_word_embeddings=True)),
+    'gemma3_1b': ('Gemma3TextConfig', dict(
+        vocab_size=262_144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=256, max_position_embeddings=32_768, rms_norm_eps=1e-6,
+        query_pre_attn_scalar=256, sliding_window=512,
+        rope_parameters={'full_attention': {'rope_type': 'default', 'rope_theta': 1_000_000.0},
+                         'sliding_attention': {'rope_type': 'default', 'rope_theta': 10_000.0}})),
+}
+
+
+@pytest.mark.parametrize('name', list(PUBLIC_CONFIGS))
+def test_presets_are_what_the_public_configs_read_as(name):
+  import transformers as tf
+
+  from rrt_jax import presets
+  cls, fields = PUBLIC_CONFIGS[name]
+  assert config_from_hf(getattr(tf, cls)(**fields).to_dict()) == presets.get(name)
