@@ -71,14 +71,12 @@ ABLATIONS = [
     ('qwen2', dict(sliding_window=None, layer_types=None)),
     ('mistral', dict(sliding_window=None)),
     ('phi3', dict(sliding_window=None)),
-    ('phi3', dict(rotary_fraction=1.0)),
     ('gemma2', dict(sliding_window=None, layer_types=None)),
     ('gemma2', dict(attn_softcap=None)),
     ('gemma2', dict(final_softcap=None)),
     ('gemma2', dict(query_pre_attn_scalar=None)),
     ('gemma3', dict(local_rope_theta=None)),
     ('gemma3', dict(rope_scaling=None)),
-    ('gemma3', dict(sliding_window=None, layer_types=None)),
 ]
 
 
@@ -221,7 +219,7 @@ PUBLIC_CONFIGS = {
     'qwen3_0_6b': ('Qwen3Config', dict(
         vocab_size=151_936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
         num_key_value_heads=8, head_dim=128, max_position_embeddings=40_960, rms_norm_eps=1e-6,
-        rope_theta=1_000_000.0, tie_word_embeddings=True, attention_bias=False, use_sliding_window=False))),
+        rope_theta=1_000_000.0, tie_word_embeddings=True, attention_bias=False, use_sliding_window=False)),
     'qwen2_5_0_5b': ('Qwen2Config', dict(
         vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
         num_key_value_heads=2, max_position_embeddings=32_768, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
