@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from collections.abc import Sequence
 
 
@@ -125,7 +126,7 @@ class LoraInit(enum.StrEnum):
   ZERO = 'zero'  # Standard LoRA: A random, B zero, so the relaxed model starts as the recursive one.
 
 
-ROPE_SCALING_TYPES = ('linear', 'llama3')  # Beside none ('default' in HF configs).
+ROPE_SCALING_TYPES = ('linear', 'llama3', 'yarn')  # Beside none ('default' in HF configs).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +136,9 @@ class RopeScaling:
   linear: every inverse frequency divided by `factor` (position interpolation).
   llama3: Llama 3.1's: wavelengths above original_max_position_embeddings / low_freq_factor divided by `factor`,
     below original_max_position_embeddings / high_freq_factor kept, smoothly interpolated in between.
+  yarn: YaRN (Qwen3's long context): frequencies below beta_slow rotations over original_max_position_embeddings
+    divided by `factor`, above beta_fast kept, a linear ramp between (over dimensions, bounds floored/ceiled unless
+    truncate=False); cos and sin multiplied by attention_factor (default 0.1 ln(factor) + 1).
   """
 
   rope_type: str
@@ -142,6 +146,11 @@ class RopeScaling:
   low_freq_factor: float | None = None  # llama3 only, like the two below.
   high_freq_factor: float | None = None
   original_max_position_embeddings: int | None = None
+  # yarn only, like the three below; None: transformers' defaults (32, 1, from factor, True).
+  beta_fast: float | None = None
+  beta_slow: float | None = None
+  attention_factor: float | None = None
+  truncate: bool | None = None
 
   def __post_init__(self):
     if self.rope_type not in ROPE_SCALING_TYPES:
@@ -157,6 +166,17 @@ class RopeScaling:
       if not 0 < self.low_freq_factor < self.high_freq_factor:
         raise ValueError(f'llama3 RoPE scaling needs 0 < low_freq_factor < high_freq_factor, got '
                          f'{self.low_freq_factor} and {self.high_freq_factor}.')
+    if self.rope_type == 'yarn' and not self.original_max_position_embeddings:
+      raise ValueError('yarn RoPE scaling needs original_max_position_embeddings.')
+
+  @property
+  def cos_sin_scale(self) -> float:
+    """The factor on RoPE's cos and sin (YaRN's attention factor; 1 for the other types)."""
+    if self.rope_type != 'yarn':
+      return 1.0
+    if self.attention_factor is not None:
+      return self.attention_factor
+    return 0.1 * math.log(self.factor) + 1.0 if self.factor > 1 else 1.0
 
 
 LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')

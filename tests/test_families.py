@@ -13,7 +13,7 @@ from family_fixtures import NEW_FAMILIES, family_config, save_family
 from hf_fixtures import hf_logits
 
 from rrt_jax import Decoder, RecursionConfig
-from rrt_jax.config import ModelConfig
+from rrt_jax.config import ModelConfig, RopeScaling
 from rrt_jax.convert import to_recursive
 from rrt_jax.convert.calibration import CalibrationConfig, convert
 from rrt_jax.convert.hf import config_from_hf, load_hf
@@ -37,15 +37,29 @@ RECURSIONS = {
 }
 
 
+# Checkpoints beside each family's own: (family, config changes).
+VARIANTS = {
+    # YaRN (Qwen3's long-context RoPE) at a small original context, so the ramp spans several frequencies; one with
+    # transformers' defaults, one with every field set.
+    'qwen3_yarn': ('qwen3', dict(rope_parameters={'rope_type': 'yarn', 'factor': 4.0, 'rope_theta': 100.0,
+                                                  'original_max_position_embeddings': 64})),
+    'qwen3_yarn_fields': ('qwen3', dict(rope_parameters={
+        'rope_type': 'yarn', 'factor': 8.0, 'rope_theta': 100.0, 'original_max_position_embeddings': 64,
+        'beta_fast': 16.0, 'beta_slow': 2.0, 'attention_factor': 1.3, 'truncate': False})),
+}
+
+
 @pytest.fixture(scope='module')
 def checkpoints(tmp_path_factory):
-  """{family: (directory, torch model)}, saved when first asked for."""
+  """{family or variant: (directory, torch model)}, saved when first asked for."""
   root, cache = tmp_path_factory.mktemp('families'), {}
 
-  def get(family):
-    if family not in cache:
-      cache[family] = (str(root / family), save_family(family, str(root / family), seed=NEW_FAMILIES.index(family)))
-    return cache[family]
+  def get(name):
+    if name not in cache:
+      family, changes = VARIANTS.get(name, (name, {}))
+      seed = NEW_FAMILIES.index(family) + len(NEW_FAMILIES) * (name != family)
+      cache[name] = (str(root / name), save_family(family, str(root / name), seed=seed, **changes))
+    return cache[name]
   return get
 
 
@@ -53,11 +67,11 @@ def _logits(cfg: ModelConfig, rec: RecursionConfig, variables: dict) -> np.ndarr
   return np.asarray(jax.jit(Decoder(cfg, rec).apply)(variables, jnp.asarray(TOKENS))[0])
 
 
-@pytest.mark.parametrize('family', NEW_FAMILIES)
+@pytest.mark.parametrize('family', NEW_FAMILIES + tuple(VARIANTS))
 def test_logits_match_transformers(checkpoints, family):
   directory, torch_model = checkpoints(family)
   cfg, variables = load_hf(directory)
-  assert cfg.family == family
+  assert cfg.family == VARIANTS.get(family, (family,))[0]
   theirs = hf_logits(torch_model, TOKENS)
   ours = _logits(cfg, RecursionConfig(), variables)
   assert np.abs(theirs).max() > 0.5  # Non-trivial logits, so a small |delta| means something.
@@ -77,6 +91,10 @@ ABLATIONS = [
     ('gemma2', dict(query_pre_attn_scalar=None)),
     ('gemma3', dict(local_rope_theta=None)),
     ('gemma3', dict(rope_scaling=None)),
+    ('qwen3_yarn', dict(rope_scaling=RopeScaling('yarn', 4.0, original_max_position_embeddings=64,
+                                                 attention_factor=1.0))),
+    ('qwen3_yarn_fields', dict(rope_scaling=RopeScaling('yarn', 8.0, original_max_position_embeddings=64,
+                                                        beta_fast=16.0, beta_slow=2.0, attention_factor=1.3))),
 ]
 
 
@@ -139,8 +157,8 @@ def _recipe(checkpoints, family):
 
 
 @pytest.mark.parametrize('family', [
-    'gemma3',  # Mixed pattern under middle-cycle, q/k norm, sandwich norms, local RoPE base.
-    *[pytest.param(f, marks=pytest.mark.slow) for f in NEW_FAMILIES if f != 'gemma3']])
+    'gemma2',  # Local and global shared layers in one scan; calibration and healing of both types; soft-capped KD.
+    *[pytest.param(f, marks=pytest.mark.slow) for f in NEW_FAMILIES if f != 'gemma2']])
 def test_conversion_recipe_runs(checkpoints, family):
   losses, report = _recipe(checkpoints, family)
   assert all(np.isfinite(losses)) and losses[0] > 0
@@ -175,10 +193,9 @@ def test_cached_decoding_equals_full_recompute_across_the_window(checkpoints):
 
 # One config.json per family with a feature rrt_jax does not implement: each is refused with its name, never loaded.
 UNIMPLEMENTED = [
-    ('qwen2', dict(rope_parameters={'rope_type': 'yarn', 'factor': 4.0, 'rope_theta': 1e4,
-                                    'original_max_position_embeddings': 32}), "'yarn'"),
-    ('qwen3', dict(rope_parameters={'rope_type': 'yarn', 'factor': 4.0, 'rope_theta': 1e4,
-                                    'original_max_position_embeddings': 32}), "'yarn'"),
+    ('qwen2', dict(rope_parameters={'rope_type': 'dynamic', 'factor': 4.0, 'rope_theta': 1e4}), "'dynamic'"),
+    ('qwen3', dict(rope_parameters={'rope_type': 'yarn', 'factor': 4.0, 'rope_theta': 1e4, 'mscale': 1.0,
+                                    'mscale_all_dim': 0.5, 'original_max_position_embeddings': 32}), 'mscale'),
     ('mistral', dict(hidden_act='gelu'), "activation 'gelu'"),
     ('gemma2', dict(use_bidirectional_attention=True), 'bidirectional'),
     ('gemma3', dict(rope_parameters={'full_attention': {'rope_type': 'default', 'rope_theta': 1e6},
@@ -204,6 +221,14 @@ def test_close_relatives_are_refused_by_name(model_type):
   hf['model_type'] = model_type
   with pytest.raises(ValueError, match=f"model_type '{model_type}' is not supported: "):
     config_from_hf(hf)
+
+
+def test_yarn_exports_to_its_config_json(checkpoints):
+  from rrt_jax.export import hf_config
+  cfg, _ = load_hf(checkpoints('qwen3_yarn_fields')[0])
+  rope = hf_config(cfg)['rope_parameters']  # hf_config reads its result back and checks it gives cfg.
+  assert (rope['rope_type'], rope['beta_fast'], rope['truncate'], rope['attention_factor']) == ('yarn', 16.0, False,
+                                                                                                  1.3)
 
 
 def test_bias_a_family_does_not_have_is_refused():

@@ -42,6 +42,15 @@ def rope_scaling_from_hf(hf: dict) -> RopeScaling | None:
   # A missing llama3 field stays None, for RopeScaling to name.
   number = lambda key, cast: None if rope.get(key) is None else cast(rope[key])  # noqa: E731
   original = number('original_max_position_embeddings', int) or hf.get('max_position_embeddings')
+  if rope_type == 'yarn':
+    if rope.get('mscale') or rope.get('mscale_all_dim'):
+      raise ValueError('This checkpoint uses yarn RoPE with mscale / mscale_all_dim (DeepSeek\'s attention factor), '
+                       'which rrt_jax does not implement: its logits would be wrong.')
+    truncate = rope.get('truncate')
+    return RopeScaling('yarn', float(rope['factor']), original_max_position_embeddings=original,
+                       beta_fast=number('beta_fast', float), beta_slow=number('beta_slow', float),
+                       attention_factor=number('attention_factor', float),
+                       truncate=None if truncate is None else bool(truncate))
   return RopeScaling('llama3', float(rope['factor']), low_freq_factor=number('low_freq_factor', float),
                      high_freq_factor=number('high_freq_factor', float), original_max_position_embeddings=original)
 

@@ -121,6 +121,10 @@ def _rope(cfg: ModelConfig) -> tuple[dict, dict | None]:
     if s.rope_type == 'llama3':
       scaling.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
                      original_max_position_embeddings=s.original_max_position_embeddings)
+    if s.rope_type == 'yarn':
+      scaling['original_max_position_embeddings'] = s.original_max_position_embeddings
+      scaling.update({k: getattr(s, k) for k in ('beta_fast', 'beta_slow', 'attention_factor', 'truncate')
+                      if getattr(s, k) is not None})
     params.update({k: v for k, v in scaling.items() if k != 'type'})
   return params, scaling
 
