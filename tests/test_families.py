@@ -109,22 +109,25 @@ def test_each_config_feature_matters(checkpoints, family, ablation):
 @pytest.mark.parametrize('family', NEW_FAMILIES)
 def test_relaxed_model_exports_to_transformers_at_the_final_exit(checkpoints, family, tmp_path):
   """Full-rank relaxation reproduces the original (invariant 3, which also checks each pattern's per-shared-layer
-  attention types); a low-rank relaxed model exports to a checkpoint that transformers reloads at its final exit."""
-  import transformers as tf
+  attention types), and exports (LoRA and vector deltas merged) to a checkpoint that transformers reloads as the
+  original model. The uptrained low-rank model's export: test_conversion_recipe_runs."""
   directory, torch_model = checkpoints(family)
   cfg, vanilla = load_hf(directory)
-  rec = RECURSIONS[family]
-  full = to_recursive(vanilla, cfg, rec.replace(lora_rank=10_000))
-  np.testing.assert_allclose(_logits(cfg, rec.replace(lora_rank=10_000), full), hf_logits(torch_model, TOKENS),
-                             atol=1e-4, rtol=0)
+  rec = RECURSIONS[family].replace(lora_rank=10_000)  # Capped at full rank per projection.
   relaxed = to_recursive(vanilla, cfg, rec)
-  ours = _logits(cfg, rec, relaxed)
-  to_hf((cfg, rec, relaxed), tmp_path)
-  model = tf.AutoModelForCausalLM.from_pretrained(tmp_path, dtype='float32', attn_implementation='eager').eval()
-  assert type(model) is type(torch_model)
-  np.testing.assert_allclose(hf_logits(model, TOKENS), ours, atol=1e-4, rtol=0)
+  theirs = hf_logits(torch_model, TOKENS)
+  np.testing.assert_allclose(_logits(cfg, rec, relaxed), theirs, atol=1e-4, rtol=0)
+  exported = _export_and_reload(cfg, rec, relaxed, tmp_path)
+  assert type(exported) is type(torch_model)
+  np.testing.assert_allclose(hf_logits(exported, TOKENS), theirs, atol=1e-4, rtol=0)
   back_cfg, _ = load_hf(str(tmp_path))
   assert back_cfg.replace(max_seq_len=cfg.max_seq_len) == cfg
+
+
+def _export_and_reload(cfg: ModelConfig, rec: RecursionConfig, variables: dict, directory):
+  import transformers as tf
+  to_hf((cfg, rec, variables), directory)
+  return tf.AutoModelForCausalLM.from_pretrained(directory, dtype='float32', attn_implementation='eager').eval()
 
 
 def _batches(vocab: int, n: int, seq: int = 16) -> list[dict]:
@@ -138,8 +141,9 @@ def _batches(vocab: int, n: int, seq: int = 16) -> list[dict]:
   return out
 
 
-def _recipe(checkpoints, family):
-  """Calibrate -> whitened-SVD relaxation -> layer-wise healing -> 2 KD steps; returns the final loss and report."""
+def _recipe(checkpoints, family, tmp_path):
+  """Calibrate -> whitened-SVD relaxation -> layer-wise healing -> 2 KD steps -> export; returns the KD losses, the
+  healing report and (our final exit's logits, the exported model's)."""
   cfg, vanilla = load_hf(checkpoints(family)[0])
   rec = RECURSIONS[family].replace(lora_init='whitened_svd')
   batches = _batches(cfg.vocab_size, 3)
@@ -153,16 +157,19 @@ def _recipe(checkpoints, family):
   for batch in batches[:2]:
     state, metrics = step(state, vanilla, jax.tree.map(jnp.asarray, batch))
     losses.append(float(metrics['loss']))
-  return losses, report
+  variables = jax.device_get(state.variables)
+  exported = _export_and_reload(cfg, rec, variables, tmp_path)
+  return losses, report, (_logits(cfg, rec, variables), hf_logits(exported, TOKENS))
 
 
 @pytest.mark.parametrize('family', [
     'gemma2',  # Local and global shared layers in one scan; calibration and healing of both types; soft-capped KD.
     *[pytest.param(f, marks=pytest.mark.slow) for f in NEW_FAMILIES if f != 'gemma2']])
-def test_conversion_recipe_runs(checkpoints, family):
-  losses, report = _recipe(checkpoints, family)
+def test_conversion_recipe_runs(checkpoints, family, tmp_path):
+  losses, report, (ours, exported) = _recipe(checkpoints, family, tmp_path)
   assert all(np.isfinite(losses)) and losses[0] > 0
   assert report.before and all(np.isfinite(report.after))
+  np.testing.assert_allclose(exported, ours, atol=1e-4, rtol=0)  # The uptrained rank-4 model at its final exit.
 
 
 def test_a_shared_layer_keeps_one_attention_type(checkpoints):
