@@ -2,7 +2,7 @@
 memory-bandwidth bound of a decode step.
 
 The HF model is built from our vanilla params through rrt_jax.export's state dict (the inverse of
-rrt_jax/convert/hf.py's mapping), so both sides decode the same numbers; nothing is downloaded.
+rrt_jax/pretrained/hf.py's mapping), so both sides decode the same numbers; nothing is downloaded.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from collections.abc import Sequence
 
 
@@ -17,12 +18,38 @@ class Family(enum.StrEnum):
   GEMMA = 'gemma'
   LLAMA = 'llama'
   GPT_NEOX = 'gpt_neox'
+  QWEN2 = 'qwen2'  # Llama + bias on q, k, v (Qwen2 and Qwen2.5).
+  QWEN3 = 'qwen3'  # Llama + per-head q/k RMSNorm.
+  MISTRAL = 'mistral'  # Llama + sliding-window attention.
+  GEMMA2 = 'gemma2'  # Gemma + sandwich norms, soft-capping, query_pre_attn_scalar, local/global layers.
+  GEMMA3 = 'gemma3'  # Gemma 2 + per-head q/k norm and a RoPE base of its own for local layers (no soft-capping).
+  OLMO2 = 'olmo2'  # Llama with post-norms only and q/k RMSNorm over the whole projection.
+  PHI3 = 'phi3'  # Llama with fused qkv and gate_up projections in its checkpoints (split on load).
 
 
 class NormType(enum.StrEnum):
   RMS = 'rms'
   RMS_ONE_PLUS = 'rms_one_plus'  # Gemma's RMSNorm with scale (1 + w).
   LAYER = 'layer'
+
+
+class NormPlacement(enum.StrEnum):
+  """Where a layer's norms sit around its two branches f (attention, MLP)."""
+
+  PRE = 'pre'  # h + f(norm(h)): Llama, Gemma, GPT-NeoX and most others.
+  SANDWICH = 'sandwich'  # h + post_norm(f(norm(h))): Gemma 2 and 3.
+  POST = 'post'  # h + post_norm(f(h)): OLMo 2.
+
+
+class QKNorm(enum.StrEnum):
+  """RMSNorm of queries and keys before RoPE."""
+
+  NONE = 'none'
+  HEAD = 'head'  # Over each head's head_dim, one weight shared by the heads: Qwen3, Gemma 3.
+  PROJECTION = 'projection'  # Over the whole q (heads * head_dim) and k projection: OLMo 2.
+
+
+FULL, SLIDING = 'full', 'sliding'  # Attention types of `ModelConfig.layer_types`.
 
 
 class MlpType(enum.StrEnum):
@@ -99,7 +126,7 @@ class LoraInit(enum.StrEnum):
   ZERO = 'zero'  # Standard LoRA: A random, B zero, so the relaxed model starts as the recursive one.
 
 
-ROPE_SCALING_TYPES = ('linear', 'llama3')  # Beside none ('default' in HF configs).
+ROPE_SCALING_TYPES = ('linear', 'llama3', 'yarn')  # Beside none ('default' in HF configs).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +136,9 @@ class RopeScaling:
   linear: every inverse frequency divided by `factor` (position interpolation).
   llama3: Llama 3.1's: wavelengths above original_max_position_embeddings / low_freq_factor divided by `factor`,
     below original_max_position_embeddings / high_freq_factor kept, smoothly interpolated in between.
+  yarn: YaRN (Qwen3's long context): frequencies below beta_slow rotations over original_max_position_embeddings
+    divided by `factor`, above beta_fast kept, a linear ramp between (over dimensions, bounds floored/ceiled unless
+    truncate=False); cos and sin multiplied by attention_factor (default 0.1 ln(factor) + 1).
   """
 
   rope_type: str
@@ -116,6 +146,11 @@ class RopeScaling:
   low_freq_factor: float | None = None  # llama3 only, like the two below.
   high_freq_factor: float | None = None
   original_max_position_embeddings: int | None = None
+  # yarn only, like the three below; None: transformers' defaults (32, 1, from factor, True).
+  beta_fast: float | None = None
+  beta_slow: float | None = None
+  attention_factor: float | None = None
+  truncate: bool | None = None
 
   def __post_init__(self):
     if self.rope_type not in ROPE_SCALING_TYPES:
@@ -131,6 +166,17 @@ class RopeScaling:
       if not 0 < self.low_freq_factor < self.high_freq_factor:
         raise ValueError(f'llama3 RoPE scaling needs 0 < low_freq_factor < high_freq_factor, got '
                          f'{self.low_freq_factor} and {self.high_freq_factor}.')
+    if self.rope_type == 'yarn' and not self.original_max_position_embeddings:
+      raise ValueError('yarn RoPE scaling needs original_max_position_embeddings.')
+
+  @property
+  def cos_sin_scale(self) -> float:
+    """The factor on RoPE's cos and sin (YaRN's attention factor; 1 for the other types)."""
+    if self.rope_type != 'yarn':
+      return 1.0
+    if self.attention_factor is not None:
+      return self.attention_factor
+    return 0.1 * math.log(self.factor) + 1.0 if self.factor > 1 else 1.0
 
 
 LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
@@ -179,6 +225,17 @@ class ModelConfig:
   # Unroll the scans over layers and loops (a Python-level loop in the compiled program): faster steps and compiles
   # for small models (few depth positions, tiny matmuls, where while-loop overhead dominates); same values.
   scan_unroll: bool = False
+  # The features of the newer families; every default keeps the families above as they were.
+  qkv_bias: bool = False  # Bias on q, k and v but not o (Qwen2); attn_bias puts one on all four.
+  qk_norm: QKNorm | str = QKNorm.NONE
+  norm_placement: NormPlacement | str = NormPlacement.PRE
+  query_pre_attn_scalar: float | None = None  # Attention logits scaled by its -1/2 power; None: head_dim's.
+  attn_softcap: float | None = None  # Attention logits -> cap * tanh(logits / cap) (Gemma 2).
+  final_softcap: float | None = None  # The same on the LM head's logits.
+  sliding_window: int | None = None  # A sliding layer's query at p sees keys at p - window < q <= p.
+  # Per layer 'full' or 'sliding'; None: every layer sliding when sliding_window is set (Mistral), else full.
+  layer_types: tuple[str, ...] | None = None
+  local_rope_theta: float | None = None  # Sliding layers' RoPE base, unscaled (Gemma 3); None: the full layers'.
 
   def __post_init__(self):
     set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass normalisation)
@@ -187,6 +244,11 @@ class ModelConfig:
     set_('mlp', _parse_enum(MlpType, self.mlp, 'mlp'))
     set_('remat', _parse_enum(RematPolicy, self.remat, 'remat policy'))
     set_('attention', _parse_enum(AttentionImpl, self.attention, 'attention implementation'))
+    set_('qk_norm', _parse_enum(QKNorm, self.qk_norm, 'qk_norm'))
+    set_('norm_placement', _parse_enum(NormPlacement, self.norm_placement, 'norm_placement'))
+    self._check_layer_types()
+    if self.parallel_residual and self.norm_placement != NormPlacement.PRE:
+      raise ValueError(f'parallel_residual needs norm_placement=\'pre\', got {self.norm_placement.value!r}.')
     if isinstance(self.rope_scaling, dict):
       known = {f.name for f in dataclasses.fields(RopeScaling)}
       if unknown := sorted(set(self.rope_scaling) - known):
@@ -201,9 +263,41 @@ class ModelConfig:
           f'rotary_fraction={self.rotary_fraction} gives {rotary_dim} rotary dims of head_dim '
           f'{self.head_dim}: it must be a positive even number.')
 
+  def _check_layer_types(self):
+    if self.layer_types is None:
+      return
+    object.__setattr__(self, 'layer_types', tuple(self.layer_types))
+    if len(self.layer_types) != self.num_layers:
+      raise ValueError(f'layer_types has {len(self.layer_types)} entries for num_layers={self.num_layers}: give '
+                       'one per layer.')
+    if bad := sorted(set(self.layer_types) - {FULL, SLIDING}):
+      raise ValueError(f'Unknown layer type(s) {bad}: choose {FULL!r} or {SLIDING!r} per layer.')
+    if SLIDING in self.layer_types and not self.sliding_window:
+      raise ValueError("layer_types has 'sliding' layers but sliding_window is not set.")
+
   @property
   def rotary_dim(self) -> int:
     return int(self.head_dim * self.rotary_fraction)
+
+  @property
+  def sliding_layers(self) -> tuple[bool, ...]:
+    """Per layer: whether it attends through the sliding window."""
+    if self.layer_types is None:
+      return (bool(self.sliding_window),) * self.num_layers
+    return tuple(t == SLIDING for t in self.layer_types)
+
+  @property
+  def uniform_sliding(self) -> bool | None:
+    """Whether every layer slides (True) or none does (False); None when the layers mix both types."""
+    kinds = set(self.sliding_layers)
+    return kinds.pop() if len(kinds) == 1 else None
+
+  def layer_config(self, depth: int) -> ModelConfig:
+    """This config with every layer of depth position `depth`'s attention type: what one layer run on its own
+    (conversion, healing) computes there."""
+    if self.uniform_sliding is not None:
+      return self
+    return self.replace(layer_types=(self.layer_types[depth],) * self.num_layers)
 
   @property
   def has_gate(self) -> bool:
@@ -365,3 +459,51 @@ def lora_rank_for(rec: RecursionConfig, d_in: int, d_out: int) -> int:
   """Rank of one target's LoRA: the configured rank capped at min(d_in, d_out)."""
   assert rec.lora_rank is not None
   return min(rec.lora_rank, d_in, d_out)
+
+
+def _pattern_fits(sliding: tuple[bool, ...], rec: RecursionConfig) -> bool:
+  """Whether every shared layer of `rec` is tied only to depth positions of one attention type."""
+  num_layers = len(sliding)
+  try:
+    rec.shared_layers(num_layers)
+  except ValueError:
+    return False
+  seen: dict[int, bool] = {}
+  for depth, kind in enumerate(sliding):
+    if not rec.is_unique_depth(depth, num_layers):
+      if seen.setdefault(rec.depth_to_shared(depth, num_layers), kind) != kind:
+        return False
+  return True
+
+
+def check_layer_pattern(cfg: ModelConfig, rec: RecursionConfig) -> None:
+  """A shared layer keeps one attention type (its window and RoPE base are part of what it computes): a looping
+  that ties a local layer to a global one is refused, naming the loop counts (and middle-cycle settings) that fit."""
+  sliding = cfg.sliding_layers
+  if cfg.uniform_sliding is not None or _pattern_fits(sliding, rec):
+    return
+  n = cfg.num_layers
+  fits = {looping: [b for b in range(1, n + 1)
+                    if _pattern_fits(sliding, rec.replace(looping=looping, unique_layers=0, loops=b))]
+          for looping in (Looping.CYCLE, Looping.SEQUENCE)}
+  middle = [f'loops={b}, unique_layers={u}' for u in range(1, (n + 1) // 2) for b in range(2, n)
+            if _pattern_fits(sliding, rec.replace(looping=Looping.MIDDLE_CYCLE, unique_layers=u, loops=b))][:6]
+  pattern = ''.join('L' if s else 'G' for s in sliding)
+  options = '; '.join(f'looping={k.value!r} with loops in {v}' for k, v in fits.items())
+  raise ValueError(
+      f'loops={rec.loops} ({rec.looping.value}, unique_layers={rec.unique_layers}) ties local (sliding-window) and '
+      f'global layers to one shared layer (layer pattern {pattern}, L = local, G = global): a shared layer must keep '
+      f'one attention type. What fits: {options}'
+      + (f"; looping='middle_cycle' with {'; or '.join(middle)}" if middle else '') + '.')
+
+
+def layer_kinds(cfg: ModelConfig, rec: RecursionConfig) -> dict[str, tuple[bool, ...]] | None:
+  """Whether each layer slides, by stack: {'stack': [K] per shared layer, 'prelude': [U], 'coda': [U]}; None when
+  every layer has the same type (then it is static, read from cfg). Checks the pattern first."""
+  if cfg.uniform_sliding is not None:
+    return None
+  check_layer_pattern(cfg, rec)
+  n, u, sliding = cfg.num_layers, rec.unique_layers, cfg.sliding_layers
+  stack = {rec.depth_to_shared(d, n): sliding[d] for d in range(n) if not rec.is_unique_depth(d, n)}
+  return {'stack': tuple(stack[k] for k in range(rec.shared_layers(n))), PRELUDE: sliding[:u],
+          CODA: sliding[n - u:]}

@@ -1,11 +1,12 @@
-"""Architectures of the paper's models, the project's default model and tiny test models.
+"""Architectures of the paper's models, the project's default model, models researchers bring today (Qwen3,
+Qwen2.5, Llama 3.2, Gemma 3) and tiny test models.
 
 Shapes come from the models' public HF configs; loading real weights goes through rrt_jax.convert.
 """
 
 from __future__ import annotations
 
-from rrt_jax.config import ModelConfig
+from rrt_jax.config import ModelConfig, RopeScaling
 
 GEMMA_2B = ModelConfig(
     family='gemma', vocab_size=256_000, num_layers=18, d_model=2048, num_heads=8, num_kv_heads=1,
@@ -28,6 +29,34 @@ SMOLLM2_135M = ModelConfig(
     head_dim=64, mlp_dim=1536, max_seq_len=8192, norm='rms', norm_eps=1e-5, mlp='swiglu',
     rope_theta=100_000.0, tie_embeddings=True)
 
+# Models researchers bring today (shapes from their public config.json; load the weights with
+# rrt_jax.pretrained.hf.load_hf, which reads the same config from the checkpoint and checks every tensor's shape).
+QWEN3_0_6B = ModelConfig(
+    family='qwen3', vocab_size=151_936, num_layers=28, d_model=1024, num_heads=16, num_kv_heads=8, head_dim=128,
+    mlp_dim=3072, max_seq_len=40_960, norm='rms', norm_eps=1e-6, mlp='swiglu', rope_theta=1_000_000.0,
+    tie_embeddings=True, qk_norm='head')
+
+QWEN2_5_0_5B = ModelConfig(
+    family='qwen2', vocab_size=151_936, num_layers=24, d_model=896, num_heads=14, num_kv_heads=2, head_dim=64,
+    mlp_dim=4864, max_seq_len=32_768, norm='rms', norm_eps=1e-6, mlp='swiglu', rope_theta=1_000_000.0,
+    tie_embeddings=True, qkv_bias=True)
+
+LLAMA_3_2_1B = ModelConfig(
+    family='llama', vocab_size=128_256, num_layers=16, d_model=2048, num_heads=32, num_kv_heads=8, head_dim=64,
+    mlp_dim=8192, max_seq_len=131_072, norm='rms', norm_eps=1e-5, mlp='swiglu', rope_theta=500_000.0,
+    rope_scaling=RopeScaling('llama3', 32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                             original_max_position_embeddings=8192),
+    tie_embeddings=True)
+
+# 5 local (sliding window 512, RoPE base 10k) : 1 global (base 1M) layers. Under CYCLE only loops=1 keeps each shared
+# layer one type; loop it with looping='middle_cycle', unique_layers=1 (24 middle layers, K a multiple of 6).
+GEMMA_3_1B = ModelConfig(
+    family='gemma3', vocab_size=262_144, num_layers=26, d_model=1152, num_heads=4, num_kv_heads=1, head_dim=256,
+    mlp_dim=6912, max_seq_len=32_768, norm='rms_one_plus', norm_eps=1e-6, mlp='geglu', rope_theta=1_000_000.0,
+    tie_embeddings=True, embed_scale=True, qk_norm='head', norm_placement='sandwich', query_pre_attn_scalar=256.0,
+    sliding_window=512, layer_types=tuple('full' if (i + 1) % 6 == 0 else 'sliding' for i in range(26)),
+    local_rope_theta=10_000.0)
+
 # A CPU-sized model of each family for tests, benchmarks and the tiny experiment config.
 TINY_LLAMA = ModelConfig(
     family='llama', vocab_size=512, num_layers=6, d_model=64, num_heads=4, num_kv_heads=2, head_dim=16,
@@ -46,7 +75,8 @@ REPRO_7M = ModelConfig(
 PRESETS = {
     'gemma_2b': GEMMA_2B, 'tinyllama_1_1b': TINYLLAMA_1_1B, 'pythia_1b': PYTHIA_1B,
     'smollm2_135m': SMOLLM2_135M, 'tiny_llama': TINY_LLAMA, 'tiny_gemma': TINY_GEMMA,
-    'tiny_pythia': TINY_PYTHIA, 'repro_7m': REPRO_7M,
+    'tiny_pythia': TINY_PYTHIA, 'repro_7m': REPRO_7M, 'qwen3_0_6b': QWEN3_0_6B, 'qwen2_5_0_5b': QWEN2_5_0_5B,
+    'llama3_2_1b': LLAMA_3_2_1B, 'gemma3_1b': GEMMA_3_1B,
 }
 
 

@@ -89,12 +89,12 @@ def test_transformers_4_spelling_is_read():
   assert (cfg.rope_theta, cfg.rope_scaling) == (500.0, RopeScaling('linear', 2.0))
 
 
-@pytest.mark.parametrize('rope_type', ['dynamic', 'yarn', 'longrope'])
+@pytest.mark.parametrize('rope_type', ['dynamic', 'longrope'])  # yarn: tests/test_families.py.
 def test_unsupported_rope_type_is_refused(rope_type):
   hf = {**HF_LLAMA, 'rope_parameters': {'rope_type': rope_type, 'factor': 4.0, 'rope_theta': 1e4}}
-  with pytest.raises(ValueError, match=f"'{rope_type}'.*supported: linear, llama3"):
+  with pytest.raises(ValueError, match=f"'{rope_type}'.*supported: linear, llama3, yarn"):
     config_from_hf(hf)
-  with pytest.raises(ValueError, match=f"'{rope_type}' is not supported.*linear, llama3"):
+  with pytest.raises(ValueError, match=f"'{rope_type}' is not supported.*linear, llama3, yarn"):
     RopeScaling(rope_type, 4.0)
 
 

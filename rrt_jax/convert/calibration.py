@@ -205,7 +205,8 @@ def collect_grams(cfg: ModelConfig, vanilla: dict, batches: Sequence[dict], conf
   hidden = [embed(cfg, vanilla, b['inputs']) for b in batches]
   grams = []
   for depth in tqdm(range(cfg.num_layers), desc='calibration', unit='layer', disable=not progress):
-    hidden, sums = _accumulate(cfg, VANILLA, config.diagonal, _vanilla_depth(vanilla, cfg, depth), hidden, batches)
+    hidden, sums = _accumulate(cfg.layer_config(depth), VANILLA, config.diagonal, _vanilla_depth(vanilla, cfg, depth),
+                               hidden, batches)
     grams.append(sums)
   stats = GramStats(grams, tokens * jax.process_count(), config.diagonal, config.ridge)
   if path:
@@ -233,12 +234,14 @@ def convert_sequential(vanilla: dict, cfg: ModelConfig, rec: RecursionConfig, ba
   hidden = [embed(cfg, vanilla, b['inputs']) for b in batches]
   for depth in tqdm(range(cfg.num_layers), desc='sequential calibration', unit='layer', disable=not progress):
     if not rec.is_unique_depth(depth, cfg.num_layers):
-      _, grams = _accumulate(cfg, VANILLA, config.diagonal, _vanilla_depth(vanilla, cfg, depth), hidden, batches)
+      _, grams = _accumulate(cfg.layer_config(depth), VANILLA, config.diagonal, _vanilla_depth(vanilla, cfg, depth),
+                             hidden, batches)
       relax_depth(depth, flat_vanilla, flat_shared, out, cfg, rec, grams, config.ridge)
     converted = {'params': converted_params, LORA: with_layer_tree({}, traverse_util.unflatten_dict(out))}
     layer = depth_variables(converted, cfg, rec, depth)
-    hidden = [_layer(cfg, rec, layer, h, b['positions'], b['segment_ids']) for h, b in zip(hidden, batches,
-                                                                                           strict=True)]
+    layer_cfg = cfg.layer_config(depth)  # One layer of this depth's attention type.
+    hidden = [_layer(layer_cfg, rec, layer, h, b['positions'], b['segment_ids']) for h, b in zip(hidden, batches,
+                                                                                                 strict=True)]
   variables = {'params': converted_params, LORA: with_layer_tree({}, traverse_util.unflatten_dict(out))}
   return jax.tree.map(jnp.asarray, variables)
 

@@ -30,7 +30,8 @@ from rrt_jax.model.lora import lora_a_init
 
 log = logging.getLogger(__name__)
 
-NORM_MODULES = ('attn_norm', 'mlp_norm')
+NORM_MODULES = ('attn_norm', 'mlp_norm', 'attn_post_norm', 'mlp_post_norm')
+QK_NORMS = ('q_norm', 'k_norm')  # Under 'attn' (ModelConfig.qk_norm).
 
 
 def source_layers(rec: RecursionConfig, num_layers: int) -> list[int]:
@@ -91,7 +92,7 @@ def shared_layers_from(vanilla_layers: dict, cfg: ModelConfig, rec: RecursionCon
     leaf = np.asarray(leaf, np.float32)
     if leaf.shape[0] != num_layers:
       raise ValueError(f'Layer param {"/".join(path)} has {leaf.shape[0]} layers, expected {num_layers}.')
-    is_norm = path[0] in NORM_MODULES
+    is_norm = path[0] in NORM_MODULES or (path[0] == 'attn' and path[1] in QK_NORMS)
     method = norm_init.value if is_norm else ('avg' if rec.init == InitMethod.AVERAGE else 'choice')
     if method == 'avg':
       value = np.stack([leaf[g].mean(axis=0) for g in groups])

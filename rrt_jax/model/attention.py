@@ -16,8 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rrt_jax.config import AttentionImpl, ModelConfig
-from rrt_jax.model.layers import apply_rotary, dtype_of
+from rrt_jax.config import AttentionImpl, ModelConfig, QKNorm
+from rrt_jax.model.layers import Norm, apply_rotary, dtype_of, softcap
 from rrt_jax.model.lora import LoraDense, LoraSpec
 
 KVCache = dict[str, jax.Array]  # {'k', 'v'}: [batch, max_len, kv_heads, head_dim] for one depth position.
@@ -71,9 +71,22 @@ def resolve_attention(cfg: ModelConfig, backend: str | None = None) -> str:
   return impl.value
 
 
+def attention_scale(cfg: ModelConfig) -> float:
+  """The attention logits' scale: query_pre_attn_scalar^-1/2 (Gemma 2 and 3), else head_dim^-1/2."""
+  return (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
+
+
 def _no_cache_impl(cfg: ModelConfig, seq_len: int, packed: bool) -> str:
-  """resolve_attention, with 'auto' falling back to 'xla' where the shapes do not suit the fused kernel."""
+  """resolve_attention, with 'auto' falling back to 'xla' where the shapes do not suit the fused kernel.
+  Soft-capped logits need the einsum; a sliding window, a kernel that takes the mask ('einsum' or 'xla')."""
   impl = resolve_attention(cfg)
+  if cfg.attn_softcap is not None:
+    return 'einsum'
+  if cfg.sliding_window and impl in ('cudnn', 'splash'):
+    if cfg.attention != AttentionImpl.AUTO:
+      raise ValueError(f"attention={impl!r} has no sliding window here (sliding_window={cfg.sliding_window}): use "
+                       "attention='auto' or 'xla'.")
+    return 'xla'
   if cfg.attention == AttentionImpl.AUTO:
     if impl == 'splash' and seq_len % _SPLASH_BLOCKS[-1]:
       return 'xla'
@@ -83,13 +96,13 @@ def _no_cache_impl(cfg: ModelConfig, seq_len: int, packed: bool) -> str:
 
 
 def dot_product_attention(impl: str, q_BxSxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
-                          mask: SelfMask) -> jax.Array:
+                          mask: SelfMask, scale: float | None = None) -> jax.Array:
   """jax.nn.dot_product_attention (impl 'xla' or 'cudnn'; GQA native: K divides H) -> [B, S, H, D].
 
   'xla' applies the position mask exactly. 'cudnn' is causal by index (it skips the masked upper triangle); packed
   rows add the mask, which cuDNN takes as an additive bias: correct, but slower than causal alone (jax.nn's API has
   no segment ids for cuDNN; cuDNN's packed THD layout is reachable only through a private jax API)."""
-  scale = q_BxSxHxD.shape[-1] ** -0.5
+  scale = q_BxSxHxD.shape[-1] ** -0.5 if scale is None else scale
   if impl == 'xla':
     return jax.nn.dot_product_attention(q_BxSxHxD, k_BxSxKxD, v_BxSxKxD, mask=mask.mask[:, None],
                                         scale=scale, implementation='xla')
@@ -99,7 +112,8 @@ def dot_product_attention(impl: str, q_BxSxHxD: jax.Array, k_BxSxKxD: jax.Array,
 
 
 def splash_attention(q_BxSxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
-                     segment_ids_BxS: jax.Array | None, interpret: bool = False) -> jax.Array:
+                     segment_ids_BxS: jax.Array | None, interpret: bool = False,
+                     scale: float | None = None) -> jax.Array:
   """Causal (by index) attention with the Pallas TPU splash kernel, vmapped over rows -> [B, S, H, D]. GQA is the
   kernel's own (K/V keep their K heads). S must be a multiple of 128. interpret=True runs the kernel in Pallas's
   interpreter (CPU tests). One device's kernel: under a multi-device mesh XLA cannot partition it (shard_map
@@ -116,7 +130,7 @@ def splash_attention(q_BxSxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.
   heads_mask = splash.MultiHeadMask(tuple(splash.CausalMask((s, s)) for _ in range(h)))
   kernel = splash.make_splash_mha(heads_mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
   # The kernel takes [heads, S, head_dim] per row and does not scale the logits.
-  q = (q_BxSxHxD * hd ** -0.5).astype(q_BxSxHxD.dtype).transpose(0, 2, 1, 3)
+  q = (q_BxSxHxD * (hd ** -0.5 if scale is None else scale)).astype(q_BxSxHxD.dtype).transpose(0, 2, 1, 3)
   k, v = k_BxSxKxD.transpose(0, 2, 1, 3), v_BxSxKxD.transpose(0, 2, 1, 3)
   if segment_ids_BxS is None:
     out = jax.vmap(kernel)(q, k, v)
@@ -128,6 +142,21 @@ def splash_attention(q_BxSxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.
 def cache_mask(positions_BxS: jax.Array, max_len: int) -> jax.Array:
   """[B, S, T] mask over cache slots: a query sees every slot at or before its own position."""
   return jnp.arange(max_len)[None, None, :] <= positions_BxS[:, :, None]
+
+
+def pick(sliding, local, full):
+  """A sliding layer's value or a full layer's: chosen in Python for a static kind, by jnp.where for a traced one
+  (a scan over layers of both types)."""
+  if isinstance(sliding, bool):
+    return local if sliding else full
+  return jnp.where(sliding, local, full)
+
+
+def window_mask(mask_BxSxT: jax.Array, positions_BxS: jax.Array, key_positions_BxT: jax.Array, window: int,
+                sliding) -> jax.Array:
+  """The mask of a sliding layer: also key position > query position - window (HF's sliding_window_overlay)."""
+  near = positions_BxS[:, :, None] - key_positions_BxT[:, None, :] < window
+  return pick(sliding, mask_BxSxT & near, mask_BxSxT)
 
 
 def write_cache(cache_BxTxHxD: jax.Array, new_BxSxHxD: jax.Array, start_B: jax.Array) -> jax.Array:
@@ -146,35 +175,64 @@ class Attention(nn.Module):
   def setup(self):
     cfg = self.cfg
     dense = lambda name, features, axes: LoraDense(  # noqa: E731
-        features, axes, use_bias=cfg.attn_bias, lora=self.lora[name], dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        features, axes, use_bias=cfg.attn_bias or (cfg.qkv_bias and name != 'o'), lora=self.lora[name],
+        dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     self.q = dense('q', h * hd, ('embed', 'heads'))
     self.k = dense('k', kvh * hd, ('embed', 'kv'))
     self.v = dense('v', kvh * hd, ('embed', 'kv'))
     self.o = dense('o', cfg.d_model, ('heads', 'embed'))
+    if cfg.qk_norm != QKNorm.NONE:
+      relax = self.lora['q'].relax_bias  # Relaxed vectors: the q/k norms get per-(loop, layer) deltas too.
+      self.q_norm = Norm(cfg.norm, cfg.norm_eps, relax, cfg.dtype, cfg.param_dtype)
+      self.k_norm = Norm(cfg.norm, cfg.norm_eps, relax, cfg.dtype, cfg.param_dtype)
+
+  def _qk(self, norm: nn.Module, x_BxSxF: jax.Array, heads: int, positions_BxS: jax.Array, sel, sliding):
+    """A q or k projection [B, S, heads * head_dim] -> normed (qk_norm) and rotated [B, S, heads, head_dim]."""
+    cfg = self.cfg
+    b, s, _ = x_BxSxF.shape
+    if cfg.qk_norm == QKNorm.PROJECTION:
+      x_BxSxF = norm(x_BxSxF, sel)
+    elif cfg.qk_norm == QKNorm.HEAD:  # Rows [B, S * heads, head_dim]: the norm's per-row deltas still broadcast.
+      x_BxSxF = norm(x_BxSxF.reshape(b, s * heads, cfg.head_dim), sel)
+    x = x_BxSxF.reshape(b, s, heads, cfg.head_dim)
+    full = apply_rotary(x, positions_BxS, cfg.rope_theta, cfg.rotary_dim, cfg.rope_scaling)
+    if cfg.local_rope_theta is None or sliding is False:
+      return full
+    return pick(sliding, apply_rotary(x, positions_BxS, cfg.local_rope_theta, cfg.rotary_dim), full)
 
   def project_kv(self, x_BxSxD: jax.Array, positions_BxS: jax.Array,
-                 loop_onehot_BxR: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """Rotated keys and values [B, S, kv_heads, head_dim] of the inputs (after the attention norm)."""
+                 loop_onehot_BxR: jax.Array | None = None, sliding=False) -> tuple[jax.Array, jax.Array]:
+    """Rotated keys and values [B, S, kv_heads, head_dim] of the inputs (after the attention norm).
+    sliding: whether this is a sliding-window layer (a bool, or a traced one in a scan over mixed layers)."""
     cfg = self.cfg
     b, s, _ = x_BxSxD.shape
-    k = self.k(x_BxSxD, loop_onehot_BxR).reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
+    k = self._qk(getattr(self, 'k_norm', None), self.k(x_BxSxD, loop_onehot_BxR), cfg.num_kv_heads, positions_BxS,
+                 loop_onehot_BxR, sliding)
     v = self.v(x_BxSxD, loop_onehot_BxR).reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
-    return apply_rotary(k, positions_BxS, cfg.rope_theta, cfg.rotary_dim, cfg.rope_scaling), v
+    return k, v
 
   def __call__(self, x_BxSxD: jax.Array, positions_BxS: jax.Array, mask_BxSxT: jax.Array,
-               cache: KVCache | None = None,
-               loop_onehot_BxR: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+               cache: KVCache | None = None, loop_onehot_BxR: jax.Array | None = None,
+               sliding=False) -> tuple[jax.Array, KVCache | None]:
     """mask: `self_mask`'s SelfMask without a cache (the decoder's), or a [B, S, T] array (cache slots, or a plain
     `causal_mask`), which always runs the einsum.
-    loop_onehot: each row's loop, for multi-LoRA (see lora.py)."""
+    loop_onehot: each row's loop, for multi-LoRA (see lora.py).
+    sliding: whether this layer attends through cfg.sliding_window (see `project_kv`)."""
     cfg = self.cfg
     b, s, _ = x_BxSxD.shape
     h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     sel = loop_onehot_BxR
-    q = self.q(x_BxSxD, sel).reshape(b, s, h, hd)
-    q = apply_rotary(q, positions_BxS, cfg.rope_theta, cfg.rotary_dim, cfg.rope_scaling)
-    k, v = self.project_kv(x_BxSxD, positions_BxS, sel)
+    q = self._qk(getattr(self, 'q_norm', None), self.q(x_BxSxD, sel), h, positions_BxS, sel, sliding)
+    k, v = self.project_kv(x_BxSxD, positions_BxS, sel, sliding)
+    if cfg.sliding_window and sliding is not False:
+      slots = None if cache is None else cache['k'].shape[1]
+      keys = positions_BxS if slots is None else jnp.broadcast_to(jnp.arange(slots), (b, slots))
+      if isinstance(mask_BxSxT, SelfMask):
+        mask_BxSxT = SelfMask(window_mask(mask_BxSxT.mask, positions_BxS, keys, cfg.sliding_window, sliding),
+                              mask_BxSxT.segment_ids)
+      else:
+        mask_BxSxT = window_mask(mask_BxSxT, positions_BxS, keys, cfg.sliding_window, sliding)
 
     new_cache = None
     if cache is not None:
@@ -186,15 +244,17 @@ class Attention(nn.Module):
       impl = 'einsum'
       if cache is None:
         impl = _no_cache_impl(cfg, s, mask_BxSxT.segment_ids is not None)
+      scale = attention_scale(cfg)
       if impl == 'splash':
-        return self.o(splash_attention(q, k, v, mask_BxSxT.segment_ids).reshape(b, s, h * hd), sel), None
+        out = splash_attention(q, k, v, mask_BxSxT.segment_ids, scale=scale)
+        return self.o(out.reshape(b, s, h * hd), sel), None
       if impl in ('xla', 'cudnn'):
-        return self.o(dot_product_attention(impl, q, k, v, mask_BxSxT).reshape(b, s, h * hd), sel), None
+        return self.o(dot_product_attention(impl, q, k, v, mask_BxSxT, scale).reshape(b, s, h * hd), sel), None
       mask_BxSxT = mask_BxSxT.mask
 
     q = q.reshape(b, s, kvh, h // kvh, hd)
     logits = jnp.einsum('bsngd,btnd->bngst', q, k, preferred_element_type=jnp.float32)
-    logits = logits * (hd ** -0.5)
+    logits = softcap(logits * attention_scale(cfg), cfg.attn_softcap)
     logits = jnp.where(mask_BxSxT[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(dtype_of(cfg.dtype))
     out = jnp.einsum('bngst,btnd->bsngd', probs, v).reshape(b, s, h * hd)

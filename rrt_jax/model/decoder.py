@@ -32,9 +32,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rrt_jax.config import CODA, LORA_TARGETS, PRELUDE, VANILLA, ModelConfig, RecursionConfig, lora_rank_for
+from rrt_jax.config import (
+  CODA,
+  LORA_TARGETS,
+  PRELUDE,
+  VANILLA,
+  ModelConfig,
+  RecursionConfig,
+  layer_kinds,
+  lora_rank_for,
+)
 from rrt_jax.model.attention import Attention, KVCache, cache_mask, self_mask
-from rrt_jax.model.layers import LORA, Embed, Norm, activation, constrain, dtype_of
+from rrt_jax.model.layers import LORA, Embed, Norm, activation, constrain, dtype_of, softcap
 from rrt_jax.model.lora import INTERMEDIATES, LoraDense, LoraSpec
 
 _CHECKPOINT_POLICIES = {  # ModelConfig.remat -> jax.checkpoint policy ('none' = no remat).
@@ -87,7 +96,8 @@ class Mlp(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm transformer layer; sequential or parallel (GPT-NeoX) residual. Scan-friendly signature."""
+  """Transformer layer with pre-, sandwich (Gemma 2/3) or post-norms (OLMo 2); sequential or parallel (GPT-NeoX)
+  residual. Scan-friendly signature."""
 
   cfg: ModelConfig
   rec: RecursionConfig
@@ -97,27 +107,52 @@ class DecoderLayer(nn.Module):
     specs = lora_specs(cfg, rec)
     norm = functools.partial(Norm, cfg.norm, cfg.norm_eps, rec.has_lora and rec.relax_vectors, cfg.dtype,
                              cfg.param_dtype)
-    self.attn_norm = norm()
+    if cfg.norm_placement != 'post':
+      self.attn_norm = norm()
+      self.mlp_norm = norm()
+    if cfg.norm_placement != 'pre':
+      self.attn_post_norm = norm()
+      self.mlp_post_norm = norm()
     self.attn = Attention(cfg, specs)
-    self.mlp_norm = norm()
     self.mlp = Mlp(cfg, specs)
 
+  def _norm(self, name: str, x_BxSxD: jax.Array, sel) -> jax.Array:
+    """The named norm of this layer's placement; the identity where the placement has none."""
+    pre = name in ('attn_norm', 'mlp_norm')
+    if self.cfg.norm_placement == ('post' if pre else 'pre'):
+      return x_BxSxD
+    return getattr(self, name)(x_BxSxD, sel)
+
+  def _sliding(self, sliding):
+    """A scan over mixed local/global layers passes each layer's kind; elsewhere every layer has cfg's one."""
+    if sliding is not None:
+      return sliding
+    if self.cfg.uniform_sliding is None:
+      raise ValueError('This model mixes sliding-window and global layers: run a layer through the Decoder, or '
+                       'on its own with cfg.layer_config(depth).')
+    return self.cfg.uniform_sliding
+
   def __call__(self, h_BxSxD: jax.Array, cache: KVCache | None, positions_BxS: jax.Array,
-               mask_BxSxT: jax.Array, loop_onehot_BxR=None) -> tuple[jax.Array, KVCache | None]:
+               mask_BxSxT: jax.Array, loop_onehot_BxR=None,
+               sliding=None) -> tuple[jax.Array, KVCache | None]:
     """loop_onehot_BxR: each row's loop when rows sit at different depths (multi-LoRA, see lora.py). The K/V an
-    early-exited token skips are filled outside the layer, by rrt_jax.model.propagation.propagate_kv."""
-    sel = loop_onehot_BxR
-    attn_out, new_cache = self.attn(self.attn_norm(h_BxSxD, sel), positions_BxS, mask_BxSxT, cache, sel)
+    early-exited token skips are filled outside the layer, by rrt_jax.model.propagation.propagate_kv.
+    sliding: this layer's attention type (a traced bool in a scan over mixed layers; None: cfg's only type)."""
+    sel, sliding = loop_onehot_BxR, self._sliding(sliding)
+    attn_in = self._norm('attn_norm', h_BxSxD, sel)
+    attn_out, new_cache = self.attn(attn_in, positions_BxS, mask_BxSxT, cache, sel, sliding)
+    attn_out = self._norm('attn_post_norm', attn_out, sel)
     if self.cfg.parallel_residual:
       h = h_BxSxD + attn_out + self.mlp(self.mlp_norm(h_BxSxD, sel), sel)
     else:
       h = h_BxSxD + attn_out
-      h = h + self.mlp(self.mlp_norm(h, sel), sel)
+      h = h + self._norm('mlp_post_norm', self.mlp(self._norm('mlp_norm', h, sel), sel), sel)
     return constrain(h.astype(dtype_of(self.cfg.dtype)), 'embed'), new_cache
 
-  def project_kv(self, h_BxSxD: jax.Array, positions_BxS: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def project_kv(self, h_BxSxD: jax.Array, positions_BxS: jax.Array, sliding=None) -> tuple[jax.Array, jax.Array]:
     """The K/V this layer would cache for hidden states h (its attention norm, then the K/V projections)."""
-    return self.attn.project_kv(self.attn_norm(h_BxSxD), positions_BxS)
+    return self.attn.project_kv(self._norm('attn_norm', h_BxSxD, None), positions_BxS, None,
+                                self._sliding(sliding))
 
 
 def _maybe_remat(layer_cls: type[nn.Module], policy: str) -> type[nn.Module]:
@@ -127,8 +162,9 @@ def _maybe_remat(layer_cls: type[nn.Module], policy: str) -> type[nn.Module]:
   return nn.remat(layer_cls, policy=_CHECKPOINT_POLICIES[policy], prevent_cse=False)
 
 
-# (cache slice, positions, mask, loop_onehot)
-_BROADCAST_ARGS = (0, nn.broadcast, nn.broadcast, nn.broadcast)
+# (cache slice, positions, mask, loop_onehot, sliding): a scan over layers takes each layer's kind.
+_BROADCAST_ARGS = (0, nn.broadcast, nn.broadcast, nn.broadcast, 0)
+_OVER_LOOPS = _BROADCAST_ARGS[:-1] + (nn.broadcast,)  # A scan over loops: every loop has the same kinds.
 
 
 def _scan(target, length: int, axis_name: str, params_scanned: bool, lora_axis: int = 0,
@@ -153,10 +189,11 @@ class CycleLoop(nn.Module):
   rec: RecursionConfig
 
   @nn.compact
-  def __call__(self, h_BxSxD, cache_K, positions_BxS, mask_BxSxT, loop_onehot=None):
+  def __call__(self, h_BxSxD, cache_K, positions_BxS, mask_BxSxT, loop_onehot=None, sliding_K=None):
     layers = _scan(_maybe_remat(DecoderLayer, self.cfg.remat), self.rec.shared_layers(self.cfg.num_layers),
                    'layers', params_scanned=True, unroll=self.cfg.scan_unroll)
-    h, new_cache = layers(self.cfg, self.rec, name='layer')(h_BxSxD, cache_K, positions_BxS, mask_BxSxT, loop_onehot)
+    h, new_cache = layers(self.cfg, self.rec, name='layer')(h_BxSxD, cache_K, positions_BxS, mask_BxSxT,
+                                                            loop_onehot, sliding_K)
     return h, (h, new_cache)  # Emit the loop's final hidden state: every loop is an exit.
 
 
@@ -167,10 +204,11 @@ class SequenceRepeat(nn.Module):
   rec: RecursionConfig
 
   @nn.compact
-  def __call__(self, h_BxSxD, cache_R, positions_BxS, mask_BxSxT, loop_onehot=None):
+  def __call__(self, h_BxSxD, cache_R, positions_BxS, mask_BxSxT, loop_onehot=None, sliding=None):
     repeats = _scan(_maybe_remat(DecoderLayer, self.cfg.remat), self.rec.loops, 'loops', params_scanned=False,
-                    unroll=self.cfg.scan_unroll)
-    return repeats(self.cfg, self.rec, name='layer')(h_BxSxD, cache_R, positions_BxS, mask_BxSxT, loop_onehot)
+                    in_axes=_OVER_LOOPS, unroll=self.cfg.scan_unroll)
+    return repeats(self.cfg, self.rec, name='layer')(h_BxSxD, cache_R, positions_BxS, mask_BxSxT,
+                                                     loop_onehot, sliding)
 
 
 class RecursiveStack(nn.Module):
@@ -186,16 +224,19 @@ class RecursiveStack(nn.Module):
   rec: RecursionConfig
 
   @nn.compact
-  def __call__(self, h_BxSxD, cache, positions_BxS, mask_BxSxT, loop_onehot=None):
+  def __call__(self, h_BxSxD, cache, positions_BxS, mask_BxSxT, loop_onehot=None, sliding_K=None):
+    """sliding_K: [K] bool kinds of the shared layers when they mix local and global ones (else None)."""
     cfg, rec = self.cfg, self.rec
     if rec.loops_are_exits:  # CYCLE, and MIDDLE_CYCLE's middle.
-      loops = _scan(CycleLoop, rec.loops, 'loops', params_scanned=False, unroll=cfg.scan_unroll)
+      loops = _scan(CycleLoop, rec.loops, 'loops', params_scanned=False, in_axes=_OVER_LOOPS,
+                    unroll=cfg.scan_unroll)
       _, (hidden_ExBxSxD, new_cache) = loops(cfg, rec, name='block')(h_BxSxD, cache, positions_BxS,
-                                                                     mask_BxSxT, loop_onehot)
+                                                                     mask_BxSxT, loop_onehot, sliding_K)
       return hidden_ExBxSxD, new_cache
     groups = _scan(SequenceRepeat, rec.shared_layers(cfg.num_layers), 'layers', params_scanned=True, lora_axis=1,
                    in_axes=(1,) + _BROADCAST_ARGS[1:], out_axes=1, unroll=cfg.scan_unroll)
-    h, new_cache = groups(cfg, rec, name='block')(h_BxSxD, cache, positions_BxS, mask_BxSxT, loop_onehot)
+    h, new_cache = groups(cfg, rec, name='block')(h_BxSxD, cache, positions_BxS, mask_BxSxT, loop_onehot,
+                                                  sliding_K)
     return h[None], new_cache
 
 
@@ -206,14 +247,14 @@ class UniqueStack(nn.Module):
   length: int
 
   @nn.compact
-  def __call__(self, h_BxSxD, cache_U, positions_BxS, mask_BxSxT):
+  def __call__(self, h_BxSxD, cache_U, positions_BxS, mask_BxSxT, sliding_U=None):
     layers = _scan(_maybe_remat(DecoderLayer, self.cfg.remat), self.length, 'layers', params_scanned=True,
                    unroll=self.cfg.scan_unroll)
-    return layers(self.cfg, VANILLA, name='layer')(h_BxSxD, cache_U, positions_BxS, mask_BxSxT, None)
+    return layers(self.cfg, VANILLA, name='layer')(h_BxSxD, cache_U, positions_BxS, mask_BxSxT, None, sliding_U)
 
 
 # The coda over exits: one set of weights (broadcast), each exit with its own hidden states and cache slots.
-_OverExits = nn.vmap(UniqueStack, in_axes=(0, 0, None, None), out_axes=0, variable_axes={'params': None,
+_OverExits = nn.vmap(UniqueStack, in_axes=(0, 0, None, None, None), out_axes=0, variable_axes={'params': None,
                      INTERMEDIATES: 0}, split_rngs={'params': False})
 
 
@@ -236,6 +277,8 @@ class Decoder(nn.Module):
   def setup(self):
     cfg, rec = self.cfg, self.rec
     rec.shared_layers(cfg.num_layers)  # Fails early, naming valid loop counts.
+    kinds = layer_kinds(cfg, rec)  # A shared layer keeps one attention type: fails early, naming what fits.
+    self.kinds = kinds
     self.embedder = Embed(cfg.vocab_size, cfg.d_model, cfg.embed_scale, cfg.dtype, cfg.param_dtype)
     if rec.unique_layers:
       self.prelude = UniqueStack(cfg, rec.unique_layers, name=PRELUDE)
@@ -273,13 +316,14 @@ class Decoder(nn.Module):
       mask = cache_mask(positions_BxS, cache['k'].shape[3])
     h = constrain(self.embedder(tokens_BxS), 'embed')
     if not self.rec.unique_layers:
-      return self.stack(h, cache, positions_BxS, mask)
+      return self.stack(h, cache, positions_BxS, mask, sliding_K=self._kinds('stack'))
     h, prelude_cache = self._prelude(h, positions_BxS, mask, cache)
-    hidden_ExBxSxD, middle_cache = self.stack(h, _middle_cache(cache), positions_BxS, mask)
+    hidden_ExBxSxD, middle_cache = self.stack(h, _middle_cache(cache), positions_BxS, mask,
+                                              sliding_K=self._kinds('stack'))
     if not all_exits:
       hidden_ExBxSxD = hidden_ExBxSxD[-1:]
     hidden_ExBxSxD, coda_cache = self.coda(hidden_ExBxSxD, None if cache is None else cache[CODA], positions_BxS,
-                                           mask)
+                                           mask, self._kinds(CODA))
     if cache is None:
       return hidden_ExBxSxD, None
     return hidden_ExBxSxD, {**middle_cache, PRELUDE: prelude_cache, CODA: coda_cache}
@@ -287,8 +331,13 @@ class Decoder(nn.Module):
   def _prelude(self, h_BxSxD, positions_BxS, mask, cache):
     """The prelude against the cache's [1, U, ...] prelude slots -> (h, new prelude slots or None)."""
     slots = None if cache is None else jax.tree.map(lambda x: x[0], cache[PRELUDE])
-    h, slots = self.prelude(h_BxSxD, slots, positions_BxS, mask)
+    h, slots = self.prelude(h_BxSxD, slots, positions_BxS, mask, self._kinds(PRELUDE))
     return h, None if slots is None else jax.tree.map(lambda x: x[None], slots)
+
+  def _kinds(self, stack: str) -> jax.Array | None:
+    """[layers] bool attention kinds of one stack ('stack', 'prelude', 'coda') of a model mixing local and global
+    layers; None when every layer has the same (static) type."""
+    return None if self.kinds is None else jnp.asarray(self.kinds[stack], bool)
 
   def embed(self, tokens_BxS: jax.Array) -> jax.Array:
     return self.embedder(tokens_BxS)
@@ -310,7 +359,7 @@ class Decoder(nn.Module):
       return h_BxSxD, cache
     mask = cache_mask(positions_BxS, cache['k'].shape[3])
     slot = jax.tree.map(lambda x: x[exit_index:exit_index + 1], cache[CODA])
-    h, slot = self.coda(h_BxSxD[None], slot, positions_BxS, mask)
+    h, slot = self.coda(h_BxSxD[None], slot, positions_BxS, mask, self._kinds(CODA))
     coda = jax.tree.map(lambda full, new: full.at[exit_index].set(new[0]), cache[CODA], slot)
     return h[0], {**cache, CODA: coda}
 
@@ -320,7 +369,8 @@ class Decoder(nn.Module):
     prelude or coda): the building block of loop-by-loop early-exit decoding and of depth-wise batching (rows
     at different loops: pass their one-hot and LoRA variables holding every loop, see lora.py)."""
     mask = cache_mask(positions_BxS, cache['k'].shape[3])
-    return self.stack(h_BxSxD, _middle_cache(cache), positions_BxS, mask, loop_onehot_BxR)
+    return self.stack(h_BxSxD, _middle_cache(cache), positions_BxS, mask, loop_onehot_BxR,
+                      self._kinds('stack'))
 
   def logits(self, hidden_xD: jax.Array) -> jax.Array:
     """The shared exit head: final norm then LM head, fp32 logits. Any exit's hidden state can go in."""
@@ -330,4 +380,4 @@ class Decoder(nn.Module):
     else:
       dtype = dtype_of(self.cfg.dtype)
       out = jnp.einsum('...d,dv->...v', x.astype(dtype), self.lm_head.astype(dtype))
-    return constrain(out.astype(jnp.float32), 'vocab')
+    return constrain(softcap(out.astype(jnp.float32), self.cfg.final_softcap), 'vocab')

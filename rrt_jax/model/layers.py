@@ -84,6 +84,8 @@ def rope_inv_freq(theta: float, rotary_dim: int, scaling: RopeScaling | None = N
     return inv_freq
   if scaling.rope_type == 'linear':
     return inv_freq / scaling.factor
+  if scaling.rope_type == 'yarn':
+    return _yarn_inv_freq(theta, rotary_dim, scaling)
   # llama3: keep short wavelengths, divide long ones by `factor`, interpolate in between.
   old_len, factor = scaling.original_max_position_embeddings, scaling.factor
   low, high = scaling.low_freq_factor, scaling.high_freq_factor
@@ -93,6 +95,24 @@ def rope_inv_freq(theta: float, rotary_dim: int, scaling: RopeScaling | None = N
   smoothed = (1 - smooth) * scaled / factor + smooth * scaled
   medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
   return jnp.where(medium, smoothed, scaled)
+
+
+def _yarn_inv_freq(theta: float, rotary_dim: int, scaling: RopeScaling) -> jax.Array:
+  """YaRN's inverse frequencies, as transformers' _compute_yarn_parameters computes them."""
+  pos_freqs = theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim)
+  extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (scaling.factor * pos_freqs)
+  beta_fast, beta_slow = scaling.beta_fast or 32, scaling.beta_slow or 1
+  old_len = scaling.original_max_position_embeddings
+  dim_of = lambda rotations: (rotary_dim * math.log(old_len / (rotations * 2 * math.pi))) / (2 * math.log(theta))  # noqa: E731
+  low, high = dim_of(beta_fast), dim_of(beta_slow)
+  if scaling.truncate is None or scaling.truncate:
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, rotary_dim - 1)
+  if low == high:
+    high += 0.001  # transformers' guard against a zero-width ramp.
+  ramp = jnp.clip((jnp.arange(rotary_dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+  keep = 1 - ramp  # 1: extrapolate (high frequencies kept), 0: interpolate (divided by factor).
+  return interpolation * (1 - keep) + extrapolation * keep
 
 
 def apply_rotary(x_BxSxHxD: jax.Array, positions_BxS: jax.Array, theta: float,
@@ -105,8 +125,16 @@ def apply_rotary(x_BxSxHxD: jax.Array, positions_BxS: jax.Array, theta: float,
   x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
   x1, x2 = jnp.split(x_rot, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
-  out = x_rot * jnp.cos(angles) + rotated * jnp.sin(angles)
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  if scaling is not None and scaling.cos_sin_scale != 1.0:  # YaRN's attention factor.
+    cos, sin = cos * scaling.cos_sin_scale, sin * scaling.cos_sin_scale
+  out = x_rot * cos + rotated * sin
   return jnp.concatenate([out, x_pass], axis=-1).astype(x_BxSxHxD.dtype)
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+  """cap * tanh(x / cap) (Gemma 2's soft-capping of logits); x unchanged for cap None."""
+  return x if cap is None else jnp.tanh(x / cap) * cap
 
 
 def activation(name: str):

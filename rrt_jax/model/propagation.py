@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from rrt_jax.config import layer_kinds
 from rrt_jax.model.attention import KVCache
 from rrt_jax.model.decoder import Decoder, DecoderLayer
 from rrt_jax.model.layers import LORA
@@ -27,15 +28,18 @@ def propagate_kv(model: Decoder, variables: dict, h_BxSxD: jax.Array, positions_
   cfg, rec = model.cfg, model.rec
   layer = DecoderLayer(cfg, rec)
 
-  def layer_kv(layer_params: dict, layer_lora: dict | None) -> tuple[jax.Array, jax.Array]:
-    layer_vars = {'params': layer_params} if layer_lora is None else {'params': layer_params, LORA: layer_lora}
-    return layer.apply(layer_vars, h_BxSxD, positions_BxS, method=DecoderLayer.project_kv)
+  kinds = layer_kinds(cfg, rec)  # Each shared layer's attention type, when they mix local and global ones.
+  sliding_K = None if kinds is None else jnp.asarray(kinds['stack'], bool)
 
-  over_layers = jax.vmap(layer_kv, in_axes=(0, None if LORA not in variables else 0))  # Axis K.
+  def layer_kv(layer_params: dict, layer_lora: dict | None, sliding) -> tuple[jax.Array, jax.Array]:
+    layer_vars = {'params': layer_params} if layer_lora is None else {'params': layer_params, LORA: layer_lora}
+    return layer.apply(layer_vars, h_BxSxD, positions_BxS, sliding, method=DecoderLayer.project_kv)
+
+  over_layers = jax.vmap(layer_kv, in_axes=(0, None if LORA not in variables else 0, 0))  # Axis K.
   params = layer_tree(variables['params'])
   if LORA not in variables:
-    k, v = (jnp.broadcast_to(x, (len(loops),) + x.shape) for x in over_layers(params, None))
+    k, v = (jnp.broadcast_to(x, (len(loops),) + x.shape) for x in over_layers(params, None, sliding_K))
   else:
     lora = jax.tree.map(lambda x: x[jnp.asarray(list(loops))], layer_tree(variables[LORA]))  # [loops, K, ...]
-    k, v = jax.vmap(over_layers, in_axes=(None, 0))(params, lora)
+    k, v = jax.vmap(over_layers, in_axes=(None, 0, None))(params, lora, sliding_K)
   return {'k': k, 'v': v}

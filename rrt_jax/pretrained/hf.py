@@ -42,33 +42,137 @@ def rope_scaling_from_hf(hf: dict) -> RopeScaling | None:
   # A missing llama3 field stays None, for RopeScaling to name.
   number = lambda key, cast: None if rope.get(key) is None else cast(rope[key])  # noqa: E731
   original = number('original_max_position_embeddings', int) or hf.get('max_position_embeddings')
+  if rope_type == 'yarn':
+    if rope.get('mscale') or rope.get('mscale_all_dim'):
+      raise ValueError('This checkpoint uses yarn RoPE with mscale / mscale_all_dim (DeepSeek\'s attention factor), '
+                       'which rrt_jax does not implement: its logits would be wrong.')
+    truncate = rope.get('truncate')
+    return RopeScaling('yarn', float(rope['factor']), original_max_position_embeddings=original,
+                       beta_fast=number('beta_fast', float), beta_slow=number('beta_slow', float),
+                       attention_factor=number('attention_factor', float),
+                       truncate=None if truncate is None else bool(truncate))
   return RopeScaling('llama3', float(rope['factor']), low_freq_factor=number('low_freq_factor', float),
                      high_freq_factor=number('high_freq_factor', float), original_max_position_embeddings=original)
 
 
-def config_from_hf(hf: dict, **overrides) -> ModelConfig:
-  """ModelConfig from an HF config.json dict (transformers 4.x and 5.x spellings)."""
-  model_type = hf.get('model_type')
+# HF model_type -> our family, for the model types read here (the others are refused by name).
+FAMILY_OF_MODEL_TYPE = {'llama': 'llama', 'gemma': 'gemma', 'gpt_neox': 'gpt_neox', 'qwen2': 'qwen2',
+                        'qwen3': 'qwen3', 'mistral': 'mistral', 'gemma2': 'gemma2', 'gemma3_text': 'gemma3',
+                        'olmo2': 'olmo2', 'phi3': 'phi3'}
+# Close relatives we do NOT read, with why: each is refused by name rather than loaded as its neighbour.
+REFUSED_MODEL_TYPES = {
+    'gemma3': 'the multimodal Gemma 3 (vision tower); its text-only checkpoints (model_type gemma3_text, '
+              'Gemma3ForCausalLM: Gemma-3-1B, or the text model saved on its own) load',
+    **dict.fromkeys(('qwen2_moe', 'qwen3_moe', 'mixtral', 'olmoe', 'phimoe'), 'mixture-of-experts MLPs'),
+    'olmo': 'OLMo 1 (non-parametric LayerNorm)', 'phi': 'Phi-1/2 (parallel residual with a shared LayerNorm)',
+    'phi4_multimodal': 'multimodal', 'qwen2_vl': 'multimodal', 'mistral3': 'multimodal',
+    'gemma3n': 'Gemma 3n (per-layer embeddings, AltUp)', 'cohere': 'Cohere (LayerNorm, logit scale)',
+}
+_LLAMA_LIKE = ('llama', 'qwen2', 'qwen3', 'mistral', 'olmo2', 'phi3')
+_GEMMA_LIKE = ('gemma', 'gemma2', 'gemma3_text')
+_HF_LAYER_TYPES = {'full_attention': 'full', 'sliding_attention': 'sliding'}
+
+
+def _refuse(model_type: str, what: str) -> None:
+  raise ValueError(f'This {model_type} checkpoint has {what}, which rrt_jax does not implement: its logits would '
+                   'be wrong, so it is not loaded.')
+
+
+def _layer_types(hf: dict, model_type: str, num_layers: int) -> tuple[str, ...] | None:
+  """Per-layer 'full' / 'sliding' from config.json (transformers' layer_types, else each family's rule)."""
+  window = hf.get('sliding_window')
+  types = hf.get('layer_types')
+  if types is None:
+    if model_type == 'gemma2':
+      types = ['sliding_attention' if i % 2 == 0 else 'full_attention' for i in range(num_layers)]
+    elif model_type == 'gemma3_text':
+      every = hf.get('sliding_window_pattern', hf.get('_sliding_window_pattern', 6))
+      types = ['sliding_attention' if (i + 1) % every else 'full_attention' for i in range(num_layers)]
+    elif model_type in ('qwen2', 'qwen3'):
+      slide = bool(hf.get('use_sliding_window')) and window
+      first = hf.get('max_window_layers', num_layers)
+      types = ['sliding_attention' if slide and i >= first else 'full_attention' for i in range(num_layers)]
+    else:  # Mistral, Phi-3: every layer slides when a window is set.
+      return None
+  if len(types) != num_layers:
+    raise ValueError(f'config.json has {len(types)} layer_types for {num_layers} layers.')
+  if bad := sorted(set(types) - set(_HF_LAYER_TYPES)):
+    _refuse(model_type, f'layer types {bad}')
+  if 'sliding_attention' in types and not window:
+    raise ValueError("config.json has sliding_attention layers but no sliding_window.")
+  out = tuple(_HF_LAYER_TYPES[t] for t in types)
+  return out if 'sliding' in out else None  # All full: no window.
+
+
+def _gemma3_rope(hf: dict) -> tuple[dict, float]:
+  """(the global layers' RoPE as an HF config dict for rope_scaling_from_hf, the local layers' base) of Gemma 3:
+  transformers 5's rope_parameters per layer type, or 4.x's rope_theta + rope_local_base_freq + rope_scaling."""
   rope = hf.get('rope_parameters') or {}
-  theta = rope.get('rope_theta', hf.get('rope_theta', hf.get('rotary_emb_base', 10_000.0)))
+  if 'full_attention' in rope or 'sliding_attention' in rope:
+    full, local = rope.get('full_attention', {}), rope.get('sliding_attention', {})
+    if local.get('rope_type', 'default') != 'default':
+      _refuse('gemma3_text', f"RoPE scaling {local.get('rope_type')!r} on its sliding layers")
+    return {'rope_parameters': full}, float(local.get('rope_theta', 10_000.0))
+  return hf, float(hf.get('rope_local_base_freq', 10_000.0))
+
+
+def _check_activation(model_type: str, act, expected: tuple) -> None:
+  if act not in expected:
+    raise ValueError(f'{model_type} checkpoint with activation {act!r} is not supported (expected one of '
+                     f'{expected}).')
+
+
+def config_from_hf(hf: dict, **overrides) -> ModelConfig:
+  """ModelConfig from an HF config.json dict (transformers 4.x and 5.x spellings). A model type or feature we do
+  not implement is refused by name, never loaded as something close to it."""
+  model_type = hf.get('model_type')
+  if model_type in REFUSED_MODEL_TYPES:
+    raise ValueError(f'model_type {model_type!r} is not supported: {REFUSED_MODEL_TYPES[model_type]}.')
+  if model_type not in FAMILY_OF_MODEL_TYPE:
+    raise ValueError(f'Unsupported model_type {model_type!r}: rrt_jax reads {", ".join(FAMILY_OF_MODEL_TYPE)}.')
+  if hf.get('use_bidirectional_attention'):
+    _refuse(model_type, 'bidirectional attention (use_bidirectional_attention)')
+  rope = hf.get('rope_parameters') or {}
+  local_theta = None
+  rope_source = hf
+  if model_type == 'gemma3_text':
+    rope_source, local_theta = _gemma3_rope(hf)
+    rope = rope_source.get('rope_parameters') or {}
+  theta = rope.get('rope_theta', rope_source.get('rope_theta', hf.get('rotary_emb_base', 10_000.0)))
   heads = hf['num_attention_heads']
-  common = dict(vocab_size=hf['vocab_size'], num_layers=hf['num_hidden_layers'], d_model=hf['hidden_size'],
+  num_layers = hf['num_hidden_layers']
+  common = dict(vocab_size=hf['vocab_size'], num_layers=num_layers, d_model=hf['hidden_size'],
                 num_heads=heads, mlp_dim=hf['intermediate_size'], rope_theta=float(theta),
-                rope_scaling=rope_scaling_from_hf(hf),
+                rope_scaling=rope_scaling_from_hf(rope_source),
                 max_seq_len=hf.get('max_position_embeddings', 2048))
-  if model_type in ('llama', 'gemma'):
+  family = FAMILY_OF_MODEL_TYPE[model_type]
+  if model_type in _LLAMA_LIKE + _GEMMA_LIKE:
     act = hf.get('hidden_activation') or hf.get('hidden_act')
-    gemma = model_type == 'gemma'
-    expected_act = ('gelu_pytorch_tanh', 'gelu') if gemma else ('silu',)
-    if act not in expected_act:
-      raise ValueError(f'{model_type} checkpoint with activation {act!r} is not supported '
-                       f'(expected one of {expected_act}).')
+    gemma = model_type in _GEMMA_LIKE
+    _check_activation(model_type, act, ('gelu_pytorch_tanh', 'gelu') if gemma else ('silu',))
+    if hf.get('mlp_bias') and model_type != 'llama':
+      _refuse(model_type, 'MLP biases (mlp_bias)')
+    if model_type in ('qwen2', 'mistral', 'phi3') and hf.get('attention_bias'):
+      _refuse(model_type, 'attention_bias (its transformers model has no such option)')
+    window = hf.get('sliding_window')
+    layer_types = _layer_types(hf, model_type, num_layers)
+    slides = layer_types is not None or (model_type in ('mistral', 'phi3') and window)
+    sandwich = model_type in ('gemma2', 'gemma3_text')
     cfg = ModelConfig(
-        family=model_type, num_kv_heads=hf.get('num_key_value_heads') or heads,
+        family=family, num_kv_heads=hf.get('num_key_value_heads') or heads,
         head_dim=hf.get('head_dim') or hf['hidden_size'] // heads, norm='rms_one_plus' if gemma else 'rms',
         norm_eps=hf.get('rms_norm_eps', 1e-6), mlp='geglu' if gemma else 'swiglu',
         attn_bias=bool(hf.get('attention_bias', False)), mlp_bias=bool(hf.get('mlp_bias', False)),
-        tie_embeddings=bool(hf.get('tie_word_embeddings', gemma)), embed_scale=gemma, **common)
+        tie_embeddings=bool(hf.get('tie_word_embeddings', gemma)), embed_scale=gemma,
+        rotary_fraction=float(rope.get('partial_rotary_factor', hf.get('partial_rotary_factor', 1.0))),
+        qkv_bias=model_type == 'qwen2',
+        qk_norm={'qwen3': 'head', 'gemma3_text': 'head', 'olmo2': 'projection'}.get(model_type, 'none'),
+        norm_placement='sandwich' if sandwich else 'post' if model_type == 'olmo2' else 'pre',
+        query_pre_attn_scalar=float(hf['query_pre_attn_scalar']) if sandwich else None,
+        attn_softcap=hf.get('attn_logit_softcapping') if sandwich else None,
+        final_softcap=hf.get('final_logit_softcapping') if sandwich else None,
+        sliding_window=int(window) if slides else None, layer_types=layer_types, local_rope_theta=local_theta,
+        **common)
   elif model_type == 'gpt_neox':
     if hf.get('hidden_act', 'gelu') != 'gelu':
       raise ValueError(f'gpt_neox checkpoint with activation {hf.get("hidden_act")!r} is not supported.')
@@ -79,12 +183,33 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
         parallel_residual=bool(hf.get('use_parallel_residual', True)),
         attn_bias=bool(hf.get('attention_bias', True)), mlp_bias=True,
         tie_embeddings=bool(hf.get('tie_word_embeddings', False)), **common)
-  else:
-    raise ValueError(f'Unsupported model_type {model_type!r}: rrt_jax reads gemma, llama and gpt_neox.')
   return cfg.replace(**overrides) if overrides else cfg
 
 
-def _llama_like(name: str, arr: np.ndarray) -> Iterator[tuple[tuple, int | None, np.ndarray]]:
+# HF norm name -> ours, by norm placement: Llama's post_attention_layernorm is the MLP's pre-norm, Gemma 2's and
+# OLMo 2's the attention output's post-norm.
+_HF_NORMS = {
+    'pre': {'input_layernorm': 'attn_norm', 'post_attention_layernorm': 'mlp_norm'},
+    'sandwich': {'input_layernorm': 'attn_norm', 'post_attention_layernorm': 'attn_post_norm',
+                 'pre_feedforward_layernorm': 'mlp_norm', 'post_feedforward_layernorm': 'mlp_post_norm'},
+    'post': {'post_attention_layernorm': 'attn_post_norm', 'post_feedforward_layernorm': 'mlp_post_norm'},
+}
+
+
+def _phi3_fused(proj: str, layer: int, arr: np.ndarray, cfg: ModelConfig) -> Iterator[tuple[tuple, int, np.ndarray]]:
+  """Phi-3's fused qkv_proj rows [q (H*hd), k (KV*hd), v (KV*hd)] and gate_up_proj rows [gate (I), up (I)]."""
+  if proj == 'qkv':
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    parts = {'q': arr[:q], 'k': arr[q:q + kv], 'v': arr[q + kv:]}
+    module = 'attn'
+  else:
+    parts = {'gate': arr[:cfg.mlp_dim], 'up': arr[cfg.mlp_dim:]}
+    module = 'mlp'
+  for name, part in parts.items():
+    yield LAYER + (module, name, 'kernel'), layer, part.T
+
+
+def _llama_like(name: str, arr: np.ndarray, cfg: ModelConfig) -> Iterator[tuple[tuple, int | None, np.ndarray]]:
   if name == 'model.embed_tokens.weight':
     yield ('embedder', 'embedding'), None, arr
   elif name == 'model.norm.weight':
@@ -93,10 +218,16 @@ def _llama_like(name: str, arr: np.ndarray) -> Iterator[tuple[tuple, int | None,
     yield ('lm_head',), None, arr.T
   elif m := re.fullmatch(r'model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)_proj\.(weight|bias)', name):
     layer, module, proj, kind = int(m[1]), m[2], m[3], m[4]
+    if cfg.family == 'phi3' and proj in ('qkv', 'gate_up') and kind == 'weight':
+      yield from _phi3_fused(proj, layer, arr, cfg)
+      return
     leaf = 'kernel' if kind == 'weight' else 'bias'
     yield LAYER + ('attn' if module == 'self_attn' else 'mlp', proj, leaf), layer, arr.T if kind == 'weight' else arr
-  elif m := re.fullmatch(r'model\.layers\.(\d+)\.(input|post_attention)_layernorm\.weight', name):
-    yield LAYER + ('attn_norm' if m[2] == 'input' else 'mlp_norm', 'scale'), int(m[1]), arr
+  elif m := re.fullmatch(r'model\.layers\.(\d+)\.self_attn\.(q|k)_norm\.weight', name):
+    yield LAYER + ('attn', f'{m[2]}_norm', 'scale'), int(m[1]), arr
+  elif (m := re.fullmatch(r'model\.layers\.(\d+)\.(\w+_layernorm)\.weight', name)) and (
+      m[2] in _HF_NORMS[cfg.norm_placement.value]):
+    yield LAYER + (_HF_NORMS[cfg.norm_placement.value][m[2]], 'scale'), int(m[1]), arr
   else:
     raise KeyError(name)
 
@@ -134,7 +265,7 @@ def map_tensor(cfg: ModelConfig, name: str, arr: np.ndarray) -> list[tuple[tuple
   """(param path, layer index or None, value in our layout) for one HF tensor."""
   if cfg.family == 'gpt_neox':
     return list(_gpt_neox(name, arr, cfg))
-  return list(_llama_like(name, arr))
+  return list(_llama_like(name, arr, cfg))
 
 
 def param_shapes(cfg: ModelConfig) -> dict:

@@ -110,32 +110,36 @@ def heal(vanilla: dict, cfg: ModelConfig, rec: RecursionConfig, variables: dict,
   vanilla = {'params': vanilla['params'] if 'params' in vanilla else vanilla}
   train_cfg = cfg.replace(dtype=config.dtype)
   tx = optax.adam(config.lr)
-  step = _make_step(train_cfg, rec, tx)
   n_train = len(batches) - config.heldout_batches
   hidden = [embed(cfg, vanilla, b['inputs']) for b in batches]
   report = HealingReport()
   depths = tqdm(range(cfg.num_layers), desc='healing', unit='layer', disable=not progress)
+  steps = {}  # One compiled step per attention type (a model mixing local and global layers has two).
   for depth in depths:
+    layer_cfg = cfg.layer_config(depth)  # This depth's layer, run on its own.
     if rec.is_unique_depth(depth, cfg.num_layers):  # Middle-cycle's unique layers are the original ones.
       layer = depth_variables(variables, cfg, rec, depth)
-      hidden = [_forward(cfg, rec, layer, h, b['positions'], b['segment_ids']) for h, b in zip(hidden, batches,
+      hidden = [_forward(layer_cfg, rec, layer, h, b['positions'], b['segment_ids']) for h, b in zip(hidden, batches,
                                                                                               strict=True)]
       continue
     original = depth_variables(vanilla, cfg, VANILLA, depth)
-    targets = [_forward(cfg, VANILLA, original, h, b['positions'], b['segment_ids']).astype(jnp.float32)
+    targets = [_forward(layer_cfg, VANILLA, original, h, b['positions'], b['segment_ids']).astype(jnp.float32)
                for h, b in zip(hidden, batches, strict=True)]
     layer = depth_variables(variables, cfg, rec, depth)
     held = slice(n_train, None)
-    before = _relative_error(cfg, rec, layer, hidden[held], targets[held], batches[held])
+    before = _relative_error(layer_cfg, rec, layer, hidden[held], targets[held], batches[held])
     lora, opt_state, loss = layer[LORA], tx.init(layer[LORA]), float('nan')
     norms = [max(float(_update_norm(h, y, b['segment_ids'])), 1e-30)
              for h, y, b in zip(hidden[:n_train], targets[:n_train], batches[:n_train], strict=True)]
+    if layer_cfg not in steps:
+      steps[layer_cfg] = _make_step(train_cfg.layer_config(depth), rec, tx)
+    step = steps[layer_cfg]
     for i in range(config.steps_per_layer):
       j = i % n_train
       lora, opt_state, loss = step(lora, opt_state, layer['params'], hidden[j], targets[j], batches[j]['positions'],
                                    batches[j]['segment_ids'], norms[j])
     healed = {'params': layer['params'], LORA: lora}
-    after = _relative_error(cfg, rec, healed, hidden[held], targets[held], batches[held])
+    after = _relative_error(layer_cfg, rec, healed, hidden[held], targets[held], batches[held])
     if config.heldout_batches and not after < before:
       healed, after = layer, before
       report.kept_previous.append(depth)
@@ -145,6 +149,6 @@ def heal(vanilla: dict, cfg: ModelConfig, rec: RecursionConfig, variables: dict,
     report.after.append(after)
     report.final_train_loss.append(float(loss))
     depths.set_postfix(before=f'{before:.3f}', after=f'{after:.3f}')
-    hidden = [_forward(cfg, rec, healed, h, b['positions'], b['segment_ids']) for h, b in zip(hidden, batches,
+    hidden = [_forward(layer_cfg, rec, healed, h, b['positions'], b['segment_ids']) for h, b in zip(hidden, batches,
                                                                                              strict=True)]
   return variables, report
