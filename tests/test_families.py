@@ -16,9 +16,9 @@ from rrt_jax import Decoder, RecursionConfig
 from rrt_jax.config import ModelConfig, RopeScaling
 from rrt_jax.convert import to_recursive
 from rrt_jax.convert.calibration import CalibrationConfig, convert
-from rrt_jax.pretrained.hf import config_from_hf, load_hf
 from rrt_jax.export import to_hf
 from rrt_jax.model import init_cache
+from rrt_jax.pretrained.hf import config_from_hf, load_hf
 from rrt_jax.train.healing import HealingConfig, heal
 from rrt_jax.train.optimizer import trainable_collections
 from rrt_jax.train.step import LossConfig, init_state, make_train_step

@@ -163,6 +163,7 @@ def test_cli_generates_from_a_training_workdir(tmp_path):
          '--prompt=Hello', '--prompt=The Debian', '--max_new_tokens=5', '--exit_threshold=0.5']
   out = subprocess.run(cli, cwd=root, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
-  lines = out.stdout.strip().splitlines()
+  header, *lines = out.stdout.strip().splitlines()
+  assert header.endswith('tokenizer bytes (given)')  # What it loaded and which tokenizer it encodes with.
   assert lines[0].startswith("'Hello' -> ") and lines[2].startswith("'The Debian' -> ")
   assert lines[1].startswith('  exit loops: [') and len(eval(lines[1].split(': ', 1)[1])) <= 5

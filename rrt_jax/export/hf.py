@@ -20,11 +20,10 @@ import numpy as np
 from flax import traverse_util
 
 from rrt_jax.config import Family, ModelConfig
-from rrt_jax.pretrained.hf import _HF_NORMS, FAMILY_OF_MODEL_TYPE, config_from_hf
 from rrt_jax.export.source import ExportResult, Source, eos_id, load_source, tokenizers_object, unrolled_note
 from rrt_jax.export.unroll import unroll
 from rrt_jax.model import LAYER_PATH, layer_tree
-from rrt_jax.pretrained.hf import config_from_hf
+from rrt_jax.pretrained.hf import _HF_NORMS, FAMILY_OF_MODEL_TYPE, config_from_hf
 
 WEIGHTS_FILE = 'model.safetensors'
 ARCHITECTURES = {Family.LLAMA: 'LlamaForCausalLM', Family.GEMMA: 'GemmaForCausalLM',
