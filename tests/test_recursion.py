@@ -75,9 +75,9 @@ def test_sequence_has_only_the_final_exit():
   assert exits.shape[0] == 1
 
 
-# Loop 1 of any init is the vanilla model; two inits in the default run, the rest repeat it in the slow set.
-@pytest.mark.parametrize('init', ['stepwise', 'average'] + [pytest.param(i, marks=pytest.mark.slow)
-                                                          for i in ('stepwise_ends', 'lower', 'upper', 'random')])
+# Loop 1 of any init is the vanilla model; one init in the default run, the rest repeat it in the slow set.
+@pytest.mark.parametrize('init', ['stepwise'] + [pytest.param(i, marks=pytest.mark.slow)
+                                                for i in ('average', 'stepwise_ends', 'lower', 'upper', 'random')])
 def test_one_loop_is_the_vanilla_model(init):
   cfg = TINY['gpt_neox']
   vanilla = random_variables(cfg, RecursionConfig(), seed=2)

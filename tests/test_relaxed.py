@@ -55,7 +55,7 @@ def test_full_rank_needs_the_vector_deltas(originals):
   assert float(jnp.abs(logits - original).max()) > 1e-3
 
 
-@pytest.mark.parametrize('alpha', [None, 2.0, 64.0])
+@pytest.mark.parametrize('alpha', [None, pytest.param(2.0, marks=pytest.mark.slow), 64.0])
 def test_rank_r_is_the_truncated_svd_of_the_residual(originals, alpha):
   cfg, variables, _ = originals['llama']
   rank, loops = 3, 2

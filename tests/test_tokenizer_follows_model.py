@@ -164,8 +164,8 @@ def test_old_model_config_json_without_a_tokenizer_still_loads(tmp_path):
     (lambda d: {**d, 'model': {k: v for k, v in d['model'].items() if k != 'vocab_size'}},
      'vocab_size missing in model'),
     (lambda d: {**d, 'recursion': {**d['recursion'], 'looping': 'spiral'}}, "bad recursion section: Unknown looping"),
-    (lambda d: {**d, 'model': {**d['model'], 'rope_scaling': {'rope_type': 'yarn', 'factor': 2.0}}},
-     "bad model section: RoPE scaling type 'yarn' is not supported"),
+    (lambda d: {**d, 'model': {**d['model'], 'rope_scaling': {'rope_type': 'longrope', 'factor': 2.0}}},
+     "bad model section: RoPE scaling type 'longrope' is not supported"),
     (lambda d: [d], 'expected a JSON object'),
 ])
 def test_a_bad_model_config_json_is_one_clear_error(tmp_path, edit, message):
