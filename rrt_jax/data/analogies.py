@@ -20,17 +20,13 @@ Distractors are drawn per item by a generator seeded with the item id: determini
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import json
-import os
 
 import numpy as np
 
 from rrt_jax import package_sources
-from rrt_jax.data.multiple_choice import MultipleChoice
-from rrt_jax.data.packages import cache_dir, wheel_member
-from rrt_jax.utils.locking import atomic_write_text
+from rrt_jax.data.multiple_choice import MultipleChoice, cached_items_path, read_cached_items, write_cached_items
+from rrt_jax.data.packages import wheel_member
 
 SOURCE = package_sources.ANALOGIES
 MEMBER = 'gensim/test/test_data/questions-words.txt'
@@ -92,23 +88,13 @@ def build(task: str, sections: dict[str, list[tuple[str, str, str, str]]]) -> li
   return items
 
 
-def items_dir(root: str | None = None) -> str:
-  return os.path.join(cache_dir(root), 'prepared', 'fewshot')
-
-
 def load(task: str, root: str | None = None) -> list[MultipleChoice]:
   """A task's items, from the JSON cache or built once from the pinned wheel's analogy file."""
   if task not in TASK_SECTIONS:
     raise ValueError(f'Unknown analogy task {task!r}: choose one of {list(TASKS)}.')
-  path = os.path.join(items_dir(root), f'{task}.json')
-  if os.path.exists(path):
-    with open(path, encoding='utf-8') as f:
-      data = json.load(f)
-    if data.get('format') == FORMAT_VERSION:
-      return [MultipleChoice(**it) for it in data['items']]
-  items = build(task, read_sections(wheel_member(SOURCE, MEMBER, root)))
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  # Concurrent first runs build the same items; each replaces the file whole (no lock needed).
-  atomic_write_text(path, json.dumps({'format': FORMAT_VERSION, 'source': f'{SOURCE.filename}:{MEMBER}',
-                                      'items': [dataclasses.asdict(it) for it in items]}, ensure_ascii=False))
+  path = cached_items_path(task, root)
+  items = read_cached_items(path, FORMAT_VERSION)
+  if items is None:
+    items = build(task, read_sections(wheel_member(SOURCE, MEMBER, root)))
+    write_cached_items(path, FORMAT_VERSION, items, source=f'{SOURCE.filename}:{MEMBER}')
   return items

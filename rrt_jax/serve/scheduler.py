@@ -14,7 +14,7 @@ import dataclasses
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -88,16 +88,14 @@ def validate_request(request: Request, vocab_size: int, max_len: int) -> str | N
 
 
 def serve(slots: SlotDecoder, requests: Sequence[Request], depthwise: bool, stop_tokens: Sequence[int],
-          sampling_seed: int, progress: bool = False,
-          validate: Callable[[Request], str | None] | None = None) -> tuple[list[Completion], EngineStats]:
+          sampling_seed: int, progress: bool = False) -> tuple[list[Completion], EngineStats]:
   """Serves `requests` (arrival times in seconds from now) to completion through `slots`; one Completion per
   request (rejected ones carry their error)."""
   loops, n = slots.model.rec.loops, slots.slots
-  validate = validate or (lambda r: validate_request(r, slots.model.cfg.vocab_size, slots.max_len))
   completions = [Completion(arrival=r.arrival) for r in requests]
   seeds = {}  # Request index -> sampling seed, for accepted requests.
   for i, r in enumerate(requests):  # List order, not arrival order: a request's default seed is its own.
-    error = validate(r)
+    error = validate_request(r, slots.model.cfg.vocab_size, slots.max_len)
     if error:
       completions[i].error = error
     else:
