@@ -245,6 +245,13 @@ def damage(tree, stored: dict[str, str] | None, prefix: str = '') -> str | None:
   return None
 
 
+def check_intact(tree, step_dir: epath.Path, prefix: str = '') -> None:
+  """Raises CheckpointError when `tree`, restored from the training step in `step_dir`, is damaged (see damage)."""
+  why = damage(tree, read_checksums(step_dir), prefix)
+  if why is not None:
+    raise CheckpointError(f'the restored arrays are damaged: {why}')
+
+
 def read_checksums(step_dir: epath.Path) -> dict[str, str] | None:
   """The checksums saved with a training step, or None for a checkpoint written before them."""
   path = step_dir / CHECKSUMS / CHECKSUMS_FILE
@@ -294,9 +301,7 @@ def load_training_checkpoint(workdir: str | os.PathLike, step: int | None = None
     step_dir = ckpt_dir / str(candidate)
     try:
       variables = restore_state_variables(step_dir / STATE, target)
-      why = damage(variables, read_checksums(step_dir), prefix='variables')
-      if why is not None:
-        raise CheckpointError(f'the restored arrays are damaged: {why}')
+      check_intact(variables, step_dir, prefix='variables')
     except Exception as e:  # noqa: BLE001  (Orbax/TensorStore raise many types for damaged files)
       errors.append(f'step {candidate}: {type(e).__name__}: {" ".join(str(e).split())[:300]}')
       log.error('checkpoint %s/%d could not be read (%s); trying the previous one', ckpt_dir, candidate, errors[-1])

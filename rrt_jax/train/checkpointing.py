@@ -126,9 +126,7 @@ class TrainCheckpoints:
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(**{
             STATE: ocp.args.StandardRestore(abstract_state), DATA: grain.checkpoint.CheckpointRestore(data_iterator)}))
-        why = checkpoint.damage(restored[STATE], checkpoint.read_checksums(self.directory / str(step)))
-        if why is not None:
-          raise CheckpointError(f'the restored arrays are damaged: {why}')
+        checkpoint.check_intact(restored[STATE], self.directory / str(step))
       except Exception as e:  # noqa: BLE001  (Orbax raises several types for missing or corrupt files)
         reason = ' '.join(str(e).split())[:300]
         log.error('checkpoint at step %d could not be restored (%s: %s); trying the previous one', step,
