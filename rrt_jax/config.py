@@ -67,6 +67,20 @@ class RematPolicy(enum.StrEnum):
   DOTS_NO_BATCH = 'dots_no_batch'  # Keep outputs of matmuls without batch dimensions.
 
 
+class LayerLayout(enum.StrEnum):
+  """How a stack's per-layer variables are laid out (`rrt_jax.model.variables.with_layer_layout` converts).
+
+  STACKED: one array per variable with a leading layer axis, run by nn.scan (training, checkpoints, export).
+  PER_LAYER: one buffer per layer (keys '0', '1', ... under the stack's layer path), run by a Python loop over the
+  layers: serving on CPU, where the scan's dynamic slice of each layer's weights out of the stacked array is a
+  copy XLA:CPU makes before every matmul (a read, a write and a second read of every weight byte per token).
+  LoRA keeps its leading loop axis in both. SEQUENCE looping has no per-layer form.
+  """
+
+  STACKED = 'stacked'
+  PER_LAYER = 'per_layer'
+
+
 class AttentionImpl(enum.StrEnum):
   """How attention runs without a KV cache (training, scoring, prefill); decoding with a cache always uses EINSUM.
 
@@ -225,6 +239,7 @@ class ModelConfig:
   # Unroll the scans over layers and loops (a Python-level loop in the compiled program): faster steps and compiles
   # for small models (few depth positions, tiny matmuls, where while-loop overhead dominates); same values.
   scan_unroll: bool = False
+  layer_layout: LayerLayout | str = LayerLayout.STACKED  # See LayerLayout; serving converts, checkpoints stay stacked.
   # The features of the newer families; every default keeps the families above as they were.
   qkv_bias: bool = False  # Bias on q, k and v but not o (Qwen2); attn_bias puts one on all four.
   qk_norm: QKNorm | str = QKNorm.NONE
@@ -244,6 +259,7 @@ class ModelConfig:
     set_('mlp', _parse_enum(MlpType, self.mlp, 'mlp'))
     set_('remat', _parse_enum(RematPolicy, self.remat, 'remat policy'))
     set_('attention', _parse_enum(AttentionImpl, self.attention, 'attention implementation'))
+    set_('layer_layout', _parse_enum(LayerLayout, self.layer_layout, 'layer_layout'))
     set_('qk_norm', _parse_enum(QKNorm, self.qk_norm, 'qk_norm'))
     set_('norm_placement', _parse_enum(NormPlacement, self.norm_placement, 'norm_placement'))
     self._check_layer_types()

@@ -14,16 +14,18 @@ from rrt_jax.model.variables import (
     first_loops,
     init_cache,
     init_variables,
+    layer_layout,
     layer_tree,
     logical_axes,
     loop_variables,
     multi_lora_variables,
     one_loop,
     variable_shapes,
+    with_layer_layout,
     with_layer_tree,
 )
 
 __all__ = ['LAYER_PATH', 'MIDDLE', 'PART_PATHS', 'Decoder', 'ParamCount', 'check_variables', 'count_params',
            'cross_entropy', 'dynamic_loop_variables', 'first_loops', 'init_cache', 'init_variables', 'layer_tree',
            'logical_axes', 'loop_variables', 'lora_specs', 'multi_lora_variables', 'one_loop', 'propagate_kv',
-           'target_dims', 'variable_shapes', 'with_layer_tree']
+           'target_dims', 'variable_shapes', 'with_layer_layout', 'with_layer_tree', 'layer_layout']

@@ -37,6 +37,8 @@ from rrt_jax.config import (
   LORA_TARGETS,
   PRELUDE,
   VANILLA,
+  LayerLayout,
+  Looping,
   ModelConfig,
   RecursionConfig,
   layer_kinds,
@@ -182,6 +184,36 @@ def _scan(target, length: int, axis_name: str, params_scanned: bool, lora_axis: 
                  metadata_params={nn.PARTITION_NAME: axis_name}, **variables)
 
 
+class LayerList(nn.Module):
+  """`count` layers with one buffer each (ModelConfig.layer_layout='per_layer'; submodules '0', '1', ...), run in
+  a Python loop: the same inputs and outputs as the nn.scan over layers it replaces. A layer's cache slot is a
+  static slice of cache_K [count, ...]; the new slots are stacked back."""
+
+  cfg: ModelConfig
+  rec: RecursionConfig
+  count: int
+
+  @nn.compact
+  def __call__(self, h_BxSxD, cache_K, positions_BxS, mask_BxSxT, loop_onehot=None, sliding_K=None):
+    layer_cls = _maybe_remat(DecoderLayer, self.cfg.remat)
+    new_slots = []
+    for k in range(self.count):
+      slot = None if cache_K is None else jax.tree.map(lambda x, k=k: x[k], cache_K)
+      sliding = None if sliding_K is None else sliding_K[k]
+      h_BxSxD, slot = layer_cls(self.cfg, self.rec, name=str(k))(h_BxSxD, slot, positions_BxS, mask_BxSxT,
+                                                                 loop_onehot, sliding)
+      new_slots.append(slot)
+    return h_BxSxD, None if cache_K is None else jax.tree.map(lambda *xs: jnp.stack(xs), *new_slots)
+
+
+def _layers(cfg: ModelConfig, rec: RecursionConfig, count: int, name: str) -> nn.Module:
+  """`count` layers with their own variables in cfg's layer layout: scanned (stacked variables) or a LayerList."""
+  if cfg.layer_layout == LayerLayout.PER_LAYER:
+    return LayerList(cfg, rec, count, name=name)
+  return _scan(_maybe_remat(DecoderLayer, cfg.remat), count, 'layers', params_scanned=True,
+               unroll=cfg.scan_unroll)(cfg, rec, name=name)
+
+
 class CycleLoop(nn.Module):
   """One CYCLE loop: the K shared layers in order (params scanned over K, one LoRA per layer)."""
 
@@ -190,10 +222,8 @@ class CycleLoop(nn.Module):
 
   @nn.compact
   def __call__(self, h_BxSxD, cache_K, positions_BxS, mask_BxSxT, loop_onehot=None, sliding_K=None):
-    layers = _scan(_maybe_remat(DecoderLayer, self.cfg.remat), self.rec.shared_layers(self.cfg.num_layers),
-                   'layers', params_scanned=True, unroll=self.cfg.scan_unroll)
-    h, new_cache = layers(self.cfg, self.rec, name='layer')(h_BxSxD, cache_K, positions_BxS, mask_BxSxT,
-                                                            loop_onehot, sliding_K)
+    layers = _layers(self.cfg, self.rec, self.rec.shared_layers(self.cfg.num_layers), 'layer')
+    h, new_cache = layers(h_BxSxD, cache_K, positions_BxS, mask_BxSxT, loop_onehot, sliding_K)
     return h, (h, new_cache)  # Emit the loop's final hidden state: every loop is an exit.
 
 
@@ -248,9 +278,8 @@ class UniqueStack(nn.Module):
 
   @nn.compact
   def __call__(self, h_BxSxD, cache_U, positions_BxS, mask_BxSxT, sliding_U=None):
-    layers = _scan(_maybe_remat(DecoderLayer, self.cfg.remat), self.length, 'layers', params_scanned=True,
-                   unroll=self.cfg.scan_unroll)
-    return layers(self.cfg, VANILLA, name='layer')(h_BxSxD, cache_U, positions_BxS, mask_BxSxT, None, sliding_U)
+    layers = _layers(self.cfg, VANILLA, self.length, 'layer')
+    return layers(h_BxSxD, cache_U, positions_BxS, mask_BxSxT, None, sliding_U)
 
 
 # The coda over exits: one set of weights (broadcast), each exit with its own hidden states and cache slots.
@@ -277,6 +306,9 @@ class Decoder(nn.Module):
   def setup(self):
     cfg, rec = self.cfg, self.rec
     rec.shared_layers(cfg.num_layers)  # Fails early, naming valid loop counts.
+    if cfg.layer_layout == LayerLayout.PER_LAYER and rec.looping == Looping.SEQUENCE:
+      raise ValueError("layer_layout='per_layer' runs CYCLE and MIDDLE_CYCLE stacks; a SEQUENCE model keeps "
+                       "layer_layout='stacked'.")
     kinds = layer_kinds(cfg, rec)  # A shared layer keeps one attention type: fails early, naming what fits.
     self.kinds = kinds
     self.embedder = Embed(cfg.vocab_size, cfg.d_model, cfg.embed_scale, cfg.dtype, cfg.param_dtype)

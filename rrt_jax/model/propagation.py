@@ -14,11 +14,11 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from rrt_jax.config import layer_kinds
+from rrt_jax.config import LayerLayout, layer_kinds
 from rrt_jax.model.attention import KVCache
 from rrt_jax.model.decoder import Decoder, DecoderLayer
 from rrt_jax.model.layers import LORA
-from rrt_jax.model.variables import layer_tree
+from rrt_jax.model.variables import layer_layout, layer_tree, layer_variables
 
 
 def propagate_kv(model: Decoder, variables: dict, h_BxSxD: jax.Array, positions_BxS: jax.Array,
@@ -35,11 +35,20 @@ def propagate_kv(model: Decoder, variables: dict, h_BxSxD: jax.Array, positions_
     layer_vars = {'params': layer_params} if layer_lora is None else {'params': layer_params, LORA: layer_lora}
     return layer.apply(layer_vars, h_BxSxD, positions_BxS, sliding, method=DecoderLayer.project_kv)
 
-  over_layers = jax.vmap(layer_kv, in_axes=(0, None if LORA not in variables else 0, 0))  # Axis K.
-  params = layer_tree(variables['params'])
-  if LORA not in variables:
-    k, v = (jnp.broadcast_to(x, (len(loops),) + x.shape) for x in over_layers(params, None, sliding_K))
+  def over_loops(layer_fn, params: dict, sliding) -> tuple[jax.Array, jax.Array]:
+    """layer_fn's K/V for each of `loops` ([loops, ...]); the LoRA variables' leading axis is the loop."""
+    if LORA not in variables:
+      return tuple(jnp.broadcast_to(x, (len(loops),) + x.shape) for x in layer_fn(params['params'], None, sliding))
+    lora = jax.tree.map(lambda x: x[jnp.asarray(list(loops))], params[LORA])
+    return jax.vmap(layer_fn, in_axes=(None, 0, None))(params['params'], lora, sliding)
+
+  if layer_layout(variables) == LayerLayout.PER_LAYER:  # One buffer per layer: a Python loop, no slicing copies.
+    count = len(layer_tree(variables['params']))
+    per_layer = [over_loops(layer_kv, layer_variables(variables, k), None if sliding_K is None else sliding_K[k])
+                 for k in range(count)]
+    k, v = (jnp.stack(xs, axis=1) for xs in zip(*per_layer))
   else:
-    lora = jax.tree.map(lambda x: x[jnp.asarray(list(loops))], layer_tree(variables[LORA]))  # [loops, K, ...]
-    k, v = jax.vmap(over_layers, in_axes=(None, 0, None))(params, lora, sliding_K)
+    over_layers = jax.vmap(layer_kv, in_axes=(0, None if LORA not in variables else 0, 0))  # Axis K.
+    stacked = {collection: layer_tree(variables[collection]) for collection in variables}
+    k, v = over_loops(over_layers, stacked, sliding_K)
   return {'k': k, 'v': v}

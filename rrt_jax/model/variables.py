@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from rrt_jax.config import CODA, PRELUDE, Looping, ModelConfig, RecursionConfig
+from rrt_jax.config import CODA, PRELUDE, LayerLayout, Looping, ModelConfig, RecursionConfig
 from rrt_jax.model.attention import KVCache
 from rrt_jax.model.decoder import Decoder
 from rrt_jax.model.layers import LORA, dtype_of
@@ -47,6 +47,58 @@ def with_layer_tree(collection: dict, layers: dict, part: str = MIDDLE) -> dict:
     node[key] = dict(node.get(key, {}))
     node = node[key]
   node[path[-1]] = layers
+  return out
+
+
+def layer_layout(variables: dict) -> LayerLayout:
+  """The layout of `variables`' layers (see LayerLayout): per-layer buffers are keyed '0', '1', ...."""
+  return LayerLayout.PER_LAYER if '0' in layer_tree(variables['params']) else LayerLayout.STACKED
+
+
+def with_layer_layout(model: Decoder, variables: dict, layout: LayerLayout | str) -> tuple[Decoder, dict]:
+  """(model, variables) with every stack's layers in `layout`: STACKED -> PER_LAYER splits each [K, ...] 'params'
+  leaf into K buffers and each [R, K, ...] 'lora' leaf into K [R, ...]; PER_LAYER -> STACKED stacks them back.
+  The values are equal; only the layout of the arrays (and model.cfg.layer_layout) changes. A SEQUENCE model has
+  no per-layer form and is returned as is."""
+  layout = LayerLayout(layout)
+  if model.rec.looping == Looping.SEQUENCE:
+    return model, variables
+  model = model.clone(cfg=model.cfg.replace(layer_layout=layout))
+  if layer_layout(variables) == layout:
+    return model, variables
+  split = layout == LayerLayout.PER_LAYER
+  out = dict(variables)
+  for collection, axis in (('params', 0), (LORA, 1)):  # The layer axis: 'params' [K, ...], 'lora' [R, K, ...].
+    if collection not in variables:
+      continue
+    tree = variables[collection]
+    for part in _parts(model, tree):
+      layers = layer_tree(tree, part)
+      if split:
+        count = jax.tree.leaves(layers)[0].shape[axis]
+        layers = {str(k): jax.tree.map(lambda x, k=k: jnp.take(x, k, axis), layers) for k in range(count)}
+      else:
+        layers = jax.tree.map(lambda *xs: jnp.stack(xs, axis), *(layers[str(k)] for k in range(len(layers))))
+      tree = with_layer_tree(tree, layers, part)
+    out[collection] = tree
+  return model, out
+
+
+def _parts(model: Decoder, collection: dict) -> list[str]:
+  """The layer parts of `model` that `collection` holds: the looped layers, and MIDDLE_CYCLE's prelude and coda
+  ('params' only: they have no LoRA)."""
+  parts = (MIDDLE, PRELUDE, CODA) if model.rec.unique_layers else (MIDDLE,)
+  return [part for part in parts if _path(part)[0] in collection]
+
+
+def layer_variables(variables: dict, k: int) -> dict:
+  """Layer k's variables of the looped layers in either layout: {'params': [...], 'lora'?: [R, ...]}."""
+  per_layer = layer_layout(variables) == LayerLayout.PER_LAYER
+  out = {}
+  for collection, axis in (('params', 0), (LORA, 1)):
+    if collection in variables:
+      layers = layer_tree(variables[collection])
+      out[collection] = layers[str(k)] if per_layer else jax.tree.map(lambda x: jnp.take(x, k, axis), layers)
   return out
 
 
@@ -101,8 +153,10 @@ def multi_lora_variables(variables: dict) -> dict:
   at different loops in one batch (multi-LoRA, see lora.py): each 'lora' leaf [R, K, ...] becomes
   [1, K, R, ...], so the one-loop block's layer k sees all R loops' adapters and selects per row."""
   out = {'params': variables['params']}
-  if LORA in variables:
-    out[LORA] = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1)[None], variables[LORA])
+  if LORA in variables:  # Per-layer buffers [R, ...] become [1, R, ...].
+    to_multi = (lambda x: x[None]) if layer_layout(variables) == LayerLayout.PER_LAYER else (
+        lambda x: jnp.swapaxes(x, 0, 1)[None])
+    out[LORA] = jax.tree.map(to_multi, variables[LORA])
   return out
 
 

@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 from rrt_jax.model import Decoder, init_cache, multi_lora_variables, propagate_kv
 from rrt_jax.model.attention import KVCache
 from rrt_jax.model.exits import ExitConfig, exits_at
-from rrt_jax.serve.generate import Generator, SamplingConfig, sample, token_keys
+from rrt_jax.serve.generate import Generator, SamplingConfig, sample, serving_variables, token_keys
 from rrt_jax.serve.loop_step import loop_step
 from rrt_jax.serve.sharding import cache_shardings, rows_sharding, shard_variables, sharded_cache
 from rrt_jax.sharding import replicated
@@ -52,6 +52,7 @@ class SlotDecoder:
 
   def __init__(self, model: Decoder, variables: dict, slots: int, max_len: int, exit_cfg: ExitConfig,
                sampling: SamplingConfig, mesh: Mesh | None = None):
+    model, variables = serving_variables(model, variables)  # One buffer per layer (LayerLayout).
     self.model, self.slots, self.max_len, self.exit_cfg, self.sampling, self.mesh = (
         model, slots, max_len, exit_cfg, sampling, mesh)
     self.generator = Generator(model, exit_cfg, sampling)  # Its prefill is the request's prefill.

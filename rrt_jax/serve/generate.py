@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from rrt_jax.model import Decoder, init_cache, loop_variables, propagate_kv
+from rrt_jax.config import LayerLayout
+from rrt_jax.model import Decoder, init_cache, layer_layout, loop_variables, propagate_kv, with_layer_layout
 from rrt_jax.model.exits import ExitConfig, confidence, exits_at, first_exit, select_exit
 from rrt_jax.serve.loop_step import loop_step, write_token_kv
 from rrt_jax.serve.sharding import shard_variables, sharded_cache
@@ -141,55 +142,87 @@ class Generator:
                        'full state.')
     check_sampling(sampling, model.cfg.vocab_size)  # The one check both generate() and the Engine go through.
     self.model, self.exit_cfg, self.sampling, self.decode = model, exit_cfg, sampling, decode
-    self.prefill = jax.jit(self._prefill)
-    self.step = jax.jit(self._step, donate_argnums=(3,))
-    self.counted_step = jax.jit(self._counted_step, donate_argnums=(3,))
+    self.prefill = jax.jit(self._in_layout(self._prefill))
+    self.step = jax.jit(self._in_layout(self._step), donate_argnums=(3,))
+    self.counted_step = jax.jit(self._in_layout(self._counted_step), donate_argnums=(3,))
+    self.decode_loop = jax.jit(self._in_layout(self._decode_loop))
+
+  def _in_layout(self, fn):
+    """fn(model, variables, ...) run with self.model in the layer layout of the variables given (stacked as
+    trained, or the per-layer serving layout that generate() and the Engine pass: `serving_variables`)."""
+    def run(variables, *args):
+      return fn(with_layer_layout(self.model, variables, layer_layout(variables))[0], variables, *args)
+    return run
 
   def _choose(self, logits_RxBxV: jax.Array, conf_RxB: jax.Array, rng) -> tuple[jax.Array, jax.Array]:
     """The exit rule on every loop's logits and confidences -> (token, 1-based exit loop)."""
     exit_loop = first_exit(conf_RxB, self.exit_cfg.threshold)
     return sample(select_exit(logits_RxBxV, exit_loop), self.sampling, rng), exit_loop + 1
 
-  def _prefill(self, variables, tokens_BxS, lengths_B, cache, rng):
+  def _prefill(self, model, variables, tokens_BxS, lengths_B, cache, rng):
     positions = jnp.broadcast_to(jnp.arange(tokens_BxS.shape[1]), tokens_BxS.shape)
-    hidden, cache = self.model.apply(variables, tokens_BxS, positions, cache=cache,
-                                     method=Decoder.hidden_states)
+    hidden, cache = model.apply(variables, tokens_BxS, positions, cache=cache, method=Decoder.hidden_states)
     last = jnp.take_along_axis(hidden, (lengths_B - 1)[None, :, None, None], axis=2)[:, :, 0]  # [E, B, D]
-    logits = [self.model.apply(variables, last[b], method=Decoder.logits) for b in range(last.shape[0])]
-    prev = [self.model.apply(variables, tokens_BxS, method=Decoder.embed)[jnp.arange(tokens_BxS.shape[0]),
-                                                                           lengths_B - 1]] + list(last[:-1])
+    logits = [model.apply(variables, last[b], method=Decoder.logits) for b in range(last.shape[0])]
+    prev = [model.apply(variables, tokens_BxS, method=Decoder.embed)[jnp.arange(tokens_BxS.shape[0]),
+                                                                      lengths_B - 1]] + list(last[:-1])
     conf = [confidence(self.exit_cfg.confidence, logits[b], last[b], prev[b]) for b in range(len(logits))]
     token, exit_loop = self._choose(jnp.stack(logits), jnp.stack(conf), rng)
     return token, exit_loop, cache
 
-  def _step(self, variables, tokens_B, positions_B, cache, rng):
-    return self._counted_step(variables, tokens_B, positions_B, cache, rng)[:3]
+  def _step(self, model, variables, tokens_B, positions_B, cache, rng):
+    return self._counted_step(model, variables, tokens_B, positions_B, cache, rng)[:3]
 
-  def _counted_step(self, variables, tokens_B, positions_B, cache, rng):
+  def _counted_step(self, model, variables, tokens_B, positions_B, cache, rng):
     """One token per row at its own position -> (token, 1-based exit loop, cache, loops run per row)."""
-    if not self.model.rec.loops_are_exits:  # SEQUENCE: no loop ends in a full state; the model's own cached call.
-      return (*self._full_step(variables, tokens_B, positions_B, cache, rng),
-              jnp.full(tokens_B.shape, self.model.rec.loops, jnp.int32))
+    if not model.rec.loops_are_exits:  # SEQUENCE: no loop ends in a full state; the model's own cached call.
+      return (*self._full_step(model, variables, tokens_B, positions_B, cache, rng),
+              jnp.full(tokens_B.shape, model.rec.loops, jnp.int32))
     if self.decode == 'unrolled':
-      token, exit_loop, cache = self._unrolled_step(variables, tokens_B, positions_B, cache, rng)
-      return token, exit_loop, cache, jnp.full(tokens_B.shape, self.model.rec.loops, jnp.int32)
-    logits_BxV, exit_loop, cache, loops_B = vmapped_step(self.model, variables, self.exit_cfg, tokens_B,
-                                                         positions_B, cache)
+      token, exit_loop, cache = self._unrolled_step(model, variables, tokens_B, positions_B, cache, rng)
+      return token, exit_loop, cache, jnp.full(tokens_B.shape, model.rec.loops, jnp.int32)
+    logits_BxV, exit_loop, cache, loops_B = vmapped_step(model, variables, self.exit_cfg, tokens_B, positions_B,
+                                                         cache)
     return sample(logits_BxV, self.sampling, rng), exit_loop + 1, cache, loops_B
 
-  def _full_step(self, variables, tokens_B, positions_B, cache, rng):
+  def _decode_loop(self, model, variables, tokens_NxB, exits_NxB, positions_B, cache, base_key, seeds_B,
+                   stop_S, steps):
+    """Decode steps on device, fed back in a lax.while_loop: no host round trip per token. tokens_NxB / exits_NxB
+    hold the prefill's token and exit loop at index 0 (the rest is overwritten); step i (1 <= i < steps) feeds
+    token i-1 at position positions_B + i - 1 and writes token i, sampling with row b's key for its i-th token
+    (`token_keys`, as the host loop did). Stops after `steps` tokens, or once every row has emitted one of stop_S
+    ([S] int32, may be empty). -> (tokens [N, B], exit loops [N, B], tokens written)."""
+    def stopped(tokens_B):
+      return jnp.any(tokens_B[:, None] == stop_S[None, :], axis=1)
+
+    def cond(carry):
+      i, _, _, _, done_B = carry
+      return (i < steps) & ~jnp.all(done_B)
+
+    def body(carry):
+      i, tokens, exits, cache, done_B = carry
+      keys = token_keys(base_key, seeds_B, jnp.full_like(seeds_B, i))
+      token, exit_loop, cache, _ = self._counted_step(model, variables, tokens[i - 1], positions_B + i - 1, cache,
+                                                      keys)
+      return i + 1, tokens.at[i].set(token), exits.at[i].set(exit_loop), cache, done_B | stopped(token)
+
+    init = (jnp.int32(1), tokens_NxB, exits_NxB, cache, stopped(tokens_NxB[0]))
+    count, tokens, exits, _, _ = jax.lax.while_loop(cond, body, init)
+    return tokens, exits, count
+
+  def _full_step(self, model, variables, tokens_B, positions_B, cache, rng):
     """Every layer in the model's own depth order through its cached forward (SEQUENCE looping, whose loop-by-loop
     block would run the layers in CYCLE order)."""
-    hidden, cache = self.model.apply(variables, tokens_B[:, None], positions_B[:, None], cache=cache,
-                                     method=Decoder.hidden_states)
-    logits = self.model.apply(variables, hidden[-1][:, -1], method=Decoder.logits)
-    return sample(logits, self.sampling, rng), jnp.full(tokens_B.shape, self.model.rec.loops, jnp.int32), cache
+    hidden, cache = model.apply(variables, tokens_B[:, None], positions_B[:, None], cache=cache,
+                                method=Decoder.hidden_states)
+    logits = model.apply(variables, hidden[-1][:, -1], method=Decoder.logits)
+    return sample(logits, self.sampling, rng), jnp.full(tokens_B.shape, model.rec.loops, jnp.int32), cache
 
-  def _unrolled_step(self, variables, tokens_B, positions_B, cache, rng):
+  def _unrolled_step(self, model, variables, tokens_B, positions_B, cache, rng):
     """One token per row at its own position: every loop for every row (`loop_step`), each row's exit selected
     after. Under kv_fill='propagate' an exited row's K/V in each later loop are replaced by `propagate_kv` of its
     exit state (what the vmapped step and the engine write)."""
-    model, rec = self.model, self.model.rec
+    rec = model.rec
     propagate = self.exit_cfg.kv_fill == 'propagate'
     tokens, positions = tokens_B[:, None], positions_B[:, None]
     h = model.apply(variables, tokens, method=Decoder.embed)
@@ -240,6 +273,14 @@ def _generator(model: Decoder, exit_cfg: ExitConfig, sampling: SamplingConfig, d
   return Generator(model, exit_cfg, sampling, decode)
 
 
+def serving_variables(model: Decoder, variables: dict,
+                      layout: LayerLayout | str = LayerLayout.PER_LAYER) -> tuple[Decoder, dict]:
+  """(model, variables) in the layer layout decoding runs in: by default one buffer per layer (LayerLayout), which
+  generate() and the Engine convert to once per call; the values are unchanged. A copy of the looped weights
+  while both layouts are alive."""
+  return with_layer_layout(model, variables, layout)
+
+
 def validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_new_tokens: int,
                      max_len: int) -> None:
   """Clear errors for requests the model cannot serve; generate() and the Engine's per-request check use it."""
@@ -268,15 +309,19 @@ def validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_new_
 def generate(model: Decoder, variables: dict, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,
              sampling: SamplingConfig = SamplingConfig(), exit_cfg: ExitConfig = ExitConfig(),
              stop_tokens: Sequence[int] = (), max_len: int | None = None,
-             generator: Generator | None = None, decode: str = 'vmapped', mesh: Mesh | None = None) -> Generation:
+             generator: Generator | None = None, decode: str = 'vmapped', mesh: Mesh | None = None,
+             layer_layout: LayerLayout | str = LayerLayout.PER_LAYER) -> Generation:
   """Generates for a batch of prompts of different lengths; see the module docstring. Row i samples with seed i
   folded into sampling.seed (token_keys), as the Engine's i-th accepted request does by default. decode: how
   the steps run the loops (DECODES); ignored when a generator is given. mesh: a jax.sharding.Mesh to run on, the
-  variables and the cache sharded by rrt_jax.serve.sharding (rows over data, heads over tensor)."""
+  variables and the cache sharded by rrt_jax.serve.sharding (rows over data, heads over tensor). layer_layout:
+  the layout decoding reads the weights in (`serving_variables`; 'stacked' keeps the training layout). The
+  decode steps run in one on-device loop (`Generator.decode_loop`); the host reads the tokens once."""
   cfg = model.cfg
   validate_prompts(prompts, cfg.vocab_size, max_new_tokens, min(max_len or cfg.max_seq_len, cfg.max_seq_len))
   max_len = max_len or bucket(max(len(p) for p in prompts) + max_new_tokens)
   gen = generator or Generator(model, exit_cfg, sampling, decode)
+  model, variables = serving_variables(model, variables, layer_layout)
   rows = len(prompts)
   lengths = np.array([len(p) for p in prompts], np.int32)
   width = bucket(int(lengths.max()))
@@ -289,29 +334,24 @@ def generate(model: Decoder, variables: dict, prompts: Sequence[Sequence[int]], 
     variables = shard_variables(model, variables, mesh)
     cache = sharded_cache(model, mesh, rows, max(max_len, width))
   base, seeds = jax.random.key(sampling.seed), jnp.arange(rows, dtype=jnp.int32)
-  keys = lambda index: token_keys(base, seeds, jnp.full(rows, index, jnp.int32))  # noqa: E731
-  token, exit_loop, cache = gen.prefill(variables, jnp.asarray(tokens), jnp.asarray(lengths), cache, keys(0))
-  out = [[] for _ in range(rows)]
-  exits = [[] for _ in range(rows)]
-  done = np.zeros(rows, bool)
-  positions = lengths.copy()
-  stop = set(int(t) for t in stop_tokens)
-  for step in range(max_new_tokens):
-    token_np, exit_np = np.asarray(token), np.asarray(exit_loop)
-    for i in range(rows):
-      if done[i]:
-        continue
-      if int(token_np[i]) in stop:
-        done[i] = True
-        continue
-      out[i].append(int(token_np[i]))
-      exits[i].append(int(exit_np[i]))
-    if done.all() or step == max_new_tokens - 1:
-      break
-    token, exit_loop, cache = gen.step(variables, token, jnp.asarray(positions), cache, keys(step + 1))
-    positions += 1
+  token, exit_loop, cache = gen.prefill(variables, jnp.asarray(tokens), jnp.asarray(lengths), cache,
+                                        token_keys(base, seeds, jnp.zeros(rows, jnp.int32)))
+  buffer = bucket(max_new_tokens)  # The on-device loop's output length: one compilation per bucket.
+  tokens_NxB = jnp.zeros((buffer, rows), jnp.int32).at[0].set(token)
+  exits_NxB = jnp.zeros((buffer, rows), jnp.int32).at[0].set(exit_loop)
+  stop = np.asarray(sorted(set(int(t) for t in stop_tokens)), np.int32)
+  tokens_NxB, exits_NxB, count = gen.decode_loop(variables, tokens_NxB, exits_NxB, jnp.asarray(lengths), cache,
+                                                 base, seeds, jnp.asarray(stop), jnp.int32(max_new_tokens))
+  count = int(count)
+  token_np, exit_np = np.asarray(tokens_NxB)[:count], np.asarray(exits_NxB)[:count]
+  out, exits = [], []
+  for i in range(rows):  # Each row up to its first stop token (excluded).
+    ends = np.flatnonzero(np.isin(token_np[:, i], stop))
+    end = int(ends[0]) if ends.size else count
+    out.append(token_np[:end, i].tolist())
+    exits.append(exit_np[:end, i].tolist())
   return Generation(out, exits)
 
 
 __all__ = ['DECODES', 'ExitConfig', 'Generation', 'Generator', 'SamplingConfig', 'check_sampling', 'check_seed',
-           'generate', 'generator_for', 'sample', 'token_keys', 'validate_prompts']
+           'generate', 'generator_for', 'sample', 'serving_variables', 'token_keys', 'validate_prompts']

@@ -1,0 +1,113 @@
+"""The per-layer serving layout (LayerLayout.PER_LAYER): the same values as the stacked training layout for every
+looping that has it, a lossless round trip, generate() and the engine equal in either layout, and the on-device
+decode loop equal to stepping from the host."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from unroll import perturb
+
+from rrt_jax import Decoder, RecursionConfig, presets
+from rrt_jax.config import LayerLayout
+from rrt_jax.model import init_cache, init_variables, layer_layout, propagate_kv, with_layer_layout
+from rrt_jax.serve.engine import Engine, EngineConfig, Request
+from rrt_jax.serve.generate import ExitConfig, Generator, generate, token_keys
+
+CFG = presets.TINY_GEMMA
+RECS = {
+    'vanilla': RecursionConfig(),
+    'relaxed': RecursionConfig(loops=3, lora_rank=4),
+    'middle_cycle': RecursionConfig(loops=2, looping='middle_cycle', unique_layers=1, lora_rank=4),
+}
+PROMPTS = [[5, 17, 3], [9, 2, 44, 101, 7, 8, 300], [11]]
+
+
+def _model(name):
+  rec = RECS[name]
+  variables = jax.tree.map(jnp.asarray, perturb(init_variables(CFG, rec, jax.random.key(0)), 0, 0.05))
+  return Decoder(CFG, rec), variables
+
+
+@pytest.mark.parametrize('name', sorted(RECS))
+def test_per_layer_layout_has_the_same_logits_and_round_trips(name):
+  model, variables = _model(name)
+  served, per_layer = with_layer_layout(model, variables, 'per_layer')
+  assert layer_layout(per_layer) == LayerLayout.PER_LAYER and served.cfg.layer_layout == LayerLayout.PER_LAYER
+  tokens = jnp.asarray(np.arange(14).reshape(2, 7) * 13 % CFG.vocab_size)
+  want = model.apply(variables, tokens, all_exits=True)[0]
+  got = served.apply(per_layer, tokens, all_exits=True)[0]
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+  back_model, back = with_layer_layout(served, per_layer, 'stacked')
+  assert back_model.cfg.layer_layout == LayerLayout.STACKED
+  assert jax.tree.structure(back) == jax.tree.structure(variables)
+  assert all(bool((a == b).all()) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(variables), strict=True))
+
+
+def test_propagated_kv_is_the_same_in_both_layouts():
+  model, variables = _model('relaxed')
+  served, per_layer = with_layer_layout(model, variables, 'per_layer')
+  h = jax.random.normal(jax.random.key(1), (2, 1, CFG.d_model))
+  positions = jnp.array([[3], [5]])
+  want = propagate_kv(model, variables, h, positions, (1, 2))
+  got = propagate_kv(served, per_layer, h, positions, (1, 2))
+  for key in ('k', 'v'):
+    np.testing.assert_allclose(got[key], want[key], atol=1e-6)
+
+
+@pytest.mark.parametrize('name,threshold', [('relaxed', 1.0), ('relaxed', 0.02), ('middle_cycle', 0.02)])
+def test_generate_is_the_same_in_both_layouts(name, threshold):
+  model, variables = _model(name)
+  exit_cfg = ExitConfig(threshold=threshold)
+  stacked = generate(model, variables, PROMPTS, 6, exit_cfg=exit_cfg, layer_layout='stacked')
+  per_layer = generate(model, variables, PROMPTS, 6, exit_cfg=exit_cfg)
+  assert per_layer.tokens == stacked.tokens and per_layer.exit_loops == stacked.exit_loops
+  if threshold < 1:
+    assert any(e < model.rec.loops for row in per_layer.exit_loops for e in row)  # The exits were exercised.
+
+
+def test_device_loop_equals_host_steps_and_honours_stop_tokens():
+  """generate()'s on-device loop against the jitted step fed back from the host (what generate() did before)."""
+  model, variables = _model('relaxed')
+  gen = Generator(model, ExitConfig(threshold=0.02))
+  rows, steps = 2, 5
+  prompts = jnp.asarray([[5, 17, 3, 8], [9, 2, 44, 101]], jnp.int32)
+  lengths = jnp.array([4, 4], jnp.int32)
+  base, seeds = jax.random.key(0), jnp.arange(rows, dtype=jnp.int32)
+  cache = init_cache(CFG, model.rec, rows, 16)
+  token, exit_loop, cache = gen.prefill(variables, prompts, lengths, cache, token_keys(base, seeds, seeds * 0))
+  host_tokens, host_exits = [token], [exit_loop]
+  for i in range(1, steps):
+    token, exit_loop, cache = gen.step(variables, token, lengths + i - 1, cache,
+                                       token_keys(base, seeds, jnp.full(rows, i, jnp.int32)))
+    host_tokens.append(token)
+    host_exits.append(exit_loop)
+  host = np.stack(host_tokens).T.tolist()
+  out = generate(model, variables, prompts.tolist(), steps, exit_cfg=ExitConfig(threshold=0.02), generator=gen)
+  assert out.tokens == host
+  assert out.exit_loops == np.stack(host_exits).T.tolist()
+  stop = host[0][2]  # Row 0 stops before its third token; row 1 at its first `stop`, if any.
+  stopped = generate(model, variables, prompts.tolist(), steps, exit_cfg=ExitConfig(threshold=0.02),
+                     stop_tokens=[stop], generator=gen)
+  for row, full in zip(stopped.tokens, host, strict=True):
+    assert row == (full[:full.index(stop)] if stop in full else full)
+
+
+def test_engine_serves_the_same_tokens_in_the_per_layer_layout():
+  model, variables = _model('relaxed')
+  config = EngineConfig(slots=2, max_len=32, exit=ExitConfig(threshold=0.02))
+  requests = [Request(p, 5) for p in PROMPTS]
+  completions, _ = Engine(model, variables, config).run(requests)
+  assert layer_layout(Engine(model, variables, config).variables) == LayerLayout.PER_LAYER
+  want = generate(model, variables, PROMPTS, 5, exit_cfg=ExitConfig(threshold=0.02), layer_layout='stacked')
+  assert [c.tokens for c in completions] == want.tokens
+
+
+def test_sequence_looping_has_no_per_layer_form():
+  rec = RecursionConfig(loops=2, looping='sequence')
+  model = Decoder(CFG.replace(layer_layout='per_layer'), rec)
+  with pytest.raises(ValueError, match="SEQUENCE model keeps layer_layout='stacked'"):
+    model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
+  variables = init_variables(CFG, rec, jax.random.key(0))
+  served, same = with_layer_layout(Decoder(CFG, rec), variables, 'per_layer')
+  assert same is variables and served.cfg.layer_layout == LayerLayout.STACKED
