@@ -46,7 +46,7 @@ def propagate_kv(model: Decoder, variables: dict, h_BxSxD: jax.Array, positions_
     count = len(layer_tree(variables['params']))
     per_layer = [over_loops(layer_kv, layer_variables(variables, k), None if sliding_K is None else sliding_K[k])
                  for k in range(count)]
-    k, v = (jnp.stack(xs, axis=1) for xs in zip(*per_layer))
+    k, v = (jnp.stack(xs, axis=1) for xs in zip(*per_layer, strict=True))
   else:
     over_layers = jax.vmap(layer_kv, in_axes=(0, None if LORA not in variables else 0, 0))  # Axis K.
     stacked = {collection: layer_tree(variables[collection]) for collection in variables}

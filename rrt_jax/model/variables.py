@@ -76,9 +76,9 @@ def with_layer_layout(model: Decoder, variables: dict, layout: LayerLayout | str
       layers = layer_tree(tree, part)
       if split:
         count = jax.tree.leaves(layers)[0].shape[axis]
-        layers = {str(k): jax.tree.map(lambda x, k=k: jnp.take(x, k, axis), layers) for k in range(count)}
+        layers = {str(k): jax.tree.map(lambda x, k=k, axis=axis: jnp.take(x, k, axis), layers) for k in range(count)}
       else:
-        layers = jax.tree.map(lambda *xs: jnp.stack(xs, axis), *(layers[str(k)] for k in range(len(layers))))
+        layers = jax.tree.map(lambda *xs, axis=axis: jnp.stack(xs, axis), *(layers[str(k)] for k in range(len(layers))))
       tree = with_layer_tree(tree, layers, part)
     out[collection] = tree
   return model, out
@@ -98,7 +98,7 @@ def layer_variables(variables: dict, k: int) -> dict:
   for collection, axis in (('params', 0), (LORA, 1)):
     if collection in variables:
       layers = layer_tree(variables[collection])
-      out[collection] = layers[str(k)] if per_layer else jax.tree.map(lambda x: jnp.take(x, k, axis), layers)
+      out[collection] = layers[str(k)] if per_layer else jax.tree.map(lambda x, axis=axis: jnp.take(x, k, axis), layers)
   return out
 
 
