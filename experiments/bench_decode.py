@@ -1,14 +1,20 @@
-r"""Decode speed of early exit: the unrolled step (every loop for every row) against the vmapped while-loop step
-(a batch runs as many loops as its deepest row; rrt_jax/serve/vmapped_decode.py), per exit threshold.
+r"""Decode speed against the default baseline and the hardware: our generate() vs HF transformers generate on the
+same weights and the same CPU, each against the memory-bandwidth bound, and the relaxed model under CSB.
 
-  python -m experiments.bench_decode                      # SmolLM2-135M converted to relaxed B=3, and a tiny model
-  python -m experiments.bench_decode --models=tiny --batch=4 --steps=4 --repeats=3    # a quick end-to-end run
+  python -m experiments.bench_decode                          # SmolLM2-135M (packaged), batch 1 and 4
+  python -m experiments.bench_decode --tiny --new_tokens=8 --repeats=1 --hf=false     # the plumbing (tiny model)
 
-Per model: --batch prompts of --prompt_len tokens are prefilled once; then, per threshold and decode, --steps
-greedy decode steps fed back (generate()'s loop, dispatch included) are timed, jax.block_until_ready at the end,
-median of --repeats after a warm-up run (the compilation), the two decodes interleaved. Prints tokens/s of each,
-the speed-up, the mean exit loop and the loops the vmapped step ran per step (its deepest row), and checks that
-both decodes generated the same tokens.
+In one run, median of --repeats after a warm-up (compilation):
+  * ours: greedy generate() (no exit) at each --batches, in the per-layer serving layout (the default) and the
+    stacked training layout (what decoding read before); decode tok/s = generated tokens / (time of a
+    --new_tokens call - time of a 1-token call), so prefill and the layout conversion cancel.
+  * HF transformers LlamaForCausalLM.generate (greedy, fp32) on our exact weights, in its own process
+    (experiments/hf_anchor.py), at the same batches and --hf_threads; its tokens must equal ours.
+  * the bound: bytes a batch-1 token must read (parameters + KV cache) / measured copy bandwidth (numpy, read +
+    write counted, the better of 1 and 2 threads).
+  * the relaxed model (R = --loops, Average + SVD LoRA rank --rank) without exit against the vanilla model, both
+    through the Engine with sequence-wise batching (CSB) at --slots slots: decode tok/s and their ratio.
+  * quality beside speed: each model's perplexity on --eval_tokens held-out tokens (Pride and Prejudice).
 """
 
 from __future__ import annotations
@@ -18,117 +24,139 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from experiments import hf_anchor
 from rrt_jax import Decoder, RecursionConfig, presets
 from rrt_jax.convert import to_recursive
-from rrt_jax.model import init_cache, init_variables
-from rrt_jax.serve.generate import DECODES, ExitConfig, Generator
-from rrt_jax.utils.buckets import bucket
+from rrt_jax.eval.perplexity import per_loop_perplexity, sliding_windows
+from rrt_jax.model import init_variables
+from rrt_jax.serve.engine import Engine, EngineConfig, Request
+from rrt_jax.serve.generate import ExitConfig, Generator, generate
 from rrt_jax.utils.timing import machine_description
 
-_MODELS = flags.DEFINE_list('models', ['tiny', 'smollm2'], 'tiny (random TINY_LLAMA) and/or smollm2 (packaged).')
-_BATCH = flags.DEFINE_integer('batch', 8, 'Rows decoded together.')
-_PROMPT_LEN = flags.DEFINE_integer('prompt_len', 128, 'Prompt tokens per row (cache context of the steps).')
-_STEPS = flags.DEFINE_integer('steps', 16, 'Decode steps per timed run.')
-_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed runs per measurement (median reported).')
-_LOOPS = flags.DEFINE_integer('loops', 3, 'Loops B of the relaxed model.')
-_RANK = flags.DEFINE_integer('rank', 64, 'LoRA rank of the relaxed smollm2 (average init + SVD LoRA).')
-_TINY_RANK = flags.DEFINE_integer('tiny_rank', 8, 'LoRA rank of the relaxed tiny model.')
-_THRESHOLDS = flags.DEFINE_list('thresholds', ['1.0', '0.9', '0.7', '0.5', '0.0'], 'Exit thresholds for smollm2.')
-_TINY_THRESHOLDS = flags.DEFINE_list('tiny_thresholds', ['1.0', '0.03', '0.015', '0.0'],
-                                     'Exit thresholds for the tiny model (random weights: max_prob ~ 0.015-0.045).')
-_CONFIDENCE = flags.DEFINE_enum('confidence', 'max_prob', ['max_prob', 'margin', 'saturation'], 'Exit confidence.')
-_KV_FILL = flags.DEFINE_enum('kv_fill', 'propagate', ['propagate', 'full'], 'K/V of skipped loops.')
+_TINY = flags.DEFINE_bool('tiny', False, 'A random tiny Llama instead of SmolLM2 (a plumbing check).')
+_BATCHES = flags.DEFINE_list('batches', ['1', '4'], 'Rows decoded together.')
+_PROMPT_LEN = flags.DEFINE_integer('prompt_len', 64, 'Prompt tokens per row.')
+_NEW_TOKENS = flags.DEFINE_integer('new_tokens', 32, 'Generated tokens per row.')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed runs per measurement (median).')
+_HF = flags.DEFINE_bool('hf', True, 'Time HF transformers generate (needs torch + transformers).')
+_HF_THREADS = flags.DEFINE_list('hf_threads', ['2'], 'torch threads for HF.')
+_LOOPS = flags.DEFINE_integer('loops', 3, 'Loops of the relaxed model.')
+_RANK = flags.DEFINE_integer('rank', 64, 'LoRA rank of the relaxed model.')
+_SLOTS = flags.DEFINE_integer('slots', 4, 'Engine slots for the CSB comparison.')
+_REQUESTS = flags.DEFINE_integer('requests', 8, 'Requests served in the CSB comparison.')
+_EVAL_TOKENS = flags.DEFINE_integer('eval_tokens', 1024, 'Held-out tokens for the perplexities.')
 _OUT = flags.DEFINE_string('out', '', 'Optional JSON file for the results.')
 
 
-def _source(name: str) -> tuple:
-  """(cfg, vanilla variables, token ids to cut prompts from)."""
-  if name == 'tiny':
+def _source():
+  """(cfg, vanilla variables, prompt source ids, held-out ids)."""
+  if _TINY.value:
     cfg = presets.TINY_LLAMA
-    ids = np.random.default_rng(0).integers(3, cfg.vocab_size, 16 * _PROMPT_LEN.value).tolist()
-    return cfg, init_variables(cfg, RecursionConfig(), jax.random.key(0)), ids
-  if name == 'smollm2':
-    from rrt_jax.data import austen
-    from rrt_jax.pretrained.gguf import load_gguf, load_tokenizer
-    cfg, vanilla = load_gguf()
-    return cfg, vanilla, load_tokenizer().encode(austen.novels()[0]['Emma']).ids
-  raise ValueError(f'Unknown model {name!r}: choose tiny or smollm2.')
+    ids = np.random.default_rng(0).integers(3, cfg.vocab_size, 4096).tolist()
+    return cfg, init_variables(cfg, RecursionConfig(), jax.random.key(0)), ids, ids[-_EVAL_TOKENS.value - 1:]
+  from rrt_jax.data import austen
+  from rrt_jax.pretrained.gguf import load_gguf, load_tokenizer
+  cfg, vanilla = load_gguf()
+  tokenizer, (books, _) = load_tokenizer(), austen.novels()
+  held_out = tokenizer.encode(books['Pride And Prejudice']).ids[:_EVAL_TOKENS.value + 1]
+  return cfg, vanilla, tokenizer.encode(books['Emma']).ids, held_out
 
 
-def _prefilled(model: Decoder, variables: dict, ids: list[int]) -> tuple:
-  """(first tokens [B], positions [B], cache) after prefilling --batch prompts cut from ids."""
-  batch, length = _BATCH.value, _PROMPT_LEN.value
-  starts = np.random.default_rng(1).integers(0, len(ids) - length, batch)
-  prompts = jnp.asarray(np.stack([ids[s:s + length] for s in starts]).astype(np.int32))
-  cache = init_cache(model.cfg, model.rec, batch, bucket(length + _STEPS.value))
-  lengths = jnp.full(batch, length, jnp.int32)
-  token, _, cache = Generator(model).prefill(variables, prompts, lengths, cache, jax.random.key(0))
-  return token, lengths, cache
+def _prompts(ids: list[int], count: int) -> list[list[int]]:
+  starts = np.random.default_rng(1).integers(0, len(ids) - _PROMPT_LEN.value, count)
+  return [ids[s:s + _PROMPT_LEN.value] for s in starts]
 
 
-def _run(gen: Generator, variables: dict, start: tuple) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
-  """Seconds for --steps decode steps from `start`, and their tokens, exit loops and loops run [steps, B]."""
-  tokens, positions, cache = start
-  cache = jax.block_until_ready(jax.tree.map(jnp.copy, cache))  # The step donates it.
-  keys = jax.random.split(jax.random.key(0), len(positions))  # Greedy: unused.
-  out = []
-  begin = time.perf_counter()
-  for step in range(_STEPS.value):
-    tokens, exits, cache, loops = gen.counted_step(variables, tokens, positions + step, cache, keys)
-    out.append((tokens, exits, loops))
-  jax.block_until_ready(out)
-  seconds = time.perf_counter() - begin
-  return (seconds,) + tuple(np.stack([np.asarray(o[i]) for o in out]) for i in range(3))
-
-
-def _measure(model: Decoder, variables: dict, start: tuple, threshold: float) -> dict:
-  exit_cfg = ExitConfig(threshold, _CONFIDENCE.value, _KV_FILL.value)
-  gens = {d: Generator(model, exit_cfg, decode=d) for d in DECODES}
-  results = {d: _run(g, variables, start) for d, g in gens.items()}  # Warm-up: compiles.
-  times = {d: [] for d in DECODES}
+def _median_seconds(fn) -> float:
+  fn()  # Compiles.
+  times = []
   for _ in range(_REPEATS.value):
-    for d, g in gens.items():
-      times[d].append(_run(g, variables, start)[0])
-  _, tokens, exits, loops = results['vmapped']
-  row = {f'{d}_tokens_per_s': _STEPS.value * _BATCH.value / statistics.median(t) for d, t in times.items()}
-  row.update(threshold=threshold, speedup=row['vmapped_tokens_per_s'] / row['unrolled_tokens_per_s'],
-             mean_exit_loop=float(exits.mean()), vmapped_loops_per_step=float(loops.max(axis=1).mean()),
-             same_tokens=bool((tokens == results['unrolled'][1]).all()))
-  return row
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def ours(model: Decoder, variables: dict, prompts: list[list[int]], layout: str) -> dict:
+  """Greedy no-exit generate(): decode tok/s (the 1-token call subtracted) and the tokens."""
+  gen = Generator(model, ExitConfig(threshold=1.0))
+  run = lambda n: generate(model, variables, prompts, n, generator=gen, layer_layout=layout)  # noqa: E731
+  full, first = _median_seconds(lambda: run(_NEW_TOKENS.value)), _median_seconds(lambda: run(1))
+  decode_s = full - first
+  return {'decode_tokens_per_s': len(prompts) * (_NEW_TOKENS.value - 1) / decode_s,
+          'ms_per_step': 1000 * decode_s / (_NEW_TOKENS.value - 1), 'tokens': run(_NEW_TOKENS.value).tokens}
+
+
+def csb_tokens_per_s(model: Decoder, variables: dict, prompts: list[list[int]]) -> float:
+  """Engine decode tok/s, sequence-wise batching, no exit: median of --repeats after a warm-up pass."""
+  engine = Engine(model, variables, EngineConfig(slots=_SLOTS.value, max_len=256, depthwise=False,
+                                                 exit=ExitConfig(threshold=1.0)))
+  requests = [Request(p, _NEW_TOKENS.value) for p in prompts]
+  engine.run(requests)
+  return statistics.median(engine.run(requests)[1].decode_tokens_per_s for _ in range(_REPEATS.value))
 
 
 def main(argv):
   del argv
-  print(f'# decode benchmark on {machine_description()}: batch {_BATCH.value}, prompt {_PROMPT_LEN.value}, '
-        f'{_STEPS.value} steps, median of {_REPEATS.value}, {_CONFIDENCE.value}, kv_fill={_KV_FILL.value}',
-        flush=True)
-  all_rows = {}
-  for name in _MODELS.value:
-    cfg, vanilla, ids = _source(name)
-    rank = _TINY_RANK.value if name == 'tiny' else _RANK.value
-    rec = RecursionConfig(loops=_LOOPS.value, init='average', lora_rank=rank)
-    model = Decoder(cfg, rec)
-    variables = to_recursive(vanilla, cfg, rec)
-    start = _prefilled(model, variables, ids)
-    thresholds = _TINY_THRESHOLDS.value if name == 'tiny' else _THRESHOLDS.value
-    print(f'\n## {name}: relaxed B={rec.loops} r={rec.lora_rank} ({cfg.num_layers} layers)\n'
-          '| threshold | unrolled tok/s | vmapped tok/s | speed-up | mean exit loop | vmapped loops/step | '
-          'same tokens |\n|---|---|---|---|---|---|---|', flush=True)
-    rows = []
-    for threshold in thresholds:
-      r = _measure(model, variables, start, float(threshold))
-      rows.append(r)
-      print(f"| {r['threshold']:g} | {r['unrolled_tokens_per_s']:.1f} | {r['vmapped_tokens_per_s']:.1f} | "
-            f"{r['speedup']:.2f}x | {r['mean_exit_loop']:.2f} | {r['vmapped_loops_per_step']:.2f} | "
-            f"{r['same_tokens']} |", flush=True)
-    all_rows[name] = rows
+  machine = machine_description()
+  print(f'# decode benchmark on {machine}: prompt {_PROMPT_LEN.value}, {_NEW_TOKENS.value} new tokens, greedy, '
+        f'median of {_REPEATS.value}', flush=True)
+  cfg, vanilla, ids, held_out = _source()
+  windows = sliding_windows(held_out, min(512, cfg.max_seq_len))
+  vanilla_model = Decoder(cfg)
+  rec = RecursionConfig(loops=_LOOPS.value, init='average', lora_rank=_RANK.value)
+  relaxed_model, relaxed = Decoder(cfg, rec), to_recursive(vanilla, cfg, rec)
+  ppl = {'vanilla': per_loop_perplexity(vanilla_model, vanilla, windows)[-1],
+         'relaxed': per_loop_perplexity(relaxed_model, relaxed, windows)[-1]}
+  results = {'machine': machine, 'perplexity': ppl, 'batches': {}}
+  bandwidth = max(hf_anchor.copy_bandwidth(threads=t) for t in (1, 2))
+  need = hf_anchor.decode_bytes_per_token(cfg, RecursionConfig(), vanilla, _PROMPT_LEN.value + _NEW_TOKENS.value)
+  bound_ms = 1000 * need['total_bytes'] / bandwidth
+  results['bound'] = {'bytes_per_token': need['total_bytes'], 'copy_bandwidth': bandwidth, 'ms': bound_ms}
+  print(f'bound: {need["total_bytes"] / 1e6:.0f} MB per batch-1 token / {bandwidth / 1e9:.1f} GB/s = '
+        f'{bound_ms:.1f} ms', flush=True)
+  batches = [int(b) for b in _BATCHES.value]
+  for batch in batches:
+    prompts = _prompts(ids, batch)
+    row = {layout: ours(vanilla_model, vanilla, prompts, layout) for layout in ('per_layer', 'stacked')}
+    assert row['per_layer']['tokens'] == row['stacked']['tokens'], 'the layouts generated different tokens'
+    results['batches'][batch] = row
+  if _HF.value:
+    for batch in batches:
+      prompts = _prompts(ids, batch)
+      hf = hf_anchor.hf_anchor_rows(cfg, vanilla, prompts, _NEW_TOKENS.value, [batch],
+                                    [int(t) for t in _HF_THREADS.value], _REPEATS.value)
+      mine = results['batches'][batch]['per_layer']['tokens']
+      for r in hf:
+        r['same_tokens'] = r.pop('tokens') == mine
+      results['batches'][batch]['hf'] = hf
+  relaxed_csb = csb_tokens_per_s(relaxed_model, relaxed, _prompts(ids, _REQUESTS.value))
+  vanilla_csb = csb_tokens_per_s(vanilla_model, vanilla, _prompts(ids, _REQUESTS.value))
+  results['csb'] = {'vanilla': vanilla_csb, 'relaxed': relaxed_csb, 'ratio': relaxed_csb / vanilla_csb}
+  print(f'\nvanilla ppl {ppl["vanilla"]:.2f}; relaxed R={rec.loops} r={rec.lora_rank} (converted) ppl '
+        f'{ppl["relaxed"]:.1f}\n\n| batch | ours per-layer tok/s | ms/step | x bound (batch 1) | ours stacked tok/s | '
+        'HF tok/s (threads) | ours / HF | same tokens |\n|---|---|---|---|---|---|---|---|')
+  for batch, row in results['batches'].items():
+    p, s = row['per_layer'], row['stacked']
+    hf = row.get('hf', [])
+    hf_text = ', '.join(f'{r["decode_tokens_per_s"]:.1f} ({r["threads"]})' for r in hf) or '-'
+    ratio = ', '.join(f'{p["decode_tokens_per_s"] / r["decode_tokens_per_s"]:.2f}x' for r in hf) or '-'
+    same = ', '.join(str(r['same_tokens']) for r in hf) or '-'
+    bound = f'{p["ms_per_step"] / bound_ms:.2f}x' if batch == 1 else '-'
+    print(f'| {batch} | {p["decode_tokens_per_s"]:.1f} | {p["ms_per_step"]:.1f} | {bound} | '
+          f'{s["decode_tokens_per_s"]:.1f} | {hf_text} | {ratio} | {same} |')
+  print(f'\nCSB at {_SLOTS.value} slots, {_REQUESTS.value} requests, no exit: vanilla {vanilla_csb:.1f} tok/s '
+        f'(ppl {ppl["vanilla"]:.2f}), relaxed {relaxed_csb:.1f} tok/s (ppl {ppl["relaxed"]:.1f}): '
+        f'x{relaxed_csb / vanilla_csb:.2f}', flush=True)
   if _OUT.value:
+    for row in results['batches'].values():
+      for layout in ('per_layer', 'stacked'):
+        row[layout].pop('tokens')
     with open(_OUT.value, 'w') as f:
-      json.dump({'machine': machine_description(), 'results': all_rows}, f, indent=1)
+      json.dump(results, f, indent=1)
 
 
 if __name__ == '__main__':
