@@ -70,7 +70,7 @@ class SpeculativeGeneration:
 
 
 def check_speculative(model: Decoder, draft_loops: int, draft_len: int,
-                      sampling: SamplingConfig = SamplingConfig()) -> None:
+                      sampling: SamplingConfig | None = None) -> None:
   """Clear errors for settings self-speculation cannot run."""
   rec = model.rec
   if not rec.loops_are_exits:
@@ -82,7 +82,7 @@ def check_speculative(model: Decoder, draft_loops: int, draft_len: int,
   if isinstance(draft_len, bool) or not isinstance(draft_len, int) or draft_len < 0:
     raise ValueError(f'draft_len must be an integer >= 0 (tokens drafted per round; 0 = plain greedy decoding), '
                      f'got {draft_len!r}.')
-  if sampling.temperature > 0:
+  if sampling is not None and sampling.temperature > 0:
     raise ValueError(f'Self-speculative decoding is greedy only (lossless against greedy no-exit decoding), got '
                      f'temperature={sampling.temperature}: use SamplingConfig(temperature=0), or rrt_jax.serve.'
                      'generate.generate to sample.')
@@ -221,7 +221,7 @@ def speculative_decoder(model: Decoder, draft_loops: int = 1, draft_len: int = 4
 def speculative_generate(model: Decoder, variables: dict, prompts: Sequence[Sequence[int]],
                          max_new_tokens: int = 32, draft_loops: int = 1, draft_len: int = 4,
                          stop_tokens: Sequence[int] = (), max_len: int | None = None,
-                         sampling: SamplingConfig = SamplingConfig()) -> SpeculativeGeneration:
+                         sampling: SamplingConfig | None = None) -> SpeculativeGeneration:
   """Greedy no-exit generation of `model` for prompts of any lengths, drafted by its first `draft_loops` loops
   `draft_len` tokens at a time and verified by the full depth (see the module docstring). The tokens equal
   `generate(model, variables, prompts, max_new_tokens, exit_cfg=ExitConfig(threshold=1.0))`'s. max_len: cache
