@@ -33,6 +33,7 @@ from absl import app, flags
 from rrt_jax.serve.generate import ExitConfig, generate, generator_for
 from rrt_jax.serve.speculative import speculative_decoder
 
+FLAGS = flags.FLAGS
 NO_EXIT = ExitConfig(threshold=1.0)
 
 
@@ -120,20 +121,24 @@ def heldout_prompts(tokenizer, count: int, length: int, book: str = 'Emma') -> l
 
 # ---------------------------------------------------------------------------------------------------------- main
 
-_OUT = flags.DEFINE_string('out', 'workdir/speculative_bench', 'Where results.json and results.md go.')
-_PRETRAINED = flags.DEFINE_string('pretrained', None, 'A training workdir or rrt_jax.save directory (e.g. the main '
-                                  "job's workdir/main/uptrain), loaded with its tokenizer.")
-_SMOLLM2 = flags.DEFINE_bool('smollm2', False, 'The packaged SmolLM2-135M converted to relaxed (--loops, Average, '
-                             '--lora_rank; weight-space SVD, no training) instead of --pretrained.')
-_LOOPS = flags.DEFINE_integer('loops', 3, 'Loops of the --smollm2 / --tiny relaxed model.')
-_LORA_RANK = flags.DEFINE_integer('lora_rank', 64, 'LoRA rank of the --smollm2 relaxed model.')
-_TINY = flags.DEFINE_bool('tiny', False, 'Smoke run: a random tiny relaxed Llama, random prompts, 2 repeats.')
-_BATCHES = flags.DEFINE_list('batches', ['1', '4'], 'Batch sizes.')
-_DRAFT_LOOPS = flags.DEFINE_list('draft_loops', ['1'], 'Loops of the draft model (each < the model\'s loops).')
-_DRAFT_LENS = flags.DEFINE_list('draft_lens', ['2', '4'], 'Tokens drafted per round.')
-_PROMPT_LEN = flags.DEFINE_integer('prompt_len', 64, 'Prompt tokens.')
-_NEW_TOKENS = flags.DEFINE_integer('new_tokens', 32, 'Generated tokens per row.')
-_REPEATS = flags.DEFINE_integer('repeats', 3, 'Interleaved timed repeats (median).')
+def define_flags() -> None:
+  """The benchmark's flags (defined by the script only: importing this module defines none, so that
+  experiments/small_world.py can use speculation_rows)."""
+  f = flags
+  f.DEFINE_string('out', 'workdir/speculative_bench', 'Where results.json and results.md go.')
+  f.DEFINE_string('pretrained', None, 'A training workdir or rrt_jax.save directory (e.g. the main job\'s '
+                  'workdir/main/uptrain), loaded with its tokenizer.')
+  f.DEFINE_bool('smollm2', False, 'The packaged SmolLM2-135M converted to relaxed (--loops, Average, --lora_rank; '
+                'weight-space SVD, no training) instead of --pretrained.')
+  f.DEFINE_integer('loops', 3, 'Loops of the --smollm2 / --tiny relaxed model.')
+  f.DEFINE_integer('lora_rank', 64, 'LoRA rank of the --smollm2 relaxed model.')
+  f.DEFINE_bool('tiny', False, 'Smoke run: a random tiny relaxed Llama, random prompts, 2 repeats.')
+  f.DEFINE_list('batches', ['1', '4'], 'Batch sizes.')
+  f.DEFINE_list('draft_loops', ['1'], 'Loops of the draft model (each < the model\'s loops).')
+  f.DEFINE_list('draft_lens', ['2', '4'], 'Tokens drafted per round.')
+  f.DEFINE_integer('prompt_len', 64, 'Prompt tokens.')
+  f.DEFINE_integer('new_tokens', 32, 'Generated tokens per row.')
+  f.DEFINE_integer('repeats', 3, 'Interleaved timed repeats (median).')
 
 
 def _model_and_prompts(count: int):
@@ -143,54 +148,55 @@ def _model_and_prompts(count: int):
   from rrt_jax import Decoder, RecursionConfig, presets
   from rrt_jax.convert import to_recursive
   from rrt_jax.model import init_variables
-  if _TINY.value:
+  if FLAGS.tiny:
     cfg = presets.TINY_LLAMA
     vanilla = init_variables(cfg, RecursionConfig(), jax.random.key(0))
-    rec = RecursionConfig(loops=_LOOPS.value, init='average', lora_rank=8)
+    rec = RecursionConfig(loops=FLAGS.loops, init='average', lora_rank=8)
     rng = np.random.default_rng(1)
-    prompts = [rng.integers(3, cfg.vocab_size, _PROMPT_LEN.value).tolist() for _ in range(count)]
+    prompts = [rng.integers(3, cfg.vocab_size, FLAGS.prompt_len).tolist() for _ in range(count)]
     return Decoder(cfg, rec), to_recursive(vanilla, cfg, rec), prompts, 'tiny random relaxed Llama'
   from rrt_jax.checkpoint import load_pretrained
-  if _SMOLLM2.value == (_PRETRAINED.value is not None):
+  if FLAGS.smollm2 == (FLAGS.pretrained is not None):
     raise app.UsageError('Give --pretrained=<workdir or checkpoint> or --smollm2 (or --tiny).')
-  if _SMOLLM2.value:
+  if FLAGS.smollm2:
     loaded = load_pretrained(source='smollm2')
-    rec = RecursionConfig(loops=_LOOPS.value, init='average', lora_rank=_LORA_RANK.value)
+    rec = RecursionConfig(loops=FLAGS.loops, init='average', lora_rank=FLAGS.lora_rank)
     model = Decoder(loaded.model.cfg, rec)
     variables = to_recursive(loaded.variables, loaded.model.cfg, rec)
-    what = f'SmolLM2-135M relaxed B={_LOOPS.value} r={_LORA_RANK.value} (converted, not uptrained)'
+    what = f'SmolLM2-135M relaxed B={FLAGS.loops} r={FLAGS.lora_rank} (converted, not uptrained)'
   else:
-    loaded = load_pretrained(_PRETRAINED.value)
+    loaded = load_pretrained(FLAGS.pretrained)
     model, variables = loaded.model, loaded.variables
-    what = f'{_PRETRAINED.value} ({loaded.description})'
-  return model, variables, heldout_prompts(loaded.tokenizer, count, _PROMPT_LEN.value), what
+    what = f'{FLAGS.pretrained} ({loaded.description})'
+  return model, variables, heldout_prompts(loaded.tokenizer, count, FLAGS.prompt_len), what
 
 
 def main(argv):
   del argv
   from rrt_jax.serve.precision import cast_for_serving
   from rrt_jax.utils.timing import machine_description
-  batches = [int(b) for b in _BATCHES.value]
+  batches = [int(b) for b in FLAGS.batches]
   model, variables, prompts, what = _model_and_prompts(max(batches))
   model, variables = cast_for_serving(model, variables, 'float32')
   command = shlex.join(['python', '-m', 'experiments.speculative_bench'] + sys.argv[1:])
   machine = machine_description()
   print(f'# self-speculation on {machine}: {what}\n# {command}', flush=True)
-  rows = speculation_rows(model, variables, prompts, _NEW_TOKENS.value, batches,
-                          [int(j) for j in _DRAFT_LOOPS.value], [int(k) for k in _DRAFT_LENS.value],
-                          2 if _TINY.value and not flags.FLAGS['repeats'].present else _REPEATS.value)
-  table = (f'Self-speculative decoding of {what} on {machine}: prompts of {_PROMPT_LEN.value} tokens, '
-           f'{_NEW_TOKENS.value} greedy tokens per row, median of interleaved repeats.\n\nCommand: `{command}`\n\n'
+  rows = speculation_rows(model, variables, prompts, FLAGS.new_tokens, batches,
+                          [int(j) for j in FLAGS.draft_loops], [int(k) for k in FLAGS.draft_lens],
+                          2 if FLAGS.tiny and not FLAGS['repeats'].present else FLAGS.repeats)
+  table = (f'Self-speculative decoding of {what} on {machine}: prompts of {FLAGS.prompt_len} tokens, '
+           f'{FLAGS.new_tokens} greedy tokens per row, median of interleaved repeats.\n\nCommand: `{command}`\n\n'
            + markdown(rows))
   print('\n' + table, flush=True)
-  os.makedirs(_OUT.value, exist_ok=True)
-  with open(os.path.join(_OUT.value, 'results.json'), 'w') as f:
+  os.makedirs(FLAGS.out, exist_ok=True)
+  with open(os.path.join(FLAGS.out, 'results.json'), 'w') as f:
     json.dump({'machine': machine, 'command': command, 'model': what, 'rows': rows}, f, indent=1)
-  with open(os.path.join(_OUT.value, 'results.md'), 'w') as f:
+  with open(os.path.join(FLAGS.out, 'results.md'), 'w') as f:
     f.write(table + '\n')
   if not all(r['exact'] for r in rows):
     raise SystemExit('Some decode did not reproduce generate\'s tokens: see the "exact" column.')
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
