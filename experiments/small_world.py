@@ -101,6 +101,8 @@ def define_flags() -> None:
   f = flags
   f.DEFINE_string('workdir', 'workdir/small_world', 'Where every stage, table and plot goes.')
   f.DEFINE_bool('tiny', False, 'Every stage in miniature (< 2 min); flags given explicitly still win.')
+  f.DEFINE_enum('stop_after', '', ['', 'tokenizer', 'pretrain'], 'Stop after this stage (e.g. to time it; the '
+                'pretraining result records its median step time).')
   f.DEFINE_integer('vocab', 4096, 'BPE vocabulary size (trained on the training split).')
   f.DEFINE_integer('tokenizer_docs', 0, 'Training documents the BPE learns from (0 = the whole split).')
   f.DEFINE_string('preset', 'small_world_1m', 'Teacher architecture (rrt_jax.presets; vocab from the BPE).')
@@ -432,7 +434,11 @@ class SmallWorld:
     s, st = self.s, self.stages
     tok = st.run('tokenizer', st.path('tokenizer', 'result.json'), self.tokenizer_inputs(),
                  lambda: train_bpe(s, self.tokenizer_dir))
+    if flags.FLAGS.stop_after == 'tokenizer':
+      return {'tokenizer': tok}
     pre = st.run('pretrain teacher', st.path('pretrain', 'loss_curve.json'), self.pretrain_inputs(), self.pretrain)
+    if flags.FLAGS.stop_after == 'pretrain':
+      return {'tokenizer': tok, 'pretrain': pre}
     teacher_eval = st.run('eval teacher', st.path('eval', 'teacher.json'),
                           {'pretrain': self.pretrain_inputs(), **self.eval_inputs()},
                           lambda: per_loop(*self.teacher, self.windows, s.eval_batch))
@@ -745,6 +751,9 @@ def main(argv):
   t0 = time.perf_counter()
   study = SmallWorld(s)
   results = study.run()
+  if 'rows' not in results:  # --stop_after.
+    print(json.dumps({k: {n: v for n, v in r.items() if n != 'curve'} for k, r in results.items()}, indent=1))
+    return
   results['settings'] = json_normal(dataclasses.asdict(s))
   results['goals'] = goals(results, s)
   report = markdown(results, s)

@@ -111,7 +111,7 @@ def test_tiny_study_end_to_end_then_a_rerun_skips_every_stage(tmp_path):
   assert results['tokenizer']['vocab_size'] == 320 and results['tokenizer']['bytes_per_token'] > 1
   teacher = results['teacher']
   for corpus in ('validation', 'austen'):
-    assert len(teacher[corpus]['ppl']) == 1 and 1 < teacher[corpus]['ppl'][0] < 320
+    assert len(teacher[corpus]['ppl']) == 1 and 1 < teacher[corpus]['ppl'][0] < 3 * 320  # 8 steps: maybe not < uniform.
   assert [r['group'] for r in results['rows']] == ['relaxed', 'relaxed', 'middle', 'reduced', 'low_rank']
   loops = {'relaxed': None, 'middle': 4, 'reduced': 1, 'low_rank': 1}
   for row in results['rows']:
@@ -120,7 +120,7 @@ def test_tiny_study_end_to_end_then_a_rerun_skips_every_stage(tmp_path):
     for corpus in ('validation', 'austen'):
       mean, std = row['summary'][corpus]['ppl_mean'], row['summary'][corpus]['ppl_std']
       assert len(mean) == len(std) == want, row['model']
-      assert all(math.isfinite(m) and 1 < m < 320 for m in mean) and all(d >= 0 for d in std)
+      assert all(math.isfinite(m) and 1 < m < 3 * 320 for m in mean) and all(d >= 0 for d in std)
   served = [r['model'] for r in results['rows'] if r['group'] == 'relaxed']
   assert set(results['serving']['selection']) == {'vanilla (teacher)', *served}
   assert set(results['speculation']['models']) == set(served)
