@@ -145,12 +145,12 @@ def settings() -> Settings:
 # ---------------------------------------------------------------------------------------------- stage results
 
 
-def _normal(x):
+def json_normal(x):
   """JSON-normal form (tuples -> lists, ...), so recorded and current inputs compare equal."""
   return json.loads(json.dumps(x))
 
 
-def _write_json(path: str, data: dict) -> None:
+def write_json(path: str, data: dict) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
@@ -158,7 +158,7 @@ def _write_json(path: str, data: dict) -> None:
   os.replace(tmp, path)
 
 
-def _read_json(path: str) -> dict:
+def read_json(path: str) -> dict:
   with open(path) as f:
     return json.load(f)
 
@@ -189,9 +189,9 @@ class Stages:
     return os.path.join(self.workdir, *parts)
 
   def run(self, label: str, path: str, inputs: dict, fn) -> dict:
-    inputs = _normal(inputs)
+    inputs = json_normal(inputs)
     if os.path.exists(path):
-      result = _read_json(path)
+      result = read_json(path)
       if result.get('inputs') != inputs:
         recorded = result.get('inputs', {})
         diff = {k: (recorded.get(k), inputs.get(k)) for k in sorted({*recorded, *inputs})
@@ -204,8 +204,8 @@ class Stages:
     print(f'[run] {label}', flush=True)
     t0 = time.perf_counter()
     result = fn()
-    result = _normal({**result, 'inputs': inputs, 'seconds': time.perf_counter() - t0})
-    _write_json(path, result)
+    result = json_normal({**result, 'inputs': inputs, 'seconds': time.perf_counter() - t0})
+    write_json(path, result)
     self.ran += 1
     print(f'[done] {label} ({result["seconds"]:.1f} s)', flush=True)
     return result
@@ -237,12 +237,13 @@ def pretrain_config(s: Settings):
   return c
 
 
-def pretrain(s: Settings, directory: str) -> dict:
-  """Stage 1 (resumes from the trainer's checkpoints when interrupted)."""
+def pretrain(s: Settings, directory: str, config=None) -> dict:
+  """Stage 1 (resumes from the trainer's checkpoints when interrupted). config: the training config (default
+  `pretrain_config(s)`; experiments/small_world.py passes its own tokenizer's)."""
   from rrt_jax.checkpoint import load_training_checkpoint
   from rrt_jax.train.loop import train
   t0 = time.perf_counter()
-  train(pretrain_config(s), directory)
+  train(config or pretrain_config(s), directory)
   train_s = time.perf_counter() - t0
   _, variables, step = load_training_checkpoint(directory)
   save_variables(os.path.join(directory, 'pretrained.msgpack'), variables)
@@ -445,12 +446,12 @@ def main(argv):
     return
   from rrt_jax import RecursionConfig
   results['vanilla_params'] = count_params(study.cfg, RecursionConfig()).non_embedding
-  results['settings'] = _normal(dataclasses.asdict(s))
+  results['settings'] = json_normal(dataclasses.asdict(s))
   results['claims'] = paper_claims(PerSeed(results['rows']), s, s.corpora)
   report = '\n\n'.join([setup_line(results, s), markdown(results, s.corpora), flatness_text(results),
                        claims_text(results['claims'])])
   print('\n' + report, flush=True)
-  _write_json(study.stages.path('results.json'), results)
+  write_json(study.stages.path('results.json'), results)
   with open(study.stages.path('results.md'), 'w') as f:
     f.write(report + '\n')
   plot_per_loop(results, s.corpora, study.stages.path('per_loop_bpb.png'))

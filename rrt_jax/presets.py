@@ -72,10 +72,18 @@ REPRO_7M = ModelConfig(
     family='llama', vocab_size=259, num_layers=12, d_model=256, num_heads=4, num_kv_heads=2, head_dim=64,
     mlp_dim=512, max_seq_len=1024, norm='rms', norm_eps=1e-5, mlp='swiglu', tie_embeddings=False)
 
+# The teacher of experiments/small_world.py: a 6-layer Llama (6 divides by R = 2 and 3; middle-cycle with one unique
+# layer at each end loops 4 middle layers) of 1.18 M non-embedding parameters, sized to train compute-optimally in
+# about an hour on 2 CPU cores (vocab_size is replaced by its BPE tokenizer's; tied embeddings).
+SMALL_WORLD_1M = ModelConfig(
+    family='llama', vocab_size=4096, num_layers=6, d_model=128, num_heads=4, num_kv_heads=2, head_dim=32,
+    mlp_dim=384, max_seq_len=1024, norm='rms', norm_eps=1e-5, mlp='swiglu', tie_embeddings=True)
+
 PRESETS = {
     'gemma_2b': GEMMA_2B, 'tinyllama_1_1b': TINYLLAMA_1_1B, 'pythia_1b': PYTHIA_1B,
     'smollm2_135m': SMOLLM2_135M, 'tiny_llama': TINY_LLAMA, 'tiny_gemma': TINY_GEMMA,
-    'tiny_pythia': TINY_PYTHIA, 'repro_7m': REPRO_7M, 'qwen3_0_6b': QWEN3_0_6B, 'qwen2_5_0_5b': QWEN2_5_0_5B,
+    'tiny_pythia': TINY_PYTHIA, 'repro_7m': REPRO_7M, 'small_world_1m': SMALL_WORLD_1M, 'qwen3_0_6b': QWEN3_0_6B,
+    'qwen2_5_0_5b': QWEN2_5_0_5B,
     'llama3_2_1b': LLAMA_3_2_1B, 'gemma3_1b': GEMMA_3_1B,
 }
 

@@ -331,11 +331,13 @@ class FiniteSteps:
 
 
 def uptrain_on_batches(student: Decoder, variables: dict, teacher: Decoder, teacher_variables: dict,
-                       batches: list[dict], lr: float, early_exit: str | None = None) -> tuple[dict, list[float]]:
+                       batches: list[dict], lr: float, early_exit: str | None = None,
+                       trainable: tuple[str, ...] | None = None) -> tuple[dict, list[float]]:
   """A short in-memory KD + early-exit uptraining run on given batches (studies: the same batches for every
   variant), single device, no checkpoints: AdamW with 10 % warmup and cosine decay, CE + KD from the original
   model (`teacher` with `teacher_variables`), early-exit weights `early_exit` (default: aggressive for looped
-  models, none for one loop). Returns (variables, per-step losses)."""
+  models, none for one loop). trainable: the collections trained (None = all; e.g. ('lora',) keeps a low-rank
+  model's zero kernels zero, see rrt_jax.convert.low_rank). Returns (variables, per-step losses)."""
   from rrt_jax.train.optimizer import learning_rate_schedule, make_optimizer
   from rrt_jax.train.step import LossConfig
   steps = len(batches)
@@ -343,9 +345,9 @@ def uptrain_on_batches(student: Decoder, variables: dict, teacher: Decoder, teac
   if early_exit is None:
     early_exit = 'aggressive' if student.rec.loops > 1 else 'none'
   loss_cfg = LossConfig(ce_weight=1.0, kd_weight=1.0, early_exit=early_exit)
-  step_fn = jax.jit(make_train_step(student, teacher, tx, loss_cfg), donate_argnums=(0,))
+  step_fn = jax.jit(make_train_step(student, teacher, tx, loss_cfg, trainable=trainable), donate_argnums=(0,))
   # A fresh copy: conversion shares arrays (the embedding) with the teacher, and the state is donated.
-  state = init_state(jax.tree.map(jnp.array, variables), tx)
+  state = init_state(jax.tree.map(jnp.array, variables), tx, trainable)
   losses = []
   for batch in batches:
     state, metrics = step_fn(state, teacher_variables, batch)
