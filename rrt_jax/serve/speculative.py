@@ -38,9 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rrt_jax.model import Decoder, first_loops, init_cache
+from rrt_jax.model import Decoder, first_loops, init_cache, layer_layout, with_layer_layout
 from rrt_jax.model.exits import ExitConfig
-from rrt_jax.serve.generate import SamplingConfig, generator_for, validate_prompts
+from rrt_jax.serve.generate import SamplingConfig, generator_for, serving_variables, validate_prompts
 from rrt_jax.utils.buckets import bucket
 
 
@@ -121,7 +121,8 @@ class SpeculativeDecoder:
 
   def _round(self, variables: dict, state: dict, max_new_tokens: int, stop_tokens: tuple[int, ...]) -> dict:
     """One draft+verify round for every row; rows already done keep their state (their compute is wasted)."""
-    model, k = self.model, self.draft_len
+    model = with_layer_layout(self.model, variables, layer_layout(variables))[0]  # The variables' layout.
+    k = self.draft_len
     last, pos, cache = state['last'], state['pos'], state['cache']
     rows = last.shape[0]
     if k:
@@ -192,6 +193,7 @@ class SpeculativeDecoder:
     for i, p in enumerate(prompts):
       tokens[i, :len(p)] = p
     cache = init_cache(cfg, self.model.rec, len(prompts), cache_len)
+    variables = serving_variables(self.model, variables)[1]  # One buffer per layer, as generate() reads them.
     key = jax.random.key(0)  # Greedy: the key is unused.
     first, _, cache = self.prefill(variables, jnp.asarray(tokens), jnp.asarray(lengths), cache, key)
     stops = tuple(sorted({int(t) for t in stop_tokens}))
