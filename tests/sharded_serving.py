@@ -65,19 +65,34 @@ def engine_runs(model, variables, mesh, config: EngineConfig) -> dict:
     completions, stats = engine.run(mixed)
     out[name] = {'tokens': [c.tokens for c in completions], 'exit_loops': [c.exit_loops for c in completions],
                  'errors': [c.error for c in completions], 'tokens_served': stats.tokens,
-                 'step_compiles': engine.slots.step._cache_size()}  # 1: every step took the same shardings.
+                 'step_compiles': step_compiles(engine)}  # 1: every step took the same shardings.
   out['placement'] = step_placement(engine)
   return out
 
 
+def step_compiles(engine: Engine) -> float:
+  """Compilations per step program: the depth-wise step, or each loop's sequence-wise step (one per loop run)."""
+  if engine.config.depthwise:
+    return engine.slots.step._cache_size()
+  return engine.slots.uniform_step._cache_size() / engine.model.rec.loops
+
+
 def step_placement(engine: Engine) -> dict:
-  """One engine step from the initial state: do the cache and states come back in the shardings they went in?"""
+  """One engine step from the initial state: do the cache and states come back in the shardings they went in?
+  (Sequence-wise: loop 0's step and cache buffer.)"""
   state = engine.initial_state()
   running = jnp.ones(engine.config.slots, bool)
-  cache, h = state.cache, state.h
+  slots, key = engine.slots, jax.random.key(0)
+  if engine.config.depthwise:
+    cache, h = state.cache, state.h
+    _, _, _, out = slots.step(engine.variables, slots.step_variables, state, running, key)
+    cache_out = out.cache
+  else:
+    cache, h = state.cache[0], state.h
+    _, _, _, out = slots.uniform_step(slots.loop_views[0], engine.variables, state, running, key, loop=0)
+    cache_out = out.cache[0]
   cache_in, h_in = cache['k'].sharding, h.sharding
-  _, _, _, out = engine.slots.step(engine.variables, engine.slots.step_variables, state, running, jax.random.key(0))
-  cache_out, h_out = out.cache, out.h
+  h_out = out.h
   return {'cache_kept': cache_out['k'].sharding.is_equivalent_to(cache_in, cache['k'].ndim),
           'h_kept': h_out.sharding.is_equivalent_to(h_in, 3),
           'cache_shard': list(cache_out['k'].addressable_shards[0].data.shape), 'cache': list(cache_out['k'].shape)}

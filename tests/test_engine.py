@@ -97,6 +97,20 @@ def test_vanilla_model_through_the_sequencewise_engine():
   assert stats.exit_loop_counts == [sum(NEW_TOKENS[:3])]
 
 
+def test_sequencewise_without_exit_equals_generate(relaxed):
+  """CSB without early exit: the per-loop step (loop b's own LoRA buffers, the head at the last loop only) gives
+  generate()'s no-exit tokens, every token from loop R, in R engine steps per token."""
+  model, variables = relaxed
+  reference = sequential(model, variables, ExitConfig(), PROMPTS[:3], NEW_TOKENS[:3])
+  engine = Engine(model, variables, EngineConfig(slots=3, max_len=64, depthwise=False))
+  assert [engine.slots.emits_at(b) for b in range(3)] == [False, False, True]
+  completions, stats = engine.run([Request(p, n) for p, n in zip(PROMPTS[:3], NEW_TOKENS[:3], strict=True)])
+  assert [c.tokens for c in completions] == [r.tokens[0] for r in reference]
+  assert stats.exit_loop_counts == [0, 0, sum(NEW_TOKENS[:3])]
+  # All three start together; the prefill emits token 1, each later token takes 3 steps.
+  assert stats.steps == 3 * (max(NEW_TOKENS[:3]) - 1)
+
+
 def test_bad_requests_are_rejected_without_disturbing_others(relaxed, reference):
   model, variables = relaxed
   bad = [Request([], 4), Request([1, CFG.vocab_size + 3], 4), Request([1] * 60, 10), Request([1, 2], 0)]

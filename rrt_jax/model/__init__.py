@@ -20,6 +20,7 @@ from rrt_jax.model.variables import (
     loop_variables,
     multi_lora_variables,
     one_loop,
+    per_layer_cache,
     variable_shapes,
     with_layer_layout,
     with_layer_tree,
@@ -27,5 +28,5 @@ from rrt_jax.model.variables import (
 
 __all__ = ['LAYER_PATH', 'MIDDLE', 'PART_PATHS', 'Decoder', 'ParamCount', 'check_variables', 'count_params',
            'cross_entropy', 'dynamic_loop_variables', 'first_loops', 'init_cache', 'init_variables', 'layer_tree',
-           'logical_axes', 'loop_variables', 'lora_specs', 'multi_lora_variables', 'one_loop', 'propagate_kv',
-           'target_dims', 'variable_shapes', 'with_layer_layout', 'with_layer_tree', 'layer_layout']
+           'logical_axes', 'loop_variables', 'lora_specs', 'multi_lora_variables', 'one_loop', 'per_layer_cache',
+           'propagate_kv', 'target_dims', 'variable_shapes', 'with_layer_layout', 'with_layer_tree', 'layer_layout']

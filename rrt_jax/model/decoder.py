@@ -186,8 +186,10 @@ def _scan(target, length: int, axis_name: str, params_scanned: bool, lora_axis: 
 
 class LayerList(nn.Module):
   """`count` layers with one buffer each (ModelConfig.layer_layout='per_layer'; submodules '0', '1', ...), run in
-  a Python loop: the same inputs and outputs as the nn.scan over layers it replaces. A layer's cache slot is a
-  static slice of cache_K [count, ...]; the new slots are stacked back."""
+  a Python loop: the same inputs and outputs as the nn.scan over layers it replaces. cache_K is either stacked
+  ({'k', 'v'} of [count, ...]: a layer's slot is a static slice, a copy, and the new slots are stacked back, a copy
+  of the whole cache) or per layer ({'k', 'v'} of tuples of `count` arrays, as the decode loop carries it:
+  `per_layer_cache`), where a layer reads and writes its own buffers in place."""
 
   cfg: ModelConfig
   rec: RecursionConfig
@@ -197,13 +199,23 @@ class LayerList(nn.Module):
   def __call__(self, h_BxSxD, cache_K, positions_BxS, mask_BxSxT, loop_onehot=None, sliding_K=None):
     layer_cls = _maybe_remat(DecoderLayer, self.cfg.remat)
     new_slots = []
+    per_layer = cache_K is not None and isinstance(cache_K['k'], tuple)
     for k in range(self.count):
-      slot = None if cache_K is None else jax.tree.map(lambda x, k=k: x[k], cache_K)
+      if cache_K is None:
+        slot = None
+      elif per_layer:
+        slot = {'k': cache_K['k'][k], 'v': cache_K['v'][k]}
+      else:
+        slot = jax.tree.map(lambda x, k=k: x[k], cache_K)
       sliding = None if sliding_K is None else sliding_K[k]
       h_BxSxD, slot = layer_cls(self.cfg, self.rec, name=str(k))(h_BxSxD, slot, positions_BxS, mask_BxSxT,
                                                                  loop_onehot, sliding)
       new_slots.append(slot)
-    return h_BxSxD, None if cache_K is None else jax.tree.map(lambda *xs: jnp.stack(xs), *new_slots)
+    if cache_K is None:
+      return h_BxSxD, None
+    if per_layer:
+      return h_BxSxD, {name: tuple(slot[name] for slot in new_slots) for name in ('k', 'v')}
+    return h_BxSxD, jax.tree.map(lambda *xs: jnp.stack(xs), *new_slots)
 
 
 def _layers(cfg: ModelConfig, rec: RecursionConfig, count: int, name: str) -> nn.Module:
@@ -287,6 +299,12 @@ _OverExits = nn.vmap(UniqueStack, in_axes=(0, 0, None, None, None), out_axes=0, 
                      INTERMEDIATES: 0}, split_rngs={'params': False})
 
 
+def cache_length(cache: KVCache) -> int:
+  """T, the cache positions of `cache` ({'k', 'v'} of [..., T, kv_heads, head_dim] arrays, or per layer: tuples
+  of them, see `LayerList`)."""
+  return jax.tree.leaves(cache['k'])[0].shape[-3]
+
+
 def _middle_cache(cache: KVCache | None) -> KVCache | None:
   """The looped stack's part of a cache: {'k', 'v'} of [R, K, ...]."""
   return None if cache is None else {'k': cache['k'], 'v': cache['v']}
@@ -345,7 +363,7 @@ class Decoder(nn.Module):
         raise ValueError('Decoding with a cache needs positions_BxS: where each row\'s tokens are written.')
       if segment_ids_BxS is not None:
         raise ValueError('segment_ids are for packed training sequences; decode one sequence per row.')
-      mask = cache_mask(positions_BxS, cache['k'].shape[3])
+      mask = cache_mask(positions_BxS, cache_length(cache))
     h = constrain(self.embedder(tokens_BxS), 'embed')
     if not self.rec.unique_layers:
       return self.stack(h, cache, positions_BxS, mask, sliding_K=self._kinds('stack'))
@@ -379,7 +397,7 @@ class Decoder(nn.Module):
     prelude's K/V written). Without unique layers: (h, cache) unchanged."""
     if not self.rec.unique_layers:
       return h_BxSxD, cache
-    h, slots = self._prelude(h_BxSxD, positions_BxS, cache_mask(positions_BxS, cache['k'].shape[3]), cache)
+    h, slots = self._prelude(h_BxSxD, positions_BxS, cache_mask(positions_BxS, cache_length(cache)), cache)
     return h, {**cache, PRELUDE: slots}
 
   def decode_coda(self, h_BxSxD: jax.Array, positions_BxS: jax.Array, cache: KVCache,
@@ -389,7 +407,7 @@ class Decoder(nn.Module):
     (h, cache) unchanged. Loop-by-loop early-exit decoding calls it after every loop."""
     if not self.rec.unique_layers:
       return h_BxSxD, cache
-    mask = cache_mask(positions_BxS, cache['k'].shape[3])
+    mask = cache_mask(positions_BxS, cache_length(cache))
     slot = jax.tree.map(lambda x: x[exit_index:exit_index + 1], cache[CODA])
     h, slot = self.coda(h_BxSxD[None], slot, positions_BxS, mask, self._kinds(CODA))
     coda = jax.tree.map(lambda full, new: full.at[exit_index].set(new[0]), cache[CODA], slot)
@@ -400,7 +418,7 @@ class Decoder(nn.Module):
     """Runs the looped stack on already-embedded inputs against a cache (one loop when rec.loops == 1; no
     prelude or coda): the building block of loop-by-loop early-exit decoding and of depth-wise batching (rows
     at different loops: pass their one-hot and LoRA variables holding every loop, see lora.py)."""
-    mask = cache_mask(positions_BxS, cache['k'].shape[3])
+    mask = cache_mask(positions_BxS, cache_length(cache))
     return self.stack(h_BxSxD, _middle_cache(cache), positions_BxS, mask, loop_onehot_BxR,
                       self._kinds('stack'))
 

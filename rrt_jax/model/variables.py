@@ -198,6 +198,13 @@ def init_cache(cfg: ModelConfig, rec: RecursionConfig, batch: int, max_len: int,
   return cache
 
 
+def per_layer_cache(cache: KVCache) -> KVCache:
+  """The looped layers' {'k', 'v'} of [R, K, ...] as tuples of K buffers [R, ...], one per layer (what
+  `LayerList` reads and writes in place; a per-layer model only). Other entries (MIDDLE_CYCLE's prelude and
+  coda) are unchanged. A copy of the cache, once: a decode loop carries it in this form."""
+  return {**cache, **{name: tuple(cache[name][:, k] for k in range(cache[name].shape[1])) for name in ('k', 'v')}}
+
+
 def check_variables(variables: dict, cfg: ModelConfig, rec: RecursionConfig, source: str = 'variables'):
   """Raises a ValueError naming every path whose presence or shape differs from what (cfg, rec) expect."""
   want = traverse_util.flatten_dict(variable_shapes(cfg, rec))

@@ -6,12 +6,23 @@ slot and which slots run; it reads back tokens and exits, nothing else.
   token, exit_loop, row = slots.prefill(variables, tokens_1xS, length_1, key)   # a request's cache row
   state = slots.insert(state, slot, row, token, length, seed)           # ...into slot `slot`
   token_N, exit_loop_N, exits_N, state = slots.step(variables, step_variables, state, running_N, base_key)
+  token_N, exit_loop_N, exits_N, state = slots.uniform_step(slots.loop_views[b], variables, state, running_N,
+                                                            base_key, loop=b)      # sequencewise: all at loop b
 
 `step` is one pass of the shared block over all N slots, each at its own loop (`loop_step` with multi-LoRA rows),
 then the exit head; a running slot whose token exits (confidence >= threshold, or the last loop) advances to its
 next token at loop 0, the others to their next loop. Exited tokens' skipped (loop, layer) K/V are filled by
 `propagate_kv` from the exit state. Cache layout: [R, K, N slots, T, kv_heads, head_dim]; a step gathers each
 slot's [K, T] slice at its own loop and scatters only the new entries back.
+
+`uniform_step` is the step of sequence-wise batching (CSB, `sequencewise=True`), where every running slot is at
+the same loop b (the scheduler's phase): compiled per loop b, it reads loop b's own LoRA buffers (`loop_views`,
+split once: no one-hot over all R adapters, no slicing of the [R, ...] LoRA inside the step) and loop b's own cache
+buffer (the cache is then a list of R {'k', 'v'} of [1, K, N, T, ...]: no per-slot gather, no copy of a loop's
+slice, the new K/V written in place) and, where no token can exit at loop b (no early exit and b < R - 1), skips
+the exit head. Slots that do not run may have loop b's entry at their own position
+overwritten: a position their next token has not reached, which it writes before any token reads it (free slots
+are overwritten whole by `insert`).
 
 Sharded (`mesh`): the cache and the hidden states over the mesh (rrt_jax.serve.sharding), the small per-slot
 integers replicated (the host reads them); the jitted functions return the state in the shardings they take it
@@ -20,12 +31,14 @@ in, so the donated state is updated in place and nothing moves between steps.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import struct
 from jax.sharding import Mesh
 
-from rrt_jax.model import Decoder, init_cache, multi_lora_variables, propagate_kv
+from rrt_jax.model import Decoder, init_cache, loop_variables, multi_lora_variables, propagate_kv
 from rrt_jax.model.attention import KVCache
 from rrt_jax.model.exits import ExitConfig, exits_at
 from rrt_jax.serve.generate import Generator, SamplingConfig, sample, serving_variables, token_keys
@@ -38,7 +51,8 @@ from rrt_jax.sharding import replicated
 class DecodeState:
   """Every slot of the engine, on device (N slots)."""
 
-  cache: KVCache  # {'k', 'v'} of [R, K, N, T, kv_heads, head_dim].
+  # {'k', 'v'} of [R, K, N, T, kv_heads, head_dim]; sequence-wise: a list of R of [1, K, N, T, ...], one per loop.
+  cache: KVCache | list[KVCache]
   h: jax.Array  # [N, 1, D] each slot's hidden state between loops.
   tokens: jax.Array  # [N] int32: the last token each slot emitted (the input of its next token's loop 0).
   loops: jax.Array  # [N] int32: the 0-based loop each slot runs next.
@@ -51,14 +65,18 @@ class SlotDecoder:
   """The jitted prefill / insert / step of one model and configuration over `slots` slots of `max_len`."""
 
   def __init__(self, model: Decoder, variables: dict, slots: int, max_len: int, exit_cfg: ExitConfig,
-               sampling: SamplingConfig, mesh: Mesh | None = None):
+               sampling: SamplingConfig, mesh: Mesh | None = None, sequencewise: bool = False):
     model, variables = serving_variables(model, variables)  # One buffer per layer (LayerLayout).
     self.model, self.slots, self.max_len, self.exit_cfg, self.sampling, self.mesh = (
         model, slots, max_len, exit_cfg, sampling, mesh)
+    self.sequencewise = sequencewise  # The state for `uniform_step` (a cache buffer per loop), else for `step`.
     self.generator = Generator(model, exit_cfg, sampling)  # Its prefill is the request's prefill.
     self.variables = variables if mesh is None else shard_variables(model, variables, mesh)
     self.step_variables = multi_lora_variables(self.variables)  # Every slot selects its own loop's LoRA.
     self.relaxed = len(self.step_variables) > 1
+    # Each loop's variables as their own buffers (CSB's uniform_step), split here once, outside jit: slicing the
+    # [R, ...] LoRA inside a step would copy it every step.
+    self.loop_views = [loop_variables(self.variables, b) for b in range(model.rec.loops)]
     pinned = {}
     if mesh is not None:  # Outputs pinned to the inputs' shardings: the donated state aliases, no per-step moves.
       host, state = replicated(mesh), self.state_shardings()  # host: what the scheduler reads.
@@ -67,22 +85,36 @@ class SlotDecoder:
     self.prefill = jax.jit(self._prefill, **pinned.get('prefill', {}))
     self.insert = jax.jit(self._insert, donate_argnums=(0,), **pinned.get('insert', {}))
     self.step = jax.jit(self._step, donate_argnums=(2,), **pinned.get('step', {}))
+    self.uniform_step = jax.jit(self._uniform_step, static_argnames=('loop',), donate_argnums=(2,),
+                                **pinned.get('step', {}))
+
+  def emits_at(self, loop: int) -> bool:
+    """Whether a token can exit at `loop` (0-based): with early exit every loop, else only the last."""
+    return self.exit_cfg.early or loop == self.model.rec.loops - 1
 
   def state_shardings(self) -> DecodeState:
     mesh, n = self.mesh, self.slots
     small = replicated(mesh)
-    return DecodeState(cache_shardings(self.model, mesh, n), rows_sharding(mesh, (n, 1, self.model.cfg.d_model)),
+    cache = cache_shardings(self.model, mesh, n)  # A loop's [1, K, ...] buffer splits as the [R, K, ...] one.
+    if self.sequencewise:
+      cache = [cache] * self.model.rec.loops
+    return DecodeState(cache, rows_sharding(mesh, (n, 1, self.model.cfg.d_model)),
                        small, small, small, small, small)
 
   def init_state(self) -> DecodeState:
-    """N empty slots: a zero cache [R, K, N, T, ...] and zero states, in the step's shardings."""
+    """N empty slots: a zero cache [R, K, N, T, ...] (sequence-wise: R buffers of [1, K, N, T, ...]) and zero
+    states, in the step's shardings."""
     cfg, n = self.model.cfg, self.slots
     h = jnp.zeros((n, 1, cfg.d_model), jnp.dtype(cfg.dtype))
     ints = [jnp.zeros(n, jnp.int32) for _ in range(5)]  # Five buffers: the step donates each.
     if self.mesh is None:
-      return DecodeState(init_cache(cfg, self.model.rec, n, self.max_len), h, *ints)
-    state = DecodeState(sharded_cache(self.model, self.mesh, n, self.max_len), h, *ints)
-    return jax.device_put(state, self.state_shardings())
+      cache = init_cache(cfg, self.model.rec, n, self.max_len)
+    else:
+      cache = sharded_cache(self.model, self.mesh, n, self.max_len)
+    if self.sequencewise:
+      cache = [jax.tree.map(lambda c, b=b: c[b:b + 1], cache) for b in range(self.model.rec.loops)]
+    state = DecodeState(cache, h, *ints)
+    return state if self.mesh is None else jax.device_put(state, self.state_shardings())
 
   # ---- Device functions (jitted in __init__) ----------------------------------------------------------------
 
@@ -97,8 +129,12 @@ class SlotDecoder:
   def _insert(self, state: DecodeState, slot, row: KVCache, token, length, seed) -> DecodeState:
     """`state` with a prefilled request in slot `slot`: its cache row, its first token at position `length`,
     loop 0, its seed, one token emitted."""
-    cache = jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r.astype(c.dtype), slot, axis=2),
-                         state.cache, row)
+    put_row = lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r.astype(c.dtype), slot, axis=2)  # noqa: E731
+    if self.sequencewise:  # Loop b's buffer takes the row's loop b.
+      cache = [jax.tree.map(lambda c, r, b=b: put_row(c, r[b:b + 1]), state.cache[b], row)
+               for b in range(len(state.cache))]
+    else:
+      cache = jax.tree.map(put_row, state.cache, row)
     put = lambda x, value: x.at[slot].set(jnp.asarray(value, x.dtype))  # noqa: E731
     return state.replace(cache=cache, tokens=put(state.tokens, token), loops=put(state.loops, 0),
                          positions=put(state.positions, length), seeds=put(state.seeds, seed),
@@ -137,6 +173,52 @@ class SlotDecoder:
         positions=jnp.where(done, positions_N + 1, positions_N), emitted=jnp.where(done, state.emitted + 1,
                                                                                    state.emitted))
     return token, loops_N + 1, exits, state
+
+  def _uniform_step(self, loop_variables_b, variables, state: DecodeState, running_N, base_key, loop: int):
+    """`_step` with every slot at loop `loop` (static; sequence-wise batching): loop_variables_b is
+    `loop_views[loop]`. Returns what `_step` does; where no token can exit at `loop` (not `emits_at`) the token
+    is zeros and nothing exits."""
+    model, loops, exit_cfg = self.model, self.model.rec.loops, self.exit_cfg
+    positions_N, n = state.positions, state.positions.shape[0]
+    loops_N = jnp.full((n,), loop, jnp.int32)
+    head_vars = {'params': variables['params']}
+    h_in = model.apply(head_vars, state.tokens[:, None], method=Decoder.embed) if loop == 0 else state.h
+    head = self.emits_at(loop)
+    out = loop_step(model, loop_variables_b, head_vars, h_in, h_in, positions_N[:, None], state.cache[loop], exit_cfg,
+                    head=head)
+    cache = list(state.cache)
+    cache[loop] = out.slots  # Loop b's buffer, written in place (non-running slots too: see the module doc).
+    if not head:
+      zeros = jnp.zeros((n,), jnp.int32)
+      return zeros, loops_N + 1, jnp.zeros((n,), bool), state.replace(
+          cache=cache, h=out.h, loops=jnp.where(running_N, loops_N + 1, state.loops))
+    exits = jnp.full((n,), loop == loops - 1) | exits_at(out.conf, exit_cfg.threshold)
+    token = sample(out.logits, self.sampling, token_keys(base_key, state.seeds, state.emitted))
+    if exit_cfg.early and loop < loops - 1:
+      fill = running_N & exits
+      cache = jax.lax.cond(jnp.any(fill), functools.partial(self._fill_later_loops, loop), lambda _, c, *__: c,
+                           variables, cache, out.h, positions_N, fill)
+    done = running_N & exits
+    state = state.replace(
+        cache=cache, h=out.h, tokens=jnp.where(done, token, state.tokens),
+        loops=jnp.where(running_N, jnp.where(exits, 0, loops_N + 1), state.loops),
+        positions=jnp.where(done, positions_N + 1, positions_N), emitted=jnp.where(done, state.emitted + 1,
+                                                                                   state.emitted))
+    return token, loops_N + 1, exits, state
+
+  def _fill_later_loops(self, loop: int, variables, cache: list[KVCache], h_Nx1xD, positions_N, fill_N
+                        ) -> list[KVCache]:
+    """Sequence-wise `_fill_skipped_kv`: K/V propagated from the exiting slots' exit state after loop `loop`
+    written into every later loop's buffer."""
+    later = range(loop + 1, self.model.rec.loops)
+    new = propagate_kv(self.model, variables, h_Nx1xD, positions_N[:, None], later)  # [len(later), K, N, 1, ...]
+    write_pos = jnp.where(fill_N, positions_N, cache[0]['k'].shape[3])  # Out of range: dropped.
+    slot_ids = jnp.arange(positions_N.shape[0])
+    cache = list(cache)
+    for i, b in enumerate(later):
+      cache[b] = jax.tree.map(lambda c, x, i=i: c.at[0, :, slot_ids, write_pos].set(
+          jnp.swapaxes(x[i, :, :, 0], 0, 1), mode='drop'), cache[b], new)
+    return cache
 
   def _fill_skipped_kv(self, variables, cache, h_Nx1xD, loops_N, positions_N, fill_N):
     """Writes K/V propagated from each exiting slot's exit state into every (loop, layer) after its exit loop."""

@@ -68,7 +68,8 @@ class Engine:
       raise ValueError(f'slots must be >= 1, got {config.slots}.')
     self.model, self.config, self.mesh = model, config, mesh
     self.max_len = min(config.max_len, model.cfg.max_seq_len)
-    self.slots = SlotDecoder(model, variables, config.slots, self.max_len, config.exit, config.sampling, mesh)
+    self.slots = SlotDecoder(model, variables, config.slots, self.max_len, config.exit, config.sampling, mesh,
+                             sequencewise=not config.depthwise)
     self.variables = self.slots.variables
 
   def initial_state(self) -> DecodeState:

@@ -35,7 +35,15 @@ import numpy as np
 from jax.sharding import Mesh
 
 from rrt_jax.config import LayerLayout
-from rrt_jax.model import Decoder, init_cache, layer_layout, loop_variables, propagate_kv, with_layer_layout
+from rrt_jax.model import (
+    Decoder,
+    init_cache,
+    layer_layout,
+    loop_variables,
+    per_layer_cache,
+    propagate_kv,
+    with_layer_layout,
+)
 from rrt_jax.model.exits import ExitConfig, confidence, exits_at, first_exit, select_exit
 from rrt_jax.serve.loop_step import loop_step, write_token_kv
 from rrt_jax.serve.sharding import shard_variables, sharded_cache
@@ -178,7 +186,7 @@ class Generator:
     if not model.rec.loops_are_exits:  # SEQUENCE: no loop ends in a full state; the model's own cached call.
       return (*self._full_step(model, variables, tokens_B, positions_B, cache, rng),
               jnp.full(tokens_B.shape, model.rec.loops, jnp.int32))
-    if self.decode == 'unrolled':
+    if self.decode == 'unrolled' or not self.exit_cfg.early:  # No row can exit: nothing for a while_loop to save.
       token, exit_loop, cache = self._unrolled_step(model, variables, tokens_B, positions_B, cache, rng)
       return token, exit_loop, cache, jnp.full(tokens_B.shape, model.rec.loops, jnp.int32)
     logits_BxV, exit_loop, cache, loops_B = vmapped_step(model, variables, self.exit_cfg, tokens_B, positions_B,
@@ -206,9 +214,17 @@ class Generator:
                                                       keys)
       return i + 1, tokens.at[i].set(token), exits.at[i].set(exit_loop), cache, done_B | stopped(token)
 
+    if self._plain(model):  # Each layer's K/V in its own carried buffer, written in place (see LayerList).
+      cache = per_layer_cache(cache)
     init = (jnp.int32(1), tokens_NxB, exits_NxB, cache, stopped(tokens_NxB[0]))
     count, tokens, exits, _, _ = jax.lax.while_loop(cond, body, init)
     return tokens, exits, count
+
+  def _plain(self, model: Decoder) -> bool:
+    """Whether decode steps run every loop with no exit (the unrolled step without early exit), in the per-layer
+    layout: the step that takes a per-layer cache (`per_layer_cache`)."""
+    return (model.rec.loops_are_exits and not self.exit_cfg.early
+            and model.cfg.layer_layout == LayerLayout.PER_LAYER)
 
   def _full_step(self, model, variables, tokens_B, positions_B, cache, rng):
     """Every layer in the model's own depth order through its cached forward (SEQUENCE looping, whose loop-by-loop
@@ -221,9 +237,10 @@ class Generator:
   def _unrolled_step(self, model, variables, tokens_B, positions_B, cache, rng):
     """One token per row at its own position: every loop for every row (`loop_step`), each row's exit selected
     after. Under kv_fill='propagate' an exited row's K/V in each later loop are replaced by `propagate_kv` of its
-    exit state (what the vmapped step and the engine write)."""
-    rec = model.rec
-    propagate = self.exit_cfg.kv_fill == 'propagate'
+    exit state (what the vmapped step and the engine write). Without early exit only the last loop runs the exit
+    head (one read of the vocabulary matrix per token, not R)."""
+    rec, early = model.rec, self.exit_cfg.early
+    propagate = early and self.exit_cfg.kv_fill == 'propagate'
     tokens, positions = tokens_B[:, None], positions_B[:, None]
     h = model.apply(variables, tokens, method=Decoder.embed)
     prev = h  # The previous exit's hidden state (the embedding before the first), for saturation.
@@ -238,9 +255,9 @@ class Generator:
         coda_in = jnp.where(exited[:, None, None], exit_h, h_next) if propagate else h_next
         return model.apply(variables, coda_in, positions, cache, b, method=Decoder.decode_coda)
 
-      slots = {'k': cache['k'][b:b + 1], 'v': cache['v'][b:b + 1]}
+      slots = {name: _loop_slice(cache[name], b) for name in ('k', 'v')}
       step = loop_step(model, loop_vars, variables, h, prev, positions, slots, self.exit_cfg,
-                       coda=coda if rec.unique_layers else None)
+                       coda=coda if rec.unique_layers else None, head=early or b == rec.loops - 1)
       slots = step.slots
       if rec.unique_layers:
         cache = step.coda_aux
@@ -249,16 +266,37 @@ class Generator:
         slots = jax.tree.map(
             lambda kv, new, rows=exited: jnp.where(rows[None, None, :, None, None, None],
                                                    write_token_kv(kv, new, positions_B), kv), slots, fill)
-      newly = ~exited & exits_at(step.conf, self.exit_cfg.threshold)
-      exit_h = jnp.where(newly[:, None, None], step.h, exit_h)
-      exited |= newly
-      logits_per_loop.append(step.logits)
-      conf_per_loop.append(step.conf)
+      if early:
+        newly = ~exited & exits_at(step.conf, self.exit_cfg.threshold)
+        exit_h = jnp.where(newly[:, None, None], step.h, exit_h)
+        exited |= newly
+        logits_per_loop.append(step.logits)
+        conf_per_loop.append(step.conf)
       new_k.append(slots['k'])
       new_v.append(slots['v'])
       h, prev = step.h, step.out
+    cache = {**cache, 'k': _join_loops(new_k), 'v': _join_loops(new_v)}
+    if not early:
+      return sample(step.logits, self.sampling, rng), jnp.full(tokens_B.shape, rec.loops, jnp.int32), cache
     token, exit_loop = self._choose(jnp.stack(logits_per_loop), jnp.stack(conf_per_loop), rng)
-    return token, exit_loop, {**cache, 'k': jnp.concatenate(new_k), 'v': jnp.concatenate(new_v)}
+    return token, exit_loop, cache
+
+
+def _loop_slice(kv, b: int):
+  """Loop b's [1, ...] of a cache leaf [R, ...] (or of each of a per-layer tuple of them); all of it when R = 1
+  (no copy)."""
+  if isinstance(kv, tuple):
+    return tuple(_loop_slice(x, b) for x in kv)
+  return kv if kv.shape[0] == 1 else kv[b:b + 1]
+
+
+def _join_loops(per_loop: list):
+  """The inverse of `_loop_slice` over every loop."""
+  if len(per_loop) == 1:
+    return per_loop[0]
+  if isinstance(per_loop[0], tuple):
+    return tuple(jnp.concatenate(xs) for xs in zip(*per_loop, strict=True))
+  return jnp.concatenate(per_loop)
 
 
 def generator_for(model: Decoder, exit_cfg: ExitConfig = ExitConfig(), sampling: SamplingConfig | None = None,

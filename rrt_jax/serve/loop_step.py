@@ -24,8 +24,8 @@ from rrt_jax.model.exits import ExitConfig, confidence
 class LoopOut(NamedTuple):
   h: jax.Array  # [B, S, D] the block's output: the next loop's input.
   out: jax.Array  # [B, S, D] the exit hidden state the head read (the coda's output under MIDDLE_CYCLE, else h).
-  logits: jax.Array  # [B, V] the exit head at each row's last token, fp32.
-  conf: jax.Array  # [B] the exit confidence (ExitConfig.confidence) of those logits.
+  logits: jax.Array | None  # [B, V] the exit head at each row's last token, fp32 (None: head=False).
+  conf: jax.Array | None  # [B] the exit confidence (ExitConfig.confidence) of those logits (None: head=False).
   slots: KVCache  # The block's cache slots with this step's K/V written.
   coda_aux: Any  # What `coda` returned beside its output (None without one).
 
@@ -33,18 +33,21 @@ class LoopOut(NamedTuple):
 def loop_step(model: Decoder, block_variables: dict, head_variables: dict, h_BxSxD: jax.Array,
               prev_BxSxD: jax.Array, positions_BxS: jax.Array, slots: KVCache, exit_cfg: ExitConfig,
               loop_onehot_BxR: jax.Array | None = None,
-              coda: Callable[[jax.Array], tuple[jax.Array, Any]] | None = None) -> LoopOut:
+              coda: Callable[[jax.Array], tuple[jax.Array, Any]] | None = None, head: bool = True) -> LoopOut:
   """One pass of `model`'s shared block on h against `slots` ({'k', 'v'} of [1, K, B, T, ...]), the exit head on
   its output and the confidence against `prev` (the previous exit's state, for saturation).
 
   block_variables: one loop's variables (`loop_variables`, `dynamic_loop_variables`) or every loop's
   (`multi_lora_variables`, with `loop_onehot_BxR` selecting each row's). head_variables: the model's variables
   (only 'params' is read). coda: MIDDLE_CYCLE's coda on the block's output -> (exit state, anything to return).
+  head=False skips the exit head (logits and conf None): a loop no token can exit at reads no vocabulary matrix.
   """
   hidden, slots = one_loop(model).apply(block_variables, h_BxSxD, positions_BxS, slots, loop_onehot_BxR,
                                         method=Decoder.decode_stack)
   h_next = hidden[-1]
   out, aux = (h_next, None) if coda is None else coda(h_next)
+  if not head:
+    return LoopOut(h_next, out, None, None, slots, aux)
   logits_BxV = model.apply(head_variables, out, method=Decoder.logits)[:, -1]
   conf_B = confidence(exit_cfg.confidence, logits_BxV, out[:, -1], prev_BxSxD[:, -1])
   return LoopOut(h_next, out, logits_BxV, conf_B, slots, aux)

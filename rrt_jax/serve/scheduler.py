@@ -160,12 +160,19 @@ def serve(slots: SlotDecoder, requests: Sequence[Request], depthwise: bool, stop
       continue
     arrived_waiting = bool(queue) and requests[queue[0]].arrival <= now()
     stats.idle_while_waiting += int(arrived_waiting) * int(n - running.sum())
-    token_d, loop_d, exits_d, state = slots.step(slots.variables, slots.step_variables, state, jnp.asarray(running),
-                                                 base_key)
-    token_np, loop_np, exits_np = np.asarray(token_d), np.asarray(loop_d), np.asarray(exits_d)
+    if depthwise:
+      token_d, loop_d, exits_d, state = slots.step(slots.variables, slots.step_variables, state,
+                                                   jnp.asarray(running), base_key)
+    else:  # Every running slot is at loop `phase`: that loop's compiled step.
+      token_d, loop_d, exits_d, state = slots.uniform_step(slots.loop_views[phase], slots.variables, state,
+                                                           jnp.asarray(running), base_key, loop=phase)
     stats.steps += 1
     stats.slot_steps += n
     stats.busy_slot_steps += int(running.sum())
+    if not (depthwise or slots.emits_at(phase)):  # No token can exit here: nothing to read, no host sync.
+      phase += 1
+      continue
+    token_np, loop_np, exits_np = np.asarray(token_d), np.asarray(loop_d), np.asarray(exits_d)
     for s in np.flatnonzero(running & exits_np):
       if emit(s, int(token_np[s]), int(loop_np[s])):
         waiting[s] = not depthwise
