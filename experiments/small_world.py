@@ -1,7 +1,7 @@
 r"""Issue 27, the small world: the method end to end at a scale 2 CPU cores train to convergence, with serving
 measured at matched quality.
 
-  python -m experiments.small_world --workdir=workdir/small_world      # the study (~1.8 h estimated, below)
+  python -m experiments.small_world --workdir=workdir/small_world      # the study (~2.2 h estimated, below)
   python -m experiments.small_world --tiny --workdir=/tmp/small_tiny   # every stage in miniature (< 2 min)
 
 Stages (each writes its result into --workdir and is skipped, with a '[skip]' line, when that result exists; a
@@ -48,7 +48,7 @@ trainer (BPE tokenization in the data pipeline included) took a median 1.03 s (3
 tokens per parameter would take ~3.5 h here): ~0.8 epoch of the 50 MB training split (3.19 bytes per BPE token,
 measured on validation). The budget buys tokens rather than width because the goals judge curves that have
 flattened. The students (half of N: 0.59 M shared or reduced, LoRA up to 10 % more: 0.59-0.64 M) are uptrained on
---uptrain_steps=100 x 4,096 = 0.41 M tokens each (3.3 % of pretraining). (The defaults were 3,500 and 200 steps,
+--uptrain_steps=150 x 4,096 = 0.61 M tokens each (5.0 % of pretraining). (The defaults were 3,500 and 200 steps,
 ~2.7 h; they were cut so that the study, with the serving stages, fits a 3-hour session on a machine also used
 for other work.)
 
@@ -61,12 +61,12 @@ from other jobs the pretraining step took 1.76 s (x1.7), so scale the estimate b
   convert    4 whitened / calibrated conversions (16 k calibration tokens, sequential) + reduced          ~3 min
   uptrain    5 students x 3 seeds x 200 KD steps of 32 x 128 (teacher forward included), per step (median
              of 4 after compiling): relaxed R=2 r=3 1.85 s, R=3 r=17 2.12 s, middle-cycle R=4 r=5 2.23 s,
-             reduced 0.97 s, whitened low-rank r=44 1.41 s: 8.58 s per step of all 5, x 300             43 min
+             reduced 0.97 s, whitened low-rank r=44 1.41 s: 8.58 s per step of all 5, x 450             64 min
   eval       16 models x 2 corpora x 16 k tokens (a forward of 4 k tokens ~0.3 s, plus compiles)        ~3 min
   serving    3 models, 32 requests (prompt 64, decode 32) at 16 slots, CSB + CDB at 5 thresholds, 3
              repeats after a compile run, early-exit perplexity (not timed at full size)                ~6 min
   speculate  2 students x batch 1 and 4 x 5 decodes x 4 runs of 32 tokens (not timed at full size)      ~3 min
-  total ~1.8 h at the measured load (~3 h at load 2-3: then lower --pretrain_steps / --uptrain_steps, which
+  total ~2.2 h at the measured load (~3.5 h at load 2-3: then lower --pretrain_steps / --uptrain_steps, which
   wall time is linear in). Every stage's JSON records its seconds and the pretraining its median step time.
 A tiny run (--tiny, every stage) took 92 s from an empty workdir on the same machine.
 """
@@ -125,7 +125,7 @@ def define_flags() -> None:
   f.DEFINE_string('lora_init', 'whitened_svd', 'LoRA init of the students.')
   f.DEFINE_list('baselines', ['reduced', 'low_rank'], 'Equal-size baselines.')
   f.DEFINE_integer('calibration_tokens', 16_384, 'Calibration tokens (training split) of whitened SVD.')
-  f.DEFINE_integer('uptrain_steps', 100, 'Uptraining steps per student and seed.')
+  f.DEFINE_integer('uptrain_steps', 150, 'Uptraining steps per student and seed.')
   f.DEFINE_integer('batch', 32, 'Sequences per uptraining step.')
   f.DEFINE_float('uptrain_lr', 1e-3, 'Peak uptraining learning rate.')
   f.DEFINE_list('seeds', ['0', '1', '2'], 'Data-order seeds of uptraining.')
