@@ -10,7 +10,14 @@ from unroll import perturb
 
 from rrt_jax import Decoder, RecursionConfig, presets
 from rrt_jax.config import LayerLayout
-from rrt_jax.model import init_cache, init_variables, layer_layout, propagate_kv, with_layer_layout
+from rrt_jax.model import (
+    init_cache,
+    init_variables,
+    layer_layout,
+    per_layer_cache,
+    propagate_kv,
+    with_layer_layout,
+)
 from rrt_jax.serve.engine import Engine, EngineConfig, Request
 from rrt_jax.serve.generate import ExitConfig, Generator, generate, token_keys
 
@@ -53,6 +60,32 @@ def test_propagated_kv_is_the_same_in_both_layouts():
   got = propagate_kv(served, per_layer, h, positions, (1, 2))
   for key in ('k', 'v'):
     np.testing.assert_allclose(got[key], want[key], atol=1e-6)
+
+
+@pytest.mark.parametrize('name', sorted(RECS))
+def test_a_per_layer_cache_steps_as_the_stacked_one(name):
+  """Two no-exit decode steps of a per-layer model: the per-layer cache the decode loop carries gives the stacked
+  cache's tokens, and holds the same K/V, every layer written in its own buffer."""
+  model, variables = _model(name)
+  served, per_layer = with_layer_layout(model, variables, 'per_layer')
+  gen = Generator(model, ExitConfig(threshold=1.0))
+  cache = init_cache(CFG, model.rec, 2, 32)
+  keys = token_keys(jax.random.key(0), jnp.arange(2, dtype=jnp.int32), jnp.zeros(2, jnp.int32))
+  prompts = jnp.asarray([[5, 17, 3, 0], [9, 2, 44, 101]])
+  _, _, cache = gen.prefill(per_layer, prompts, jnp.asarray([3, 4]), cache, keys)
+  split = per_layer_cache(jax.tree.map(jnp.copy, cache))  # Its own buffers: the step donates each cache.
+  assert isinstance(split['k'], tuple) and len(split['k']) == model.rec.shared_layers(CFG.num_layers)
+  tokens, positions = jnp.asarray([7, 8]), jnp.asarray([3, 4])
+  step = gen.counted_step  # The step the decode loop runs (it donates the cache: each is replaced below).
+  for _ in range(2):
+    want_token, _, cache, _ = step(per_layer, tokens, positions, cache, keys)
+    got_token, _, split, _ = step(per_layer, tokens, positions, split, keys)
+    np.testing.assert_array_equal(got_token, want_token)
+    for name_ in ('k', 'v'):
+      restacked = jnp.stack(split[name_], axis=1)
+      np.testing.assert_allclose(restacked, cache[name_], atol=1e-6)
+    tokens, positions = want_token, positions + 1
+  assert float(jnp.abs(cache['k'][:, :, :, 4]).max()) > 0, 'the steps must have written K'
 
 
 @pytest.mark.parametrize('name,threshold', [('relaxed', 1.0), ('relaxed', 0.02), ('middle_cycle', 0.02)])
