@@ -11,7 +11,10 @@ gives exactly the no-exit output.
 
 Two decodes give the same outputs: 'vmapped' (the default; serve/vmapped_decode.py) runs each row's loops as a
 while_loop that stops at its exit, vmapped over the batch, so a step runs as many loops as its deepest row;
-'unrolled' runs every loop for every row and selects each row's exit, so exiting saves no compute.
+'unrolled' runs every loop for every row and selects each row's exit, so exiting saves no compute. Without early
+exit (threshold >= 1) both run the unrolled step, whose exit head then reads the vocabulary matrix at the last loop
+only, and generate()'s on-device loop carries the per-layer model's cache as one buffer per layer
+(`per_layer_cache`).
 
 MIDDLE_CYCLE: the prelude runs once per token before the loops; after every loop b the coda runs on the middle's
 output against exit b's own coda slots (the cache has one coda per exit, see model/decoder.py) and the head reads
