@@ -166,13 +166,7 @@ class SlotDecoder:
       fill = running_N & exits & (loops_N < loops - 1)
       cache = jax.lax.cond(jnp.any(fill), self._fill_skipped_kv, lambda _, c, *__: c, variables, cache, out.h,
                            loops_N, positions_N, fill)
-    done = running_N & exits  # These slots emit `token` and start their next one.
-    state = state.replace(
-        cache=cache, h=out.h, tokens=jnp.where(done, token, state.tokens),
-        loops=jnp.where(running_N, jnp.where(exits, 0, loops_N + 1), loops_N),
-        positions=jnp.where(done, positions_N + 1, positions_N), emitted=jnp.where(done, state.emitted + 1,
-                                                                                   state.emitted))
-    return token, loops_N + 1, exits, state
+    return token, loops_N + 1, exits, _advanced(state, cache, out.h, token, exits, running_N, loops_N)
 
   def _uniform_step(self, loop_variables_b, variables, state: DecodeState, running_N, base_key, loop: int):
     """`_step` with every slot at loop `loop` (static; sequence-wise batching): loop_variables_b is
@@ -188,23 +182,16 @@ class SlotDecoder:
                     head=head)
     cache = list(state.cache)
     cache[loop] = out.slots  # Loop b's buffer, written in place (non-running slots too: see the module doc).
-    if not head:
-      zeros = jnp.zeros((n,), jnp.int32)
-      return zeros, loops_N + 1, jnp.zeros((n,), bool), state.replace(
-          cache=cache, h=out.h, loops=jnp.where(running_N, loops_N + 1, state.loops))
+    if not head:  # Nothing exits: the running slots go on to the next loop.
+      token, exits = jnp.zeros((n,), jnp.int32), jnp.zeros((n,), bool)
+      return token, loops_N + 1, exits, _advanced(state, cache, out.h, token, exits, running_N, loops_N)
     exits = jnp.full((n,), loop == loops - 1) | exits_at(out.conf, exit_cfg.threshold)
     token = sample(out.logits, self.sampling, token_keys(base_key, state.seeds, state.emitted))
     if exit_cfg.early and loop < loops - 1:
       fill = running_N & exits
       cache = jax.lax.cond(jnp.any(fill), functools.partial(self._fill_later_loops, loop), lambda _, c, *__: c,
                            variables, cache, out.h, positions_N, fill)
-    done = running_N & exits
-    state = state.replace(
-        cache=cache, h=out.h, tokens=jnp.where(done, token, state.tokens),
-        loops=jnp.where(running_N, jnp.where(exits, 0, loops_N + 1), state.loops),
-        positions=jnp.where(done, positions_N + 1, positions_N), emitted=jnp.where(done, state.emitted + 1,
-                                                                                   state.emitted))
-    return token, loops_N + 1, exits, state
+    return token, loops_N + 1, exits, _advanced(state, cache, out.h, token, exits, running_N, loops_N)
 
   def _fill_later_loops(self, loop: int, variables, cache: list[KVCache], h_Nx1xD, positions_N, fill_N
                         ) -> list[KVCache]:
@@ -231,6 +218,18 @@ class SlotDecoder:
     put = lambda c, x: c.at[later_R, :, slot_ids, write_pos].set(jnp.swapaxes(x[:, :, :, 0], 1, 2),  # noqa: E731
                                                                  mode='drop')
     return {'k': put(cache['k'], new['k']), 'v': put(cache['v'], new['v'])}
+
+
+def _advanced(state: DecodeState, cache, h_Nx1xD, token_N, exits_N, running_N, loops_N) -> DecodeState:
+  """`state` after a step that ran every slot at loops_N: a running slot whose token exits emits it and starts its
+  next token at loop 0 (one position on), a running slot that does not goes on to its next loop; the others keep
+  their place."""
+  done = running_N & exits_N
+  return state.replace(
+      cache=cache, h=h_Nx1xD, tokens=jnp.where(done, token_N, state.tokens),
+      loops=jnp.where(running_N, jnp.where(exits_N, 0, loops_N + 1), state.loops),
+      positions=jnp.where(done, state.positions + 1, state.positions),
+      emitted=jnp.where(done, state.emitted + 1, state.emitted))
 
 
 __all__ = ['DecodeState', 'SlotDecoder']
