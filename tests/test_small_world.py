@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from experiments import small_world as sw
+from experiments import small_world_report as swr
 from rrt_jax import RecursionConfig, presets
 from rrt_jax.model import count_params
 
@@ -80,10 +81,10 @@ def _results(student_ppl: list[list[float]], baseline_ppl: list[list[float]], sp
 
 def test_goals_judge_ratio_baselines_and_speed():
   s = _settings(corpora=('validation',))
-  good = {g['goal']: g['held'] for g in sw.goals(_results([[20, 11.0], [20, 11.2], [20, 11.1]],
+  good = {g['goal']: g['held'] for g in swr.goals(_results([[20, 11.0], [20, 11.2], [20, 11.1]],
                                                           [[12.0], [12.3], [12.1]], 1.6), s)}
   assert all(good.values()), good
-  bad = {g['goal']: g['held'] for g in sw.goals(_results([[20, 12.0], [20, 12.5], [20, 11.8]],
+  bad = {g['goal']: g['held'] for g in swr.goals(_results([[20, 12.0], [20, 12.5], [20, 11.8]],
                                                          [[12.0], [12.3], [12.1]], 1.2), s)}
   assert not bad['student within 1.15x of the teacher\'s perplexity [validation]']  # 1.21x.
   assert not bad["student beats reduced beyond the seeds' std [validation]"]  # Within the seeds' spread.
