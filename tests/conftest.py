@@ -25,3 +25,10 @@ def tiny_hf(tmp_path_factory):
   from hf_fixtures import save_tiny
   root = tmp_path_factory.mktemp('hf')
   return {f: (str(root / f), save_tiny(f, str(root / f), seed=i)) for i, f in enumerate(FAMILIES)}
+
+
+def pytest_collection_modifyitems(config, items):
+  """Tests marked `longest` run first. The slow set is spread over two workers (`--dist worksteal` in .ci/run): the
+  longest tests must start at once, so that the other worker's short tests fill the time around them instead of
+  one of them starting last and running alone."""
+  items.sort(key=lambda item: item.get_closest_marker('longest') is None)  # Stable: the rest keep their order.

@@ -59,6 +59,7 @@ def test_restore_onto_a_different_mesh(tmp_path):
   np.testing.assert_allclose([moved[s] for s in (4, 5)], [full[s] for s in (4, 5)], rtol=1e-5)
 
 
+@pytest.mark.longest
 def test_sigterm_to_one_process_of_two_stops_both_with_a_checkpoint(tmp_path):
   """A preempted host: only process 1 gets SIGTERM. Both agree on one step through JAX's preemption sync point, save
   it together and exit as interrupted within seconds; the rerun resumes with the uninterrupted run's losses."""

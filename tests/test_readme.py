@@ -72,6 +72,7 @@ def test_python_blocks_run_on_a_tiny_smollm2(tiny_smollm2):
 
 
 @pytest.mark.slow
+@pytest.mark.longest
 def test_python_blocks_run_as_written():
   namespace = run_blocks(code_blocks('python'))
   assert namespace['logits_per_loop'].shape[:2] == (3, 1)

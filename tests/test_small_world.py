@@ -100,6 +100,7 @@ def _study(workdir, *extra) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.longest
 def test_tiny_study_end_to_end_then_a_rerun_skips_every_stage(tmp_path):
   workdir = tmp_path / 'small_world'
   first = _study(workdir)
