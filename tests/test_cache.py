@@ -42,6 +42,6 @@ def test_cached_decoding_equals_full_recompute(preset, lora_rank):
     positions += 1
 
   # One slot per depth position: loops wrote different keys into their own slots.
-  assert cache['k'].shape == (3, 2, 2, 16, cfg.num_kv_heads, cfg.head_dim)
+  assert cache['k'].shape == (3, 2, 2, cfg.num_kv_heads, 16, cfg.head_dim)
   assert float(jnp.abs(cache['k'][0] - cache['k'][1]).max()) > 1e-3
-  assert float(jnp.abs(cache['k'][:, :, :, 12:]).max()) == 0  # Nothing written past the last position.
+  assert float(jnp.abs(cache['k'][..., 12:, :]).max()) == 0  # Nothing written past the last position.

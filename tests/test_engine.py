@@ -8,7 +8,7 @@ import pytest
 from unroll import perturb
 
 from rrt_jax import Decoder, RecursionConfig, presets
-from rrt_jax.model import init_variables, loop_variables, multi_lora_variables, one_loop
+from rrt_jax.model import init_cache, init_variables, loop_variables, multi_lora_variables, one_loop
 from rrt_jax.serve.engine import Engine, EngineConfig, Request
 from rrt_jax.serve.generate import ExitConfig, Generator, SamplingConfig, generate
 
@@ -199,8 +199,7 @@ def test_multi_lora_selects_each_rows_loop(relaxed):
   h = jnp.broadcast_to(jax.random.normal(jax.random.key(2), (1, 1, CFG.d_model)), (3, 1, CFG.d_model))
   loops = jnp.array([2, 0, 1])
   positions = jnp.zeros((3, 1), jnp.int32)
-  cache = {'k': jnp.zeros((1, 2, 3, 4, CFG.num_kv_heads, CFG.head_dim)), 'v': None}
-  cache['v'] = cache['k']
+  cache = jax.tree.map(lambda c: c[:1], init_cache(CFG, model.rec, 3, 4))  # One loop's slots.
   mixed, _ = block.apply(multi_lora_variables(variables), h, positions, cache, jax.nn.one_hot(loops, 3),
                          method=Decoder.decode_stack)
   for row, b in enumerate(np.asarray(loops)):

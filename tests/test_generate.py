@@ -77,12 +77,12 @@ def test_propagated_kv_comes_from_the_exit_state(relaxed):
     token, _, cache = gen.prefill(variables, jnp.asarray(prompts), lengths, cache, jax.random.key(0))
     _, _, cache = gen.step(variables, token, jnp.asarray([4, 4]), cache, jax.random.key(1))
     caches[fill] = jax.tree.map(np.asarray, cache)
-  p, f = caches['propagate']['k'], caches['full']['k']  # [B=3, K=2, batch, T, kv_heads, head_dim]
-  np.testing.assert_allclose(p[:, :, :, :4], f[:, :, :, :4], atol=1e-6)  # Prompt: full in both modes.
-  np.testing.assert_allclose(p[0, :, :, 4], f[0, :, :, 4], atol=1e-6)  # Loop 1 ran for real.
-  np.testing.assert_allclose(p[1, 0, :, 4], f[1, 0, :, 4], atol=1e-5)  # Same input: the exit state.
-  assert np.abs(p[1, 1, :, 4] - f[1, 1, :, 4]).max() > 1e-4
-  assert np.abs(p[2, :, :, 4] - f[2, :, :, 4]).max() > 1e-4
+  p, f = caches['propagate']['k'], caches['full']['k']  # [B=3, K=2, batch, kv_heads, T, head_dim]
+  np.testing.assert_allclose(p[..., :4, :], f[..., :4, :], atol=1e-6)  # Prompt: full in both modes.
+  np.testing.assert_allclose(p[0, ..., 4, :], f[0, ..., 4, :], atol=1e-6)  # Loop 1 ran for real.
+  np.testing.assert_allclose(p[1, 0, ..., 4, :], f[1, 0, ..., 4, :], atol=1e-5)  # Same input: the exit state.
+  assert np.abs(p[1, 1, ..., 4, :] - f[1, 1, ..., 4, :]).max() > 1e-4
+  assert np.abs(p[2, ..., 4, :] - f[2, ..., 4, :]).max() > 1e-4
 
 
 def test_intermediate_thresholds_mix_exit_loops(relaxed):

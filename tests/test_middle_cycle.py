@@ -172,8 +172,8 @@ def test_cached_decoding_equals_full_recompute(preset, lora_rank):
   seqs = rng.integers(0, cfg.vocab_size, size=(2, 10))
   prompt_lens = np.array([3, 5])
   cache = init_cache(cfg, rec, batch=2, max_len=16)
-  assert cache['coda']['k'].shape == (2, 1, 2, 16, cfg.num_kv_heads, cfg.head_dim)  # [E, U, B, T, ...]
-  assert cache['prelude']['k'].shape == (1, 1, 2, 16, cfg.num_kv_heads, cfg.head_dim)
+  assert cache['coda']['k'].shape == (2, 1, 2, cfg.num_kv_heads, 16, cfg.head_dim)  # [E, U, B, H, T, D]
+  assert cache['prelude']['k'].shape == (1, 1, 2, cfg.num_kv_heads, 16, cfg.head_dim)
   prompt = np.where(np.arange(5)[None] < prompt_lens[:, None], seqs[:, :5], 0)
   logits, cache = step(variables, jnp.asarray(prompt), jnp.broadcast_to(jnp.arange(5), (2, 5)), cache)
   for row in range(2):
@@ -190,8 +190,8 @@ def test_cached_decoding_equals_full_recompute(preset, lora_rank):
     positions += 1
   # Each exit has its own coda slots: they hold different K/V.
   assert float(jnp.abs(cache['coda']['k'][0] - cache['coda']['k'][1]).max()) > 1e-3
-  assert float(jnp.abs(cache['prelude']['k'][:, :, :, :10]).max()) > 0
-  assert float(jnp.abs(cache['coda']['k'][:, :, :, 11:]).max()) == 0
+  assert float(jnp.abs(cache['prelude']['k'][..., :10, :]).max()) > 0
+  assert float(jnp.abs(cache['coda']['k'][..., 11:, :]).max()) == 0
 
 
 PROMPTS = [[5, 17, 3], [9, 2, 44, 101, 7, 8, 300], [11]]
@@ -243,12 +243,12 @@ def test_skipped_exits_run_the_coda_on_the_exit_state(relaxed):
     cache = init_cache(model.cfg, model.rec, 2, 16)
     token, _, cache = gen.prefill(variables, jnp.asarray(prompts), jnp.array([4, 4]), cache, jax.random.key(0))
     _, _, cache = gen.step(variables, token, jnp.asarray([4, 4]), cache, jax.random.key(1))
-    caches[fill] = np.asarray(cache['coda']['k'])  # [E, U, batch, T, ...]
+    caches[fill] = np.asarray(cache['coda']['k'])  # [E, U, batch, kv_heads, T, head_dim]
   p, f = caches['propagate'], caches['full']
-  np.testing.assert_allclose(p[:, :, :, :4], f[:, :, :, :4], atol=1e-6)  # Prompt: every exit real.
-  np.testing.assert_allclose(p[0, :, :, 4], f[0, :, :, 4], atol=1e-6)  # The exit taken.
-  np.testing.assert_allclose(p[1, 0, :, 4], p[0, 0, :, 4], atol=1e-5)
-  assert np.abs(f[1, 0, :, 4] - f[0, 0, :, 4]).max() > 1e-4
+  np.testing.assert_allclose(p[..., :4, :], f[..., :4, :], atol=1e-6)  # Prompt: every exit real.
+  np.testing.assert_allclose(p[0, ..., 4, :], f[0, ..., 4, :], atol=1e-6)  # The exit taken.
+  np.testing.assert_allclose(p[1, 0, ..., 4, :], p[0, 0, ..., 4, :], atol=1e-5)
+  assert np.abs(f[1, 0, ..., 4, :] - f[0, 0, ..., 4, :]).max() > 1e-4
 
 
 def test_intermediate_thresholds_generate(relaxed):

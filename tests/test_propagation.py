@@ -22,14 +22,14 @@ def test_propagated_kv_equals_the_cached_kv_of_the_first_layer(rec):
   model, block = Decoder(CFG, rec), one_loop(Decoder(CFG, rec))
   h = jax.random.normal(jax.random.key(1), (2, 1, CFG.d_model))
   positions = jnp.array([[3], [5]], jnp.int32)
-  propagated = propagate_kv(model, variables, h, positions, range(rec.loops))  # [R, K, 2, 1, kvh, hd]
-  assert propagated['k'].shape == (rec.loops, 2, 2, 1, CFG.num_kv_heads, CFG.head_dim)
+  propagated = propagate_kv(model, variables, h, positions, range(rec.loops))  # [R, K, 2, kvh, 1, hd]
+  assert propagated['k'].shape == (rec.loops, 2, 2, CFG.num_kv_heads, 1, CFG.head_dim)
   for loop in range(rec.loops):
     cache = init_cache(block.cfg, block.rec, 2, 8)
     _, cache = block.apply(loop_variables(variables, loop), h, positions, cache, method=Decoder.decode_stack)
     for name in ('k', 'v'):
-      cached = cache[name][0, 0, jnp.arange(2), positions[:, 0]]  # [2, kvh, hd]
-      np.testing.assert_allclose(propagated[name][loop, 0, :, 0], cached, atol=1e-5)
-      assert np.abs(np.asarray(propagated[name][loop, 1, :, 0] - cached)).max() > 1e-3
+      cached = cache[name][0, 0, jnp.arange(2), :, positions[:, 0]]  # [2, kvh, hd]
+      np.testing.assert_allclose(propagated[name][loop, 0, :, :, 0], cached, atol=1e-5)
+      assert np.abs(np.asarray(propagated[name][loop, 1, :, :, 0] - cached)).max() > 1e-3
   if rec.has_lora:  # Each loop used its own LoRA on k.
     assert np.abs(np.asarray(propagated['k'][0] - propagated['k'][1])).max() > 1e-4

@@ -113,7 +113,8 @@ def test_one_sequence_alone_is_its_row_of_the_batch(models):
     row_logits, row_exit, row_kv, row_loops = alone(variables, token, position, cache, jnp.int32(row))
     np.testing.assert_allclose(row_logits, logits[row], atol=1e-5, rtol=1e-5)
     assert int(row_exit) == int(exits[row]) and int(row_loops) == int(loops[row])
-    np.testing.assert_allclose(row_kv['k'][:, :, 0], new_cache['k'][:, :, row, position], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(row_kv['k'][:, :, :, 0], new_cache['k'][:, :, row, :, position], atol=1e-5,
+                               rtol=1e-5)
 
 
 def test_dynamic_loop_variables_are_loop_variables(models):

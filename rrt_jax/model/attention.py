@@ -20,7 +20,11 @@ from rrt_jax.config import AttentionImpl, ModelConfig, QKNorm
 from rrt_jax.model.layers import Norm, apply_rotary, dtype_of, softcap
 from rrt_jax.model.lora import LoraDense, LoraSpec
 
-KVCache = dict[str, jax.Array]  # {'k', 'v'}: [batch, max_len, kv_heads, head_dim] for one depth position.
+# {'k', 'v'}: [batch, kv_heads, max_len, head_dim] for one depth position. Each (row, head) holds a contiguous
+# [max_len, head_dim] block, which the decode attention's dots read as it lies: in the token layout
+# [batch, max_len, kv_heads, head_dim] XLA:CPU transposed every buffer per step and copied it (BUILD_NOTES, issue 26).
+KVCache = dict[str, jax.Array]
+CACHE_TIME_AXIS = -2  # The position axis of a cache leaf.
 
 
 def causal_mask(positions_BxS: jax.Array, segment_ids_BxS: jax.Array | None) -> jax.Array:
@@ -159,10 +163,53 @@ def window_mask(mask_BxSxT: jax.Array, positions_BxS: jax.Array, key_positions_B
   return pick(sliding, mask_BxSxT & near, mask_BxSxT)
 
 
-def write_cache(cache_BxTxHxD: jax.Array, new_BxSxHxD: jax.Array, start_B: jax.Array) -> jax.Array:
-  """Writes each row's new keys/values at its own start position (rows may be at different positions)."""
-  write = lambda c, u, s: jax.lax.dynamic_update_slice(c, u.astype(c.dtype), (s, 0, 0))  # noqa: E731
-  return jax.vmap(write)(cache_BxTxHxD, new_BxSxHxD, start_B)
+def to_cache_layout(x_BxSxHxD: jax.Array) -> jax.Array:
+  """Keys or values [..., B, S, kv_heads, head_dim] as the cache holds them: [..., B, kv_heads, S, head_dim]."""
+  return jnp.swapaxes(x_BxSxHxD, -3, -2)
+
+
+def write_cache(cache_BxHxTxD: jax.Array, new_BxHxSxD: jax.Array, start_B: jax.Array) -> jax.Array:
+  """Writes each row's new keys/values (cache layout) at its own start position (rows may be at different
+  positions)."""
+  write = lambda c, u, s: jax.lax.dynamic_update_slice(c, u.astype(c.dtype), (0, s, 0))  # noqa: E731
+  return jax.vmap(write)(cache_BxHxTxD, new_BxHxSxD, start_B)
+
+
+def _slots_of_new(mask_BxSxT: jax.Array, start_B: jax.Array, count: int) -> jax.Array:
+  """The mask's columns of the `count` slots from each row's start: [B, S, count]."""
+  return jax.vmap(lambda m, s: jax.lax.dynamic_slice_in_dim(m, s, count, axis=1))(mask_BxSxT, start_B)
+
+
+def cached_attention(q_BxSxHxD: jax.Array, k_BxKxTxD: jax.Array, v_BxKxTxD: jax.Array, k_new_BxKxSxD: jax.Array,
+                     v_new_BxKxSxD: jax.Array, start_B: jax.Array, mask_BxSxT: jax.Array, scale: float,
+                     cap: float | None) -> jax.Array:
+  """Attention of S new queries over a cache before their write -> [B, S, H, D]: the buffers' slots before each
+  row's start, and the new tokens' own K/V (which `write_cache` then puts at slots start..start+S-1), one softmax
+  over both. Reading the old buffers, not the written ones, lets XLA write each buffer in place after its reads
+  (`_after`): a read of the written buffer made XLA:CPU copy every layer's K/V per step (BUILD_NOTES, issue 26).
+  The mask is over cache slots, as `cache_mask` (and `window_mask`) give it."""
+  b, s, h, hd = q_BxSxHxD.shape
+  kvh, slots = k_BxKxTxD.shape[1], k_BxKxTxD.shape[2]
+  q = q_BxSxHxD.reshape(b, s, kvh, h // kvh, hd)
+  old_BxSxT = mask_BxSxT & (jnp.arange(slots)[None, None, :] < start_B[:, None, None])
+  new_BxSxS = _slots_of_new(mask_BxSxT, start_B, s)
+  dt = q.dtype
+  logits_old = jnp.einsum('bsngd,bntd->bngst', q, k_BxKxTxD.astype(dt), preferred_element_type=jnp.float32)
+  logits_new = jnp.einsum('bsngd,bntd->bngst', q, k_new_BxKxSxD.astype(dt), preferred_element_type=jnp.float32)
+  logits = softcap(jnp.concatenate([logits_old, logits_new], axis=-1) * scale, cap)
+  mask = jnp.concatenate([old_BxSxT, new_BxSxS], axis=-1)
+  logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+  out = (jnp.einsum('bngst,bntd->bsngd', probs[..., :slots], v_BxKxTxD.astype(dt))
+         + jnp.einsum('bngst,bntd->bsngd', probs[..., slots:], v_new_BxKxSxD.astype(dt)))
+  return out.reshape(b, s, h, hd)
+
+
+def _after(x: jax.Array, *ys: jax.Array) -> tuple[jax.Array, ...]:
+  """ys, computed only once x is: a data dependency that orders the cache writes after the attention's reads of
+  the old buffers, so XLA updates them in place instead of copying them."""
+  zero = jnp.zeros((), x.dtype) * x.reshape(-1)[0]
+  return tuple(y + zero.astype(y.dtype) for y in ys)
 
 
 class Attention(nn.Module):
@@ -226,7 +273,7 @@ class Attention(nn.Module):
     q = self._qk(getattr(self, 'q_norm', None), self.q(x_BxSxD, sel), h, positions_BxS, sel, sliding)
     k, v = self.project_kv(x_BxSxD, positions_BxS, sel, sliding)
     if cfg.sliding_window and sliding is not False:
-      slots = None if cache is None else cache['k'].shape[1]
+      slots = None if cache is None else cache['k'].shape[CACHE_TIME_AXIS]
       keys = positions_BxS if slots is None else jnp.broadcast_to(jnp.arange(slots), (b, slots))
       if isinstance(mask_BxSxT, SelfMask):
         mask_BxSxT = SelfMask(window_mask(mask_BxSxT.mask, positions_BxS, keys, cfg.sliding_window, sliding),
@@ -234,11 +281,14 @@ class Attention(nn.Module):
       else:
         mask_BxSxT = window_mask(mask_BxSxT, positions_BxS, keys, cfg.sliding_window, sliding)
 
-    new_cache = None
     if cache is not None:
-      start = positions_BxS[:, 0]
-      new_cache = {'k': write_cache(cache['k'], k, start), 'v': write_cache(cache['v'], v, start)}
-      k, v = new_cache['k'].astype(q.dtype), new_cache['v'].astype(q.dtype)
+      start_B = positions_BxS[:, 0]
+      k_new, v_new = to_cache_layout(k), to_cache_layout(v)
+      out = cached_attention(q, cache['k'], cache['v'], k_new, v_new, start_B, mask_BxSxT, attention_scale(cfg),
+                             cfg.attn_softcap)
+      k_new, v_new = _after(out, k_new, v_new)
+      new_cache = {'k': write_cache(cache['k'], k_new, start_B), 'v': write_cache(cache['v'], v_new, start_B)}
+      return self.o(out.reshape(b, s, h * hd), sel), new_cache
 
     if isinstance(mask_BxSxT, SelfMask):
       impl = 'einsum'
@@ -252,10 +302,12 @@ class Attention(nn.Module):
         return self.o(dot_product_attention(impl, q, k, v, mask_BxSxT, scale).reshape(b, s, h * hd), sel), None
       mask_BxSxT = mask_BxSxT.mask
 
+    if cache is None:
+      k, v = to_cache_layout(k), to_cache_layout(v)
     q = q.reshape(b, s, kvh, h // kvh, hd)
-    logits = jnp.einsum('bsngd,btnd->bngst', q, k, preferred_element_type=jnp.float32)
+    logits = jnp.einsum('bsngd,bntd->bngst', q, k, preferred_element_type=jnp.float32)
     logits = softcap(logits * attention_scale(cfg), cfg.attn_softcap)
     logits = jnp.where(mask_BxSxT[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(dtype_of(cfg.dtype))
-    out = jnp.einsum('bngst,btnd->bsngd', probs, v).reshape(b, s, h * hd)
-    return self.o(out, sel), new_cache
+    out = jnp.einsum('bngst,bntd->bsngd', probs, v).reshape(b, s, h * hd)
+    return self.o(out, sel), None

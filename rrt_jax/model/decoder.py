@@ -17,8 +17,9 @@ Variables (the same paths for every looping; `variables.LAYER_PATH` / `PART_PATH
   params/prelude/layer/..., params/coda/layer/...   MIDDLE_CYCLE's unique layers, leading axis U, no LoRA
                                  (`layer_tree(collection, 'prelude')`).
 KV cache (an explicit pytree, not a collection; `variables.init_cache`): {'k', 'v'} of
-[R, K, B, T, kv_heads, head_dim], one slot per depth position, so loops never overwrite each other. MIDDLE_CYCLE
-adds 'prelude': {'k', 'v'} of [1, U, B, T, ...] and 'coda': {'k', 'v'} of [E, U, B, T, ...]: the coda's K/V of a
+[R, K, B, kv_heads, T, head_dim] (attention.KVCache's layout), one slot per depth position, so loops never
+overwrite each other. MIDDLE_CYCLE adds 'prelude': {'k', 'v'} of [1, U, B, ...] and 'coda': {'k', 'v'} of
+[E, U, B, ...]: the coda's K/V of a
 token depend on the exit its hidden state came from, so each exit has its own coda slots (exit e's coda attends
 to every earlier token's exit-e coda K/V, exactly as when all exits are scored at once). Every cache leaf has the
 batch on axis 2.
@@ -44,7 +45,7 @@ from rrt_jax.config import (
   layer_kinds,
   lora_rank_for,
 )
-from rrt_jax.model.attention import Attention, KVCache, cache_mask, self_mask
+from rrt_jax.model.attention import CACHE_TIME_AXIS, Attention, KVCache, cache_mask, self_mask
 from rrt_jax.model.layers import LORA, Embed, Norm, activation, constrain, dtype_of, softcap
 from rrt_jax.model.lora import INTERMEDIATES, LoraDense, LoraSpec
 
@@ -300,9 +301,9 @@ _OverExits = nn.vmap(UniqueStack, in_axes=(0, 0, None, None, None), out_axes=0, 
 
 
 def cache_length(cache: KVCache) -> int:
-  """T, the cache positions of `cache` ({'k', 'v'} of [..., T, kv_heads, head_dim] arrays, or per layer: tuples
+  """T, the cache positions of `cache` ({'k', 'v'} of [..., kv_heads, T, head_dim] arrays, or per layer: tuples
   of them, see `LayerList`)."""
-  return jax.tree.leaves(cache['k'])[0].shape[-3]
+  return jax.tree.leaves(cache['k'])[0].shape[CACHE_TIME_AXIS]
 
 
 def _middle_cache(cache: KVCache | None) -> KVCache | None:

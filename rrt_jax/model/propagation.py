@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from rrt_jax.config import LayerLayout, layer_kinds
-from rrt_jax.model.attention import KVCache
+from rrt_jax.model.attention import KVCache, to_cache_layout
 from rrt_jax.model.decoder import Decoder, DecoderLayer
 from rrt_jax.model.layers import LORA
 from rrt_jax.model.variables import layer_layout, layer_tree, layer_variables
@@ -23,8 +23,9 @@ from rrt_jax.model.variables import layer_layout, layer_tree, layer_variables
 
 def propagate_kv(model: Decoder, variables: dict, h_BxSxD: jax.Array, positions_BxS: jax.Array,
                  loops: Sequence[int]) -> KVCache:
-  """{'k', 'v'} of [len(loops), K, B, S, kv_heads, head_dim]: what layer k of each loop in `loops` caches for
-  hidden states h at these positions. Without LoRA every loop shares the layer, so it is computed once."""
+  """{'k', 'v'} of [len(loops), K, B, kv_heads, S, head_dim] (the cache's layout): what layer k of each loop
+  in `loops` caches for hidden states h at these positions. Without LoRA every loop shares the layer, so it is
+  computed once."""
   cfg, rec = model.cfg, model.rec
   layer = DecoderLayer(cfg, rec)
 
@@ -33,7 +34,8 @@ def propagate_kv(model: Decoder, variables: dict, h_BxSxD: jax.Array, positions_
 
   def layer_kv(layer_params: dict, layer_lora: dict | None, sliding) -> tuple[jax.Array, jax.Array]:
     layer_vars = {'params': layer_params} if layer_lora is None else {'params': layer_params, LORA: layer_lora}
-    return layer.apply(layer_vars, h_BxSxD, positions_BxS, sliding, method=DecoderLayer.project_kv)
+    k, v = layer.apply(layer_vars, h_BxSxD, positions_BxS, sliding, method=DecoderLayer.project_kv)
+    return to_cache_layout(k), to_cache_layout(v)
 
   def over_loops(layer_fn, params: dict, sliding) -> tuple[jax.Array, jax.Array]:
     """layer_fn's K/V for each of `loops` ([loops, ...]); the LoRA variables' leading axis is the loop."""

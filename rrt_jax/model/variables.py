@@ -185,10 +185,10 @@ def logical_axes(cfg: ModelConfig, rec: RecursionConfig) -> dict:
 
 def init_cache(cfg: ModelConfig, rec: RecursionConfig, batch: int, max_len: int,
                dtype: str | None = None) -> KVCache:
-  """Zero KV cache with one slot per depth position: {'k', 'v'} of [R, K, batch, max_len, kv_heads, head_dim];
+  """Zero KV cache with one slot per depth position: {'k', 'v'} of [R, K, batch, kv_heads, max_len, head_dim];
   MIDDLE_CYCLE adds 'prelude' {'k', 'v'} of [1, U, ...] and 'coda' {'k', 'v'} of [E, U, ...] (one coda per
   exit; see model/decoder.py)."""
-  tail = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  tail = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)  # attention.KVCache's layout.
   dt = dtype_of(dtype or cfg.dtype)
   zeros = lambda *lead: {'k': jnp.zeros(lead + tail, dt), 'v': jnp.zeros(lead + tail, dt)}  # noqa: E731
   cache = zeros(rec.loops, rec.shared_layers(cfg.num_layers))

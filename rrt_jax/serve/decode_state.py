@@ -12,13 +12,13 @@ slot and which slots run; it reads back tokens and exits, nothing else.
 `step` is one pass of the shared block over all N slots, each at its own loop (`loop_step` with multi-LoRA rows),
 then the exit head; a running slot whose token exits (confidence >= threshold, or the last loop) advances to its
 next token at loop 0, the others to their next loop. Exited tokens' skipped (loop, layer) K/V are filled by
-`propagate_kv` from the exit state. Cache layout: [R, K, N slots, T, kv_heads, head_dim]; a step gathers each
+`propagate_kv` from the exit state. Cache layout: [R, K, N slots, kv_heads, T, head_dim]; a step gathers each
 slot's [K, T] slice at its own loop and scatters only the new entries back.
 
 `uniform_step` is the step of sequence-wise batching (CSB, `sequencewise=True`), where every running slot is at
 the same loop b (the scheduler's phase): compiled per loop b, it reads loop b's own LoRA buffers (`loop_views`,
 split once: no one-hot over all R adapters, no slicing of the [R, ...] LoRA inside the step) and loop b's own cache
-buffer (the cache is then a list of R {'k', 'v'} of [1, K, N, T, ...]: no per-slot gather, no copy of a loop's
+buffer (the cache is then a list of R {'k', 'v'} of [1, K, N, H, T, D]: no per-slot gather, no copy of a loop's
 slice, the new K/V written in place) and, where no token can exit at loop b (no early exit and b < R - 1), skips
 the exit head. Slots that do not run may have loop b's entry at their own position
 overwritten: a position their next token has not reached, which it writes before any token reads it (free slots
@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax.sharding import Mesh
 
-from rrt_jax.model import Decoder, init_cache, loop_variables, multi_lora_variables, propagate_kv
+from rrt_jax.model import Decoder, cache_length, init_cache, loop_variables, multi_lora_variables, propagate_kv
 from rrt_jax.model.attention import KVCache
 from rrt_jax.model.exits import ExitConfig, exits_at
 from rrt_jax.serve.generate import Generator, SamplingConfig, sample, serving_variables, token_keys
@@ -51,7 +51,7 @@ from rrt_jax.sharding import replicated
 class DecodeState:
   """Every slot of the engine, on device (N slots)."""
 
-  # {'k', 'v'} of [R, K, N, T, kv_heads, head_dim]; sequence-wise: a list of R of [1, K, N, T, ...], one per loop.
+  # {'k', 'v'} of [R, K, N, kv_heads, T, head_dim]; sequence-wise: a list of R of [1, K, N, ...], one per loop.
   cache: KVCache | list[KVCache]
   h: jax.Array  # [N, 1, D] each slot's hidden state between loops.
   tokens: jax.Array  # [N] int32: the last token each slot emitted (the input of its next token's loop 0).
@@ -102,7 +102,7 @@ class SlotDecoder:
                        small, small, small, small, small)
 
   def init_state(self) -> DecodeState:
-    """N empty slots: a zero cache [R, K, N, T, ...] (sequence-wise: R buffers of [1, K, N, T, ...]) and zero
+    """N empty slots: a zero cache [R, K, N, ...] (sequence-wise: R buffers of [1, K, N, ...]) and zero
     states, in the step's shardings."""
     cfg, n = self.model.cfg, self.slots
     h = jnp.zeros((n, 1, cfg.d_model), jnp.dtype(cfg.dtype))
@@ -119,7 +119,7 @@ class SlotDecoder:
   # ---- Device functions (jitted in __init__) ----------------------------------------------------------------
 
   def _prefill(self, variables, tokens_1xS, length_1, key):
-    """One request's prompt through every loop into a fresh cache row [R, K, 1, T, ...] -> (its first token,
+    """One request's prompt through every loop into a fresh cache row [R, K, 1, ...] -> (its first token,
     1-based exit loop, the row). A fresh row, not a slice of the slots' cache: its old entries are never read,
     and slicing slots split over the mesh would gather the whole cache onto every device."""
     row = init_cache(self.model.cfg, self.model.rec, 1, self.max_len)
@@ -146,12 +146,12 @@ class SlotDecoder:
     place. Slot s samples with its request's key for its next token (token_keys)."""
     model, loops, exit_cfg = self.model, self.model.rec.loops, self.exit_cfg
     loops_N, positions_N = state.loops, state.positions
-    max_len = state.cache['k'].shape[3]
+    max_len = cache_length(state.cache)
     slot_ids = jnp.arange(loops_N.shape[0])
     head_vars = {'params': variables['params']}
     embedded = model.apply(head_vars, state.tokens[:, None], method=Decoder.embed)
     h_in = jnp.where((loops_N == 0)[:, None, None], embedded, state.h)
-    # Each slot's cache at its own loop: [N, K, T, ...] -> [1 loop, K, N, T, ...].
+    # Each slot's cache at its own loop: [N, K, H, T, D] -> [1 loop, K, N, H, T, D].
     gathered = jax.tree.map(lambda c: jnp.moveaxis(c[loops_N, :, slot_ids], 0, 1)[None], state.cache)
     onehot = jax.nn.one_hot(loops_N, loops, dtype=jnp.float32) if self.relaxed else None
     out = loop_step(model, step_variables, head_vars, h_in, h_in, positions_N[:, None], gathered, exit_cfg, onehot)
@@ -159,9 +159,10 @@ class SlotDecoder:
     token = sample(out.logits, self.sampling, token_keys(base_key, state.seeds, state.emitted))
     # Scatter the new K/V: mode='drop' with an out-of-range position skips slots that must not write.
     write_pos = jnp.where(running_N, positions_N, max_len)
+    # Indexed [loops_N, :, slot_ids, :, write_pos]: the slot axis leads the result, [N, K, H, D] on both sides.
     cache = jax.tree.map(
-        lambda c, g: c.at[loops_N, :, slot_ids, write_pos].set(jnp.swapaxes(g[0][:, slot_ids, positions_N], 0, 1),
-                                                               mode='drop'), state.cache, out.slots)
+        lambda c, g: c.at[loops_N, :, slot_ids, :, write_pos].set(g[0][:, slot_ids, :, positions_N], mode='drop'),
+        state.cache, out.slots)
     if loops > 1 and exit_cfg.early:
       fill = running_N & exits & (loops_N < loops - 1)
       cache = jax.lax.cond(jnp.any(fill), self._fill_skipped_kv, lambda _, c, *__: c, variables, cache, out.h,
@@ -198,25 +199,25 @@ class SlotDecoder:
     """Sequence-wise `_fill_skipped_kv`: K/V propagated from the exiting slots' exit state after loop `loop`
     written into every later loop's buffer."""
     later = range(loop + 1, self.model.rec.loops)
-    new = propagate_kv(self.model, variables, h_Nx1xD, positions_N[:, None], later)  # [len(later), K, N, 1, ...]
-    write_pos = jnp.where(fill_N, positions_N, cache[0]['k'].shape[3])  # Out of range: dropped.
+    new = propagate_kv(self.model, variables, h_Nx1xD, positions_N[:, None], later)  # [len(later), K, N, H, 1, D]
+    write_pos = jnp.where(fill_N, positions_N, cache_length(cache[0]))  # Out of range: dropped.
     slot_ids = jnp.arange(positions_N.shape[0])
     cache = list(cache)
     for i, b in enumerate(later):
-      cache[b] = jax.tree.map(lambda c, x, i=i: c.at[0, :, slot_ids, write_pos].set(
-          jnp.swapaxes(x[i, :, :, 0], 0, 1), mode='drop'), cache[b], new)
+      cache[b] = jax.tree.map(lambda c, x, i=i: c.at[0, :, slot_ids, :, write_pos].set(
+          jnp.swapaxes(x[i, :, :, :, 0], 0, 1), mode='drop'), cache[b], new)
     return cache
 
   def _fill_skipped_kv(self, variables, cache, h_Nx1xD, loops_N, positions_N, fill_N):
     """Writes K/V propagated from each exiting slot's exit state into every (loop, layer) after its exit loop."""
-    loops, max_len = self.model.rec.loops, cache['k'].shape[3]
+    loops, max_len = self.model.rec.loops, cache_length(cache)
     later = range(1, loops)  # Loop 0 is never skipped.
-    new = propagate_kv(self.model, variables, h_Nx1xD, positions_N[:, None], later)  # [R-1, K, N, 1, ...]
+    new = propagate_kv(self.model, variables, h_Nx1xD, positions_N[:, None], later)  # [R-1, K, N, H, 1, D]
     later_R = jnp.arange(1, loops)[:, None]  # [R-1, 1]
     write_pos = jnp.where(fill_N[None] & (later_R > loops_N[None]), positions_N[None], max_len)  # [R-1, N]
     slot_ids = jnp.arange(loops_N.shape[0])[None]
-    put = lambda c, x: c.at[later_R, :, slot_ids, write_pos].set(jnp.swapaxes(x[:, :, :, 0], 1, 2),  # noqa: E731
-                                                                 mode='drop')
+    put = lambda c, x: c.at[later_R, :, slot_ids, :, write_pos].set(  # noqa: E731
+        jnp.swapaxes(x[:, :, :, :, 0], 1, 2), mode='drop')
     return {'k': put(cache['k'], new['k']), 'v': put(cache['v'], new['v'])}
 
 

@@ -14,7 +14,7 @@ With `depthwise=False` the same engine is continuous sequence-wise batching (CSB
 the same loop, a token that exits early leaves an idle slot until the batch's token finishes (or until every
 slot has exited), and new requests join only at token boundaries. The vanilla model (R = 1) runs through it.
 
-Cache layout: [R, K, N slots, T, kv_heads, head_dim] (shape letters: see model/decoder.py). A step gathers each
+Cache layout: [R, K, N slots, kv_heads, T, head_dim] (shape letters: see model/decoder.py). A step gathers each
 slot's [K, T] slice at its own loop, runs the block on the gathered copy and scatters only the new entries back.
 
 Sharded (`mesh`): the variables by the training rule table and the slot cache and slot states over the mesh

@@ -6,7 +6,8 @@ different loops, each selecting its own LoRA by a one-hot). The K/V an exited to
 into cache slots.
 
 Shapes: B rows, S new tokens per row (1 when decoding), D width, V vocabulary, R loops, A / C the two leading
-slot axes of a cache leaf ([loops, layers] of the block), T cache length.
+slot axes of a cache leaf ([loops, layers] of the block), H kv heads, T cache length (the cache's layout: see
+rrt_jax.model.attention.KVCache).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def loop_step(model: Decoder, block_variables: dict, head_variables: dict, h_BxS
               prev_BxSxD: jax.Array, positions_BxS: jax.Array, slots: KVCache, exit_cfg: ExitConfig,
               loop_onehot_BxR: jax.Array | None = None,
               coda: Callable[[jax.Array], tuple[jax.Array, Any]] | None = None, head: bool = True) -> LoopOut:
-  """One pass of `model`'s shared block on h against `slots` ({'k', 'v'} of [1, K, B, T, ...]), the exit head on
+  """One pass of `model`'s shared block on h against `slots` ({'k', 'v'} of [1, K, B, H, T, ...]), the exit head on
   its output and the confidence against `prev` (the previous exit's state, for saturation).
 
   block_variables: one loop's variables (`loop_variables`, `dynamic_loop_variables`) or every loop's
@@ -53,10 +54,10 @@ def loop_step(model: Decoder, block_variables: dict, head_variables: dict, h_BxS
   return LoopOut(h_next, out, logits_BxV, conf_B, slots, aux)
 
 
-def write_token_kv(cache_AxCxBxTxHxD: jax.Array, new_AxCxBx1xHxD: jax.Array, positions_B: jax.Array) -> jax.Array:
-  """The cache leaf with each row's one new token written at its position, in every (A, C) slot."""
+def write_token_kv(cache_AxCxBxHxTxD: jax.Array, new_AxCxBxHx1xD: jax.Array, positions_B: jax.Array) -> jax.Array:
+  """The cache leaf with each row's one new token (cache layout) written at its position, in every (A, C) slot."""
   over_slots = jax.vmap(jax.vmap(write_cache, in_axes=(0, 0, None)), in_axes=(0, 0, None))
-  return over_slots(cache_AxCxBxTxHxD, new_AxCxBx1xHxD, positions_B)
+  return over_slots(cache_AxCxBxHxTxD, new_AxCxBxHx1xD, positions_B)
 
 
 __all__ = ['LoopOut', 'loop_step', 'write_token_kv']

@@ -1,7 +1,7 @@
 """Serving over a device mesh: the variables by the training rule table, the KV cache to match.
 
 Variables go where training puts them (rrt_jax.sharding.RULES): heads, kv, MLP and vocab split over
-'tensor', embed over 'fsdp'. The KV cache [R, K, B, T, kv_heads, head_dim] (model.init_cache; MIDDLE_CYCLE's
+'tensor', embed over 'fsdp'. The KV cache [R, K, B, kv_heads, T, head_dim] (model.init_cache; MIDDLE_CYCLE's
 prelude and coda alike) takes the same table through logical names: its rows (generate) or slots (Engine) are
 'batch' (over data x fsdp) and its kv_heads 'kv' (over tensor, like the K/V projections that fill it), so each
 device holds the K/V of its own rows and heads. A cache dimension that does not divide its mesh axes stays whole
@@ -25,7 +25,7 @@ from rrt_jax.sharding import RULES, check_divisible, variable_shardings
 
 log = logging.getLogger(__name__)
 
-CACHE_AXES = ('loops', 'layers', 'batch', None, 'kv', None)  # [R, K, B, T, kv_heads, head_dim]
+CACHE_AXES = ('loops', 'layers', 'batch', 'kv', None, None)  # [R, K, B, kv_heads, T, head_dim]
 
 
 @functools.lru_cache(maxsize=64)
@@ -54,7 +54,7 @@ def cache_shardings(model: Decoder, mesh: Mesh, batch: int) -> KVCache:
   kv_heads over tensor, where they divide (see module doc)."""
   cfg = model.cfg
   shapes = jax.eval_shape(lambda: init_cache(cfg, model.rec, batch, 1))
-  sharding = _fit(CACHE_AXES, (1, 1, batch, 1, cfg.num_kv_heads, cfg.head_dim), mesh, 'KV cache')
+  sharding = _fit(CACHE_AXES, (1, 1, batch, cfg.num_kv_heads, 1, cfg.head_dim), mesh, 'KV cache')
   return jax.tree.map(lambda _: sharding, shapes)
 
 

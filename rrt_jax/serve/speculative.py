@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rrt_jax.model import Decoder, first_loops, init_cache, layer_layout, with_layer_layout
+from rrt_jax.model import Decoder, cache_length, first_loops, init_cache, layer_layout, with_layer_layout
 from rrt_jax.model.exits import ExitConfig
 from rrt_jax.serve.generate import SamplingConfig, generator_for, serving_variables, validate_prompts
 from rrt_jax.utils.buckets import bucket
@@ -127,7 +127,7 @@ class SpeculativeDecoder:
     rows = last.shape[0]
     if k:
       draft, draft_vars = first_loops(model, variables, self.draft_loops)
-      like = jax.eval_shape(lambda: init_cache(draft.cfg, draft.rec, rows, cache['k'].shape[3]))
+      like = jax.eval_shape(lambda: init_cache(draft.cfg, draft.rec, rows, cache_length(cache)))
 
       def draft_step(carry, _):
         token, p, draft_cache = carry

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from rrt_jax.config import CODA, PRELUDE
 from rrt_jax.model import Decoder, dynamic_loop_variables, propagate_kv
-from rrt_jax.model.attention import KVCache
+from rrt_jax.model.attention import CACHE_TIME_AXIS, KVCache
 from rrt_jax.model.exits import ExitConfig, exits_at
 from rrt_jax.serve.loop_step import loop_step, write_token_kv
 
@@ -51,25 +51,25 @@ def _put(x: jax.Array, update: jax.Array, index: jax.Array) -> jax.Array:
 
 
 def _row_slots(slots: KVCache, index: jax.Array, row: jax.Array) -> KVCache:
-  """Entry `index` (axis 0) of one row of the batch's {'k', 'v'} [A, C, B, T, ...]: [1, C, 1, T, ...]."""
+  """Entry `index` (axis 0) of one row of the batch's {'k', 'v'} [A, C, B, H, T, D]: [1, C, 1, H, T, D]."""
   window = lambda x: (1, x.shape[1], 1) + x.shape[3:]  # noqa: E731
   return jax.tree.map(lambda x: jax.lax.dynamic_slice(x, (index, 0, row) + (0,) * (x.ndim - 3), window(x)), slots)
 
 
 def _token_kv(slots: KVCache, position: jax.Array) -> KVCache:
-  """{'k', 'v'} of [A, C, 1, T, kv_heads, head_dim] -> the token's entries at `position`: [A, C, 1, 1, ...]."""
-  return jax.tree.map(lambda x: _at(x, position, axis=3), slots)
+  """{'k', 'v'} of [A, C, 1, kv_heads, T, head_dim] -> the token's entries at `position`: [A, C, 1, H, 1, D]."""
+  return jax.tree.map(lambda x: _at(x, position, axis=x.ndim + CACHE_TIME_AXIS), slots)
 
 
 def _zeros_kv(slots: KVCache) -> KVCache:
-  """A token's K/V for every slot of `slots` ({'k', 'v'} of [A, C, B, T, ...]), zero: [A, C, 1, 1, ...]."""
-  return jax.tree.map(lambda x: jnp.zeros(x.shape[:2] + (1, 1) + x.shape[4:], x.dtype), slots)
+  """A token's K/V for every slot of `slots` ({'k', 'v'} of [A, C, B, H, T, D]), zero: [A, C, 1, H, 1, D]."""
+  return jax.tree.map(lambda x: jnp.zeros(x.shape[:2] + (1, x.shape[3], 1, x.shape[5]), x.dtype), slots)
 
 
 def _coda(model: Decoder, variables: dict, h_1x1xD: jax.Array, positions_1x1: jax.Array, cache: KVCache,
           row: jax.Array, exit_index: jax.Array) -> tuple[jax.Array, KVCache | None]:
   """MIDDLE_CYCLE: the coda on the middle's output after loop `exit_index` (traced) against that exit's slots
-  of `row` -> (exit hidden state, the token's coda K/V [1, U, 1, 1, ...]). Else (h, None). Only those slots go
+  of `row` -> (exit hidden state, the token's coda K/V [1, U, 1, H, 1, D]). Else (h, None). Only those slots go
   in (a cache of one exit, decode_coda's exit 0), so nothing of the other exits is copied."""
   if not model.rec.unique_layers:
     return h_1x1xD, None
@@ -82,7 +82,7 @@ def _coda(model: Decoder, variables: dict, h_1x1xD: jax.Array, positions_1x1: ja
 def _prelude(model: Decoder, variables: dict, embed_1x1xD: jax.Array, positions_1x1: jax.Array, cache: KVCache,
              row: jax.Array) -> tuple[jax.Array, KVCache | None]:
   """MIDDLE_CYCLE: the prelude against `row`'s prelude slots -> (its output, the token's prelude K/V
-  [1, U, 1, 1, ...]). Else (embed, None)."""
+  [1, U, 1, H, 1, D]). Else (embed, None)."""
   if not model.rec.unique_layers:
     return embed_1x1xD, None
   slots = {**_row_slots({'k': cache['k'], 'v': cache['v']}, 0, row),  # decode_prelude reads T off 'k'.
@@ -144,7 +144,7 @@ def _propagated(model: Decoder, variables: dict, c: dict, positions_1x1: jax.Arr
     put = lambda all_, one: jnp.where(skipped, _put(all_, one, b), all_)  # noqa: E731
     # Loop b's variables hold its LoRA at loop index 0.
     fill = propagate_kv(model, dynamic_loop_variables(variables, b), c['exit_h'], positions_1x1, (0,))
-    kv = jax.tree.map(put, kv, fill)  # fill: [1, K, 1, 1, ...]
+    kv = jax.tree.map(put, kv, fill)  # fill: [1, K, 1, H, 1, D]
     if coda is not None:
       coda = jax.tree.map(put, coda, _coda(model, variables, c['exit_h'], positions_1x1, cache, row, b)[1])
     return b + 1, kv, coda
@@ -160,7 +160,7 @@ def decode_token(model: Decoder, variables: dict, exit_cfg: ExitConfig, token: j
   """ONE sequence's next token, through its loops up to its exit. token, position, row: [] int32; the sequence is
   row `row` of the batch's `cache` (read only). axis_name: the vmapped batch axis, when vmapped (the loop index
   is then shared by the running rows; see the module docstring). Returns (exit logits [V], 0-based exit loop
-  [], the token's K/V for every cache slot (the cache's leaves with [A, C, 1, kv_heads, head_dim]), loops
+  [], the token's K/V for every cache slot (the cache's leaves with [A, C, kv_heads, 1, head_dim]), loops
   run [])."""
   tokens_1x1, positions_1x1 = token.reshape(1, 1), position.reshape(1, 1)
   embed = model.apply(variables, tokens_1x1, method=Decoder.embed)
