@@ -45,7 +45,7 @@ def test_sharded_serving_equals_unsharded():
   assert len({e for loops in r['generate']['sharded']['exit_loops'] for e in loops}) > 1, 'exit loops must mix'
   _check_engine(r['engine'])
   placement = r['engine']['placement']
-  assert placement['cache'] == [3, 2, 4, 64, 2, 16] and placement['cache_shard'] == [3, 2, 1, 64, 1, 16]
+  assert placement['cache'] == [3, 2, 4, 2, 64, 16] and placement['cache_shard'] == [3, 2, 1, 1, 64, 16]
   assert r['warnings'] == []
 
 
