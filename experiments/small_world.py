@@ -129,6 +129,8 @@ def define_flags() -> None:
   f.DEFINE_integer('uptrain_steps', 150, 'Uptraining steps per student and seed.')
   f.DEFINE_integer('batch', 32, 'Sequences per uptraining step.')
   f.DEFINE_float('uptrain_lr', 1e-3, 'Peak uptraining learning rate.')
+  f.DEFINE_float('exit_alpha', 0.1, "Uptraining loss weight of each exit before the last (the paper's aggressive "
+                 'Agg(alpha); the last weighs 1). Higher trains the early loops toward confident exits.')
   f.DEFINE_list('seeds', ['0', '1', '2'], 'Data-order seeds of uptraining.')
   f.DEFINE_list('corpora', ['validation', 'austen'], 'Held-out corpora (TFDS splits).')
   f.DEFINE_integer('eval_tokens', 16_384, 'Held-out tokens scored per corpus.')
@@ -183,6 +185,7 @@ class Settings:
   uptrain_steps: int
   batch: int
   uptrain_lr: float
+  exit_alpha: float
   seeds: tuple[int, ...]
   corpora: tuple[str, ...]
   eval_tokens: int
@@ -479,14 +482,15 @@ class SmallWorld:
     model = Decoder(student_config(self.cfg, student), recursion(s, student))
     row['seeds'] = {}
     for seed in s.seeds:
-      up_inputs = {**conv_inputs, 'seed': seed, 'steps': s.uptrain_steps, 'batch': s.batch, 'lr': s.uptrain_lr}
+      up_inputs = {**conv_inputs, 'seed': seed, 'steps': s.uptrain_steps, 'batch': s.batch, 'lr': s.uptrain_lr,
+                   **self.exit_inputs()}
       up_path = st.path('uptrained', student.slug, f'seed{seed}.msgpack')
 
       def uptrain_stage(seed=seed, up_path=up_path):
         from rrt_jax.train.loop import uptrain_on_batches
         trainable = ('lora',) if student.group == 'low_rank' else None  # Its kernels stay zero: its size holds.
         variables, losses = uptrain_on_batches(model, load_variables(conv_path), *self.teacher, self.batches(seed),
-                                               s.uptrain_lr, trainable=trainable)
+                                               s.uptrain_lr, trainable=trainable, exit_alpha=s.exit_alpha)
         save_variables(up_path, variables)
         return {'losses': losses, 'tokens': s.uptrain_steps * s.batch * s.seq_len,
                 'flatness': curve_flatness(losses, s.flat_share)}
@@ -523,10 +527,16 @@ class SmallWorld:
     return Decoder(student_config(self.cfg, student), recursion(self.s, student)), jax.tree.map(jax.numpy.asarray,
                                                                                               variables)
 
+  def exit_inputs(self) -> dict:
+    """The exit-loss weight among a stage's inputs when it is not the paper's 0.1 (so workdirs made before the flag
+    existed still resume)."""
+    return {} if self.s.exit_alpha == 0.1 else {'exit_alpha': self.s.exit_alpha}
+
   def serving_inputs(self, served: list[dict]) -> dict:
     s = self.s
     return {'pretrain': self.pretrain_inputs(), 'models': [r['model'] for r in served], 'seed': s.serve_seed,
-            'uptrain_steps': s.uptrain_steps, 'slots': s.serve_slots, 'requests': s.serve_requests,
+            'uptrain_steps': s.uptrain_steps, **self.exit_inputs(), 'slots': s.serve_slots,
+            'requests': s.serve_requests,
             'prompt_len': s.serve_prompt_len, 'decode_len': s.serve_decode_len, 'thresholds': s.thresholds,
             'min_agreement': s.min_agreement, 'max_ppl_increase': s.max_ppl_increase,
             'eval_tokens': s.serve_eval_tokens, 'repeats': s.serve_repeats}
@@ -553,7 +563,8 @@ class SmallWorld:
   def speculation_inputs(self, served: list[dict]) -> dict:
     s = self.s
     return {'pretrain': self.pretrain_inputs(), 'models': [r['model'] for r in served], 'seed': s.serve_seed,
-            'uptrain_steps': s.uptrain_steps, 'batches': s.spec_batches, 'draft_lens': s.spec_draft_lens,
+            'uptrain_steps': s.uptrain_steps, **self.exit_inputs(), 'batches': s.spec_batches,
+            'draft_lens': s.spec_draft_lens,
             'new_tokens': s.spec_new_tokens, 'prompt_len': s.serve_prompt_len, 'repeats': s.spec_repeats}
 
   def speculate(self, served: list[dict]) -> dict:

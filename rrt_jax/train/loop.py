@@ -332,19 +332,20 @@ class FiniteSteps:
 
 def uptrain_on_batches(student: Decoder, variables: dict, teacher: Decoder, teacher_variables: dict,
                        batches: list[dict], lr: float, early_exit: str | None = None,
-                       trainable: tuple[str, ...] | None = None) -> tuple[dict, list[float]]:
+                       trainable: tuple[str, ...] | None = None, exit_alpha: float = 0.1) -> tuple[dict, list[float]]:
   """A short in-memory KD + early-exit uptraining run on given batches (studies: the same batches for every
   variant), single device, no checkpoints: AdamW with 10 % warmup and cosine decay, CE + KD from the original
   model (`teacher` with `teacher_variables`), early-exit weights `early_exit` (default: aggressive for looped
-  models, none for one loop). trainable: the collections trained (None = all; e.g. ('lora',) keeps a low-rank
-  model's zero kernels zero, see rrt_jax.convert.low_rank). Returns (variables, per-step losses)."""
+  models, none for one loop; `exit_alpha` weighs each earlier exit under 'aggressive'). trainable: the
+  collections trained (None = all; e.g. ('lora',) keeps a low-rank model's zero kernels zero, see
+  rrt_jax.convert.low_rank). Returns (variables, per-step losses)."""
   from rrt_jax.train.optimizer import learning_rate_schedule, make_optimizer
   from rrt_jax.train.step import LossConfig
   steps = len(batches)
   tx = make_optimizer(learning_rate_schedule(lr, steps, max(1, steps // 10)))
   if early_exit is None:
     early_exit = 'aggressive' if student.rec.loops > 1 else 'none'
-  loss_cfg = LossConfig(ce_weight=1.0, kd_weight=1.0, early_exit=early_exit)
+  loss_cfg = LossConfig(ce_weight=1.0, kd_weight=1.0, early_exit=early_exit, exit_alpha=exit_alpha)
   step_fn = jax.jit(make_train_step(student, teacher, tx, loss_cfg, trainable=trainable), donate_argnums=(0,))
   # A fresh copy: conversion shares arrays (the embedding) with the teacher, and the state is donated.
   state = init_state(jax.tree.map(jnp.array, variables), tx, trainable)
