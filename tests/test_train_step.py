@@ -102,3 +102,8 @@ def test_uptrain_on_batches_lowers_the_loss_and_leaves_the_input_untouched():
   assert losses[-1] < losses[0]
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(student_vars), strict=True):
     np.testing.assert_array_equal(a, np.asarray(b))
+  # exit_alpha weighs loop 1's loss: the first step's loss is CE + KD at the last exit plus alpha x loop 1's.
+  first = {alpha: uptrain_on_batches(Decoder(cfg, rec), student_vars, Decoder(cfg), teacher_vars, [batch], lr=1e-2,
+                                     exit_alpha=alpha)[1][0] for alpha in (0.0, 0.1, 1.0)}
+  assert first[1.0] > first[0.1] > first[0.0]
+  np.testing.assert_allclose(first[1.0] - first[0.0], 10 * (first[0.1] - first[0.0]), rtol=1e-4)
