@@ -36,6 +36,7 @@ def _stage_files(workdir) -> dict[str, int]:
   return out
 
 
+@pytest.mark.slow  # ~60 s, the default run's longest test; the report logic has the fast tests below.
 def test_tiny_study_end_to_end_then_a_rerun_skips_every_stage(tmp_path):
   workdir = tmp_path / 'study'
   first = _study(workdir)
