@@ -25,8 +25,9 @@ def _settings(**kw) -> sw.Settings:
               pretrain_steps=1, pretrain_batch=1, pretrain_lr=1e-3, pretrain_warmup=1, flat_share=0.02,
               student_share=0.5, size_slack=0.1, loops=(2, 3), middle_loops=(4,), init='average',
               lora_init='whitened_svd', baselines=('reduced', 'low_rank'), calibration_tokens=256, uptrain_steps=1,
-              batch=1, uptrain_lr=1e-3, seeds=(0,), corpora=('validation',), eval_tokens=1, eval_batch=1,
-              serve_seed=0, serve_slots=1, serve_requests=1, serve_prompt_len=1, serve_decode_len=1,
+              batch=1, uptrain_lr=1e-3, exit_alpha=0.1, seeds=(0,), corpora=('validation',),
+              eval_tokens=1, eval_batch=1, serve_seed=0, serve_slots=1, serve_requests=1,
+              serve_prompt_len=1, serve_decode_len=1,
               thresholds=(1.0,), min_agreement=0.9, max_ppl_increase=0.05, serve_eval_tokens=1, serve_repeats=1,
               spec_batches=(1,), spec_draft_lens=(2,), spec_new_tokens=1, spec_repeats=1)
   return sw.Settings(**{**base, **kw})
