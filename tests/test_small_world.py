@@ -141,3 +141,14 @@ def test_tiny_study_end_to_end_then_a_rerun_skips_every_stage(tmp_path):
 
   other = _study(workdir, '--uptrain_steps=4')
   assert other.returncode != 0 and 'made with other settings than this run' in other.stderr
+
+
+def test_a_non_default_exit_alpha_is_a_stage_input(tmp_path):
+  """Uptraining, serving and speculation record --exit_alpha when it is not the paper's 0.1, so a workdir never
+  mixes students trained with different exit weights; at 0.1 the inputs are those of workdirs made before it."""
+  paper = sw.SmallWorld(_settings(workdir=str(tmp_path)))
+  varied = sw.SmallWorld(_settings(workdir=str(tmp_path), exit_alpha=1.0))
+  assert paper.exit_inputs() == {} and varied.exit_inputs() == {'exit_alpha': 1.0}
+  for inputs in ('serving_inputs', 'speculation_inputs'):
+    assert 'exit_alpha' not in getattr(paper, inputs)([])
+    assert getattr(varied, inputs)([])['exit_alpha'] == 1.0
