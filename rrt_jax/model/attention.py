@@ -180,6 +180,14 @@ def _slots_of_new(mask_BxSxT: jax.Array, start_B: jax.Array, count: int) -> jax.
   return jax.vmap(lambda m, s: jax.lax.dynamic_slice_in_dim(m, s, count, axis=1))(mask_BxSxT, start_B)
 
 
+def _masked_softmax(logits_BxNxGxSxT: jax.Array, mask_BxSxT: jax.Array, scale: float, cap: float | None,
+                    dtype) -> jax.Array:
+  """Attention probabilities in `dtype` from fp32 logits: scaled, soft-capped, masked slots at the fp32 minimum."""
+  logits = softcap(logits_BxNxGxSxT * scale, cap)
+  logits = jnp.where(mask_BxSxT[:, None, None], logits, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(logits, axis=-1).astype(dtype)
+
+
 def cached_attention(q_BxSxHxD: jax.Array, k_BxKxTxD: jax.Array, v_BxKxTxD: jax.Array, k_new_BxKxSxD: jax.Array,
                      v_new_BxKxSxD: jax.Array, start_B: jax.Array, mask_BxSxT: jax.Array, scale: float,
                      cap: float | None) -> jax.Array:
@@ -196,10 +204,8 @@ def cached_attention(q_BxSxHxD: jax.Array, k_BxKxTxD: jax.Array, v_BxKxTxD: jax.
   dt = q.dtype
   logits_old = jnp.einsum('bsngd,bntd->bngst', q, k_BxKxTxD.astype(dt), preferred_element_type=jnp.float32)
   logits_new = jnp.einsum('bsngd,bntd->bngst', q, k_new_BxKxSxD.astype(dt), preferred_element_type=jnp.float32)
-  logits = softcap(jnp.concatenate([logits_old, logits_new], axis=-1) * scale, cap)
-  mask = jnp.concatenate([old_BxSxT, new_BxSxS], axis=-1)
-  logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+  probs = _masked_softmax(jnp.concatenate([logits_old, logits_new], axis=-1),
+                          jnp.concatenate([old_BxSxT, new_BxSxS], axis=-1), scale, cap, dt)
   out = (jnp.einsum('bngst,bntd->bsngd', probs[..., :slots], v_BxKxTxD.astype(dt))
          + jnp.einsum('bngst,bntd->bsngd', probs[..., slots:], v_new_BxKxSxD.astype(dt)))
   return out.reshape(b, s, h, hd)
@@ -291,9 +297,7 @@ class Attention(nn.Module):
       return self.o(out.reshape(b, s, h * hd), sel), new_cache
 
     if isinstance(mask_BxSxT, SelfMask):
-      impl = 'einsum'
-      if cache is None:
-        impl = _no_cache_impl(cfg, s, mask_BxSxT.segment_ids is not None)
+      impl = _no_cache_impl(cfg, s, mask_BxSxT.segment_ids is not None)
       scale = attention_scale(cfg)
       if impl == 'splash':
         out = splash_attention(q, k, v, mask_BxSxT.segment_ids, scale=scale)
@@ -302,12 +306,9 @@ class Attention(nn.Module):
         return self.o(dot_product_attention(impl, q, k, v, mask_BxSxT, scale).reshape(b, s, h * hd), sel), None
       mask_BxSxT = mask_BxSxT.mask
 
-    if cache is None:
-      k, v = to_cache_layout(k), to_cache_layout(v)
+    k, v = to_cache_layout(k), to_cache_layout(v)
     q = q.reshape(b, s, kvh, h // kvh, hd)
     logits = jnp.einsum('bsngd,bntd->bngst', q, k, preferred_element_type=jnp.float32)
-    logits = softcap(logits * attention_scale(cfg), cfg.attn_softcap)
-    logits = jnp.where(mask_BxSxT[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(dtype_of(cfg.dtype))
+    probs = _masked_softmax(logits, mask_BxSxT, attention_scale(cfg), cfg.attn_softcap, dtype_of(cfg.dtype))
     out = jnp.einsum('bngst,bntd->bsngd', probs, v).reshape(b, s, h * hd)
     return self.o(out, sel), None

@@ -19,9 +19,9 @@ Variables (the same paths for every looping; `variables.LAYER_PATH` / `PART_PATH
 KV cache (an explicit pytree, not a collection; `variables.init_cache`): {'k', 'v'} of
 [R, K, B, kv_heads, T, head_dim] (attention.KVCache's layout), one slot per depth position, so loops never
 overwrite each other. MIDDLE_CYCLE adds 'prelude': {'k', 'v'} of [1, U, B, ...] and 'coda': {'k', 'v'} of
-[E, U, B, ...]: the coda's K/V of a
-token depend on the exit its hidden state came from, so each exit has its own coda slots (exit e's coda attends
-to every earlier token's exit-e coda K/V, exactly as when all exits are scored at once). Every cache leaf has the
+[E, U, B, ...]: the coda's K/V of a token depend on the exit its hidden state came from, so each exit has its own
+coda slots (exit e's coda attends to every earlier token's exit-e coda K/V, exactly as when all exits are scored at
+once). Every cache leaf has the
 batch on axis 2.
 """
 
