@@ -5,13 +5,15 @@ same weights and the same CPU, each against the memory-bandwidth bound, and the 
   python -m experiments.bench_decode --tiny --new_tokens=8 --repeats=1 --hf=false     # the plumbing (tiny model)
 
 In one run, median of --repeats after a warm-up (compilation):
-  * ours: greedy generate() (no exit) at each --batches, in the per-layer serving layout (the default) and the
-    stacked training layout (what decoding read before); decode tok/s = generated tokens / (time of a
+  * ours: greedy generate() (no exit) at each --batches, in the per-layer serving layout (the default, with fused
+    q/k/v and gate/up kernels), the same without the fusion (ModelConfig.fuse_projections=False) and the stacked
+    training layout (what decoding read before); decode tok/s = generated tokens / (time of a
     --new_tokens call - time of a 1-token call), so prefill and the layout conversion cancel.
   * HF transformers LlamaForCausalLM.generate (greedy, fp32) on our exact weights, in its own process
     (experiments/hf_anchor.py), at the same batches and --hf_threads; its tokens must equal ours.
-  * the bound: bytes a batch-1 token must read (parameters + KV cache) / measured copy bandwidth (numpy, read +
-    write counted, the better of 1 and 2 threads).
+  * the bound: bytes a batch-1 token must read (parameters + KV cache) / measured bandwidth, the better of 1 and 2
+    threads, by two probes: a numpy copy (read + write counted, as STREAM's copy; the bound of earlier runs) and a
+    read-only one (a dot product of a large array with itself, as decoding reads its weights; the tighter).
   * the relaxed model (R = --loops, Average + SVD LoRA rank --rank) without exit against the vanilla model, both
     through the Engine with sequence-wise batching (CSB) at --slots slots: decode tok/s and their ratio.
   * quality beside speed: each model's perplexity on --eval_tokens held-out tokens (Pride and Prejudice).
@@ -80,8 +82,13 @@ def _median_seconds(fn) -> float:
   return statistics.median(times)
 
 
-def ours(model: Decoder, variables: dict, prompts: list[list[int]], layout: str) -> dict:
+# The layouts ours() times: (label, layer layout, fused projections).
+LAYOUTS = (('per_layer', 'per_layer', True), ('unfused', 'per_layer', False), ('stacked', 'stacked', False))
+
+
+def ours(model: Decoder, variables: dict, prompts: list[list[int]], layout: str, fuse: bool = True) -> dict:
   """Greedy no-exit generate(): decode tok/s (the 1-token call subtracted) and the tokens."""
+  model = model.clone(cfg=model.cfg.replace(fuse_projections=fuse))
   gen = Generator(model, ExitConfig(threshold=1.0))
   model, variables = serving_variables(model, variables, layout)  # Once: generate() would convert every call.
   run = lambda n: generate(model, variables, prompts, n, generator=gen, layer_layout=layout)  # noqa: E731
@@ -113,17 +120,20 @@ def main(argv):
   ppl = {'vanilla': per_loop_perplexity(vanilla_model, vanilla, windows)[-1],
          'relaxed': per_loop_perplexity(relaxed_model, relaxed, windows)[-1]}
   results = {'machine': machine, 'perplexity': ppl, 'batches': {}}
-  bandwidth = max(hf_anchor.copy_bandwidth(threads=t) for t in (1, 2))
+  copy_bw = max(hf_anchor.copy_bandwidth(threads=t) for t in (1, 2))
+  read_bw = max(hf_anchor.read_bandwidth(threads=t) for t in (1, 2))
   need = hf_anchor.decode_bytes_per_token(cfg, RecursionConfig(), vanilla, _PROMPT_LEN.value + _NEW_TOKENS.value)
-  bound_ms = 1000 * need['total_bytes'] / bandwidth
-  results['bound'] = {'bytes_per_token': need['total_bytes'], 'copy_bandwidth': bandwidth, 'ms': bound_ms}
-  print(f'bound: {need["total_bytes"] / 1e6:.0f} MB per batch-1 token / {bandwidth / 1e9:.1f} GB/s = '
-        f'{bound_ms:.1f} ms', flush=True)
+  bound_ms, read_bound_ms = (1000 * need['total_bytes'] / bw for bw in (copy_bw, read_bw))
+  results['bound'] = {'bytes_per_token': need['total_bytes'], 'copy_bandwidth': copy_bw, 'ms': bound_ms,
+                      'read_bandwidth': read_bw, 'read_ms': read_bound_ms}
+  print(f'bound: {need["total_bytes"] / 1e6:.0f} MB per batch-1 token / {copy_bw / 1e9:.1f} GB/s (copy) = '
+        f'{bound_ms:.1f} ms; / {read_bw / 1e9:.1f} GB/s (read) = {read_bound_ms:.1f} ms', flush=True)
   batches = [int(b) for b in _BATCHES.value]
   for batch in batches:
     prompts = _prompts(ids, batch)
-    row = {layout: ours(vanilla_model, vanilla, prompts, layout) for layout in ('per_layer', 'stacked')}
-    assert row['per_layer']['tokens'] == row['stacked']['tokens'], 'the layouts generated different tokens'
+    row = {label: ours(vanilla_model, vanilla, prompts, layout, fuse) for label, layout, fuse in LAYOUTS}
+    assert all(row[label]['tokens'] == row['stacked']['tokens'] for label, _, _ in LAYOUTS), \
+        'the layouts generated different tokens'
     results['batches'][batch] = row
   if _HF.value:
     for batch in batches:
@@ -138,24 +148,26 @@ def main(argv):
   vanilla_csb = csb_tokens_per_s(vanilla_model, vanilla, _prompts(ids, _REQUESTS.value))
   results['csb'] = {'vanilla': vanilla_csb, 'relaxed': relaxed_csb, 'ratio': relaxed_csb / vanilla_csb}
   print(f'\nvanilla ppl {ppl["vanilla"]:.2f}; relaxed R={rec.loops} r={rec.lora_rank} (converted) ppl '
-        f'{ppl["relaxed"]:.1f}\n\n| batch | ours per-layer tok/s | ms/step | x bound (batch 1) | ours stacked tok/s | '
-        'HF tok/s (threads) | ours / HF | same tokens |\n|---|---|---|---|---|---|---|---|')
+        f'{ppl["relaxed"]:.1f}\n\n| batch | ours per-layer tok/s | ms/step | x bound: copy, read (batch 1) | '
+        'unfused tok/s (ms/step) | ours stacked tok/s | '
+        'HF tok/s (threads) | ours / HF | same tokens |\n|---|---|---|---|---|---|---|---|---|')
   for batch, row in results['batches'].items():
-    p, s = row['per_layer'], row['stacked']
+    p, u, s = row['per_layer'], row['unfused'], row['stacked']
     hf = row.get('hf', [])
     hf_text = ', '.join(f'{r["decode_tokens_per_s"]:.1f} ({r["threads"]})' for r in hf) or '-'
     ratio = ', '.join(f'{p["decode_tokens_per_s"] / r["decode_tokens_per_s"]:.2f}x' for r in hf) or '-'
     same = ', '.join(str(r['same_tokens']) for r in hf) or '-'
-    bound = f'{p["ms_per_step"] / bound_ms:.2f}x' if batch == 1 else '-'
+    bound = f'{p["ms_per_step"] / bound_ms:.2f}x, {p["ms_per_step"] / read_bound_ms:.2f}x' if batch == 1 else '-'
     print(f'| {batch} | {p["decode_tokens_per_s"]:.1f} | {p["ms_per_step"]:.1f} | {bound} | '
-          f'{s["decode_tokens_per_s"]:.1f} | {hf_text} | {ratio} | {same} |')
+          f'{u["decode_tokens_per_s"]:.1f} ({u["ms_per_step"]:.1f}) | {s["decode_tokens_per_s"]:.1f} | {hf_text} | '
+          f'{ratio} | {same} |')
   print(f'\nCSB at {_SLOTS.value} slots, {_REQUESTS.value} requests, no exit: vanilla {vanilla_csb:.1f} tok/s '
         f'(ppl {ppl["vanilla"]:.2f}), relaxed {relaxed_csb:.1f} tok/s (ppl {ppl["relaxed"]:.1f}): '
         f'x{relaxed_csb / vanilla_csb:.2f}', flush=True)
   if _OUT.value:
     for row in results['batches'].values():
-      for layout in ('per_layer', 'stacked'):
-        row[layout].pop('tokens')
+      for label, _, _ in LAYOUTS:
+        row[label].pop('tokens')
     with open(_OUT.value, 'w') as f:
       json.dump(results, f, indent=1)
 

@@ -123,31 +123,42 @@ def hf_anchor_rows(cfg: ModelConfig, variables: dict, prompts: Sequence[Sequence
                                     tuple(batches), tuple(threads), repeats))
 
 
-def copy_bandwidth(nbytes: int = 1 << 28, repeats: int = 7, threads: int = 1) -> float:
-  """Memory bandwidth in bytes/s from a large numpy copy (read + write counted, as STREAM's copy): median of
-  `repeats`. threads > 1 copies disjoint slices concurrently (numpy releases the GIL for plain copies)."""
-  src = np.ones(nbytes // 8)
-  dst = np.empty_like(src)
-  bounds = np.linspace(0, src.size, threads + 1).astype(int)
+def _median_parallel_seconds(fn, sizes: int, threads: int, repeats: int) -> float:
+  """Median seconds of fn(lo, hi) over `threads` disjoint slices of range(sizes) run concurrently (numpy releases
+  the GIL for plain copies and dot products), after one warm-up."""
+  bounds = np.linspace(0, sizes, threads + 1).astype(int)
 
-  def copy() -> None:
-    if threads == 1:
-      np.copyto(dst, src)
-      return
-    workers = [threading.Thread(target=np.copyto, args=(dst[a:b], src[a:b]))
-               for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+  def run() -> None:
+    workers = [threading.Thread(target=fn, args=(a, b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     for w in workers:
       w.start()
     for w in workers:
       w.join()
 
-  copy()
+  run()
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    copy()
+    run()
     times.append(time.perf_counter() - start)
-  return 2 * src.nbytes / statistics.median(times)
+  return statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int = 1 << 28, repeats: int = 7, threads: int = 1) -> float:
+  """Memory bandwidth in bytes/s from a large numpy copy (read + write counted, as STREAM's copy): median of
+  `repeats`. threads > 1 copies disjoint slices concurrently."""
+  src = np.ones(nbytes // 8)
+  dst = np.empty_like(src)
+  seconds = _median_parallel_seconds(lambda a, b: np.copyto(dst[a:b], src[a:b]), src.size, threads, repeats)
+  return 2 * src.nbytes / seconds
+
+
+def read_bandwidth(nbytes: int = 1 << 28, repeats: int = 7, threads: int = 1) -> float:
+  """Read-only memory bandwidth in bytes/s: a dot product of a large fp32 array with itself (each byte read once,
+  as a decode step reads its weights): median of `repeats`. Higher than `copy_bandwidth` where writes cost more
+  than reads, so the tighter bound for decoding."""
+  x = np.ones(nbytes // 4, np.float32)
+  return x.nbytes / _median_parallel_seconds(lambda a, b: np.dot(x[a:b], x[a:b]), x.size, threads, repeats)
 
 
 def _nbytes(tree) -> int:
@@ -172,4 +183,5 @@ def decode_bytes_per_token(cfg: ModelConfig, rec: RecursionConfig, variables: di
           'context': context}
 
 
-__all__ = ['copy_bandwidth', 'decode_bytes_per_token', 'hf_anchor_rows', 'hf_llama', 'hf_pass', 'llama_state_dict']
+__all__ = ['copy_bandwidth', 'decode_bytes_per_token', 'hf_anchor_rows', 'hf_llama', 'hf_pass', 'llama_state_dict',
+           'read_bandwidth']

@@ -11,9 +11,11 @@ from unroll import perturb
 from rrt_jax import Decoder, RecursionConfig, presets
 from rrt_jax.config import LayerLayout
 from rrt_jax.model import (
+    FUSED_PROJECTIONS,
     init_cache,
     init_variables,
     layer_layout,
+    layer_tree,
     per_layer_cache,
     propagate_kv,
     with_layer_layout,
@@ -49,6 +51,52 @@ def test_per_layer_layout_has_the_same_logits_and_round_trips(name):
   assert back_model.cfg.layer_layout == LayerLayout.STACKED
   assert jax.tree.structure(back) == jax.tree.structure(variables)
   assert all(bool((a == b).all()) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(variables), strict=True))
+
+
+# Families whose fused projections differ: q/k/v biases with per-depth bias deltas and a gate (Qwen2), and no
+# gate with biases on every projection and parallel residual (Pythia: q/k/v fuse, up stays alone).
+FUSION_CFGS = {
+    'qwen2': presets.QWEN2_5_0_5B.replace(vocab_size=512, num_layers=4, d_model=64, num_heads=4, num_kv_heads=2,
+                                          head_dim=16, mlp_dim=96, max_seq_len=64),
+    'pythia': presets.TINY_PYTHIA,
+}
+
+
+@pytest.mark.parametrize('name', sorted(FUSION_CFGS))
+def test_the_serving_layout_fuses_projections_and_keeps_every_delta(name):
+  cfg = FUSION_CFGS[name]
+  rec = RecursionConfig(loops=2, lora_rank=4)  # relax_vectors: bias deltas on q/k/v (Qwen2), every bias (Pythia).
+  model = Decoder(cfg, rec)
+  variables = jax.tree.map(jnp.asarray, perturb(init_variables(cfg, rec, jax.random.key(0)), 0, 0.05))
+  served, fused = with_layer_layout(model, variables, 'per_layer')
+  unfused_model, unfused = with_layer_layout(model.clone(cfg=cfg.replace(fuse_projections=False)), variables,
+                                             'per_layer')
+  first = lambda tree: jax.tree.map(lambda x: x[0], layer_tree(tree)) if '0' not in layer_tree(tree) else \
+      layer_tree(tree)['0']  # noqa: E731
+  stacked_layer, layer = first(variables['params']), first(fused['params'])
+  expected = {(module, name) for module, groups in FUSED_PROJECTIONS.items() for name, parts in groups.items()
+              if all(p in stacked_layer[module] for p in parts)}
+  assert expected == ({('attn', 'qkv'), ('mlp', 'gate_up')} if name == 'qwen2' else {('attn', 'qkv')})
+  for module, fused_name in expected:
+    parts = FUSED_PROJECTIONS[module][fused_name]
+    assert not any(p in layer[module] for p in parts)  # Their kernels (and biases) live in the fused one only.
+    np.testing.assert_array_equal(layer[module][fused_name]['kernel'],
+                                  np.concatenate([stacked_layer[module][p]['kernel'] for p in parts], axis=-1))
+  assert jax.tree.structure(first(unfused['params'])) == jax.tree.structure(stacked_layer)
+  assert jax.tree.structure(fused['lora']) == jax.tree.structure(unfused['lora'])  # LoRA is never fused.
+  tokens = jnp.asarray(np.arange(14).reshape(2, 7) * 13 % cfg.vocab_size)
+  want = model.apply(variables, tokens, all_exits=True)[0]
+  np.testing.assert_allclose(served.apply(fused, tokens, all_exits=True)[0], want, atol=2e-5, rtol=1e-5)
+  np.testing.assert_allclose(unfused_model.apply(unfused, tokens, all_exits=True)[0], want, atol=2e-5, rtol=1e-5)
+  back = with_layer_layout(served, fused, 'stacked')[1]
+  assert all(bool((a == b).all()) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(variables), strict=True))
+  # Per-layer variables carry their own fusion: a model told otherwise is corrected, not mismatched.
+  assert with_layer_layout(served.clone(cfg=served.cfg.replace(fuse_projections=False)), fused,
+                           'per_layer')[0].cfg.fuse_projections
+  gen = [generate(*pair, PROMPTS, 6, exit_cfg=ExitConfig(threshold=1.0), layer_layout='per_layer').tokens
+         for pair in ((served, fused), (unfused_model, unfused))]
+  assert gen[0] == gen[1] == generate(model, variables, PROMPTS, 6, exit_cfg=ExitConfig(threshold=1.0),
+                                      layer_layout='stacked').tokens
 
 
 def test_propagated_kv_is_the_same_in_both_layouts():

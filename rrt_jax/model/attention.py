@@ -16,15 +16,23 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rrt_jax.config import AttentionImpl, ModelConfig, QKNorm
+from rrt_jax.config import AttentionImpl, LayerLayout, ModelConfig, QKNorm
 from rrt_jax.model.layers import Norm, apply_rotary, dtype_of, softcap
-from rrt_jax.model.lora import LoraDense, LoraSpec
+from rrt_jax.model.lora import LoraDense, LoraSpec, fused_dense
 
 # {'k', 'v'}: [batch, kv_heads, max_len, head_dim] for one depth position. Each (row, head) holds a contiguous
 # [max_len, head_dim] block, which the decode attention's dots read as it lies: in the token layout
 # [batch, max_len, kv_heads, head_dim] XLA:CPU transposed every buffer per step and copied it (BUILD_NOTES, issue 26).
 KVCache = dict[str, jax.Array]
 CACHE_TIME_AXIS = -2  # The position axis of a cache leaf.
+
+
+def fused_projections(cfg: ModelConfig) -> bool:
+  """Whether cfg's layers compute the projections of one input in one matmul (q/k/v here; gate/up in the MLP;
+  decoder.FUSED_PROJECTIONS): in the per-layer serving layout, where each fusion saves a matmul's fixed cost per
+  layer and token (batch-1 decoding is a chain of small matrix-vector products; BUILD_NOTES, issue 26). Training
+  and checkpoints (stacked) keep one kernel per projection, which calibration, LoRA init and export read."""
+  return cfg.layer_layout == LayerLayout.PER_LAYER and cfg.fuse_projections
 
 
 def causal_mask(positions_BxS: jax.Array, segment_ids_BxS: jax.Array | None) -> jax.Array:
@@ -227,13 +235,16 @@ class Attention(nn.Module):
 
   def setup(self):
     cfg = self.cfg
-    dense = lambda name, features, axes: LoraDense(  # noqa: E731
-        features, axes, use_bias=cfg.attn_bias or (cfg.qkv_bias and name != 'o'), lora=self.lora[name],
-        dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    fused = fused_projections(cfg)
+    dense = lambda name, features, axes, base=True: LoraDense(  # noqa: E731
+        features, axes, use_bias=cfg.attn_bias or (cfg.qkv_bias and name != 'o'),
+        lora=self.lora.get(name, LoraSpec()), dtype=cfg.dtype, param_dtype=cfg.param_dtype, base=base)
     h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    self.q = dense('q', h * hd, ('embed', 'heads'))
-    self.k = dense('k', kvh * hd, ('embed', 'kv'))
-    self.v = dense('v', kvh * hd, ('embed', 'kv'))
+    if fused:  # One [d, (h + 2 kvh) * hd] kernel; q, k and v hold only their per-depth deltas.
+      self.qkv = dense('qkv', (h + 2 * kvh) * hd, ('embed', 'heads'))
+    self.q = dense('q', h * hd, ('embed', 'heads'), base=not fused)
+    self.k = dense('k', kvh * hd, ('embed', 'kv'), base=not fused)
+    self.v = dense('v', kvh * hd, ('embed', 'kv'), base=not fused)
     self.o = dense('o', cfg.d_model, ('heads', 'embed'))
     if cfg.qk_norm != QKNorm.NONE:
       relax = self.lora['q'].relax_bias  # Relaxed vectors: the q/k norms get per-(loop, layer) deltas too.
@@ -254,16 +265,26 @@ class Attention(nn.Module):
       return full
     return pick(sliding, apply_rotary(x, positions_BxS, cfg.local_rope_theta, cfg.rotary_dim), full)
 
+  def _project(self, x_BxSxD: jax.Array, sel) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The q, k and v projections [B, S, heads * head_dim] (one matmul where `fused_projections`)."""
+    if fused_projections(self.cfg):
+      return tuple(fused_dense(self.qkv, [self.q, self.k, self.v], x_BxSxD, sel))
+    return self.q(x_BxSxD, sel), self.k(x_BxSxD, sel), self.v(x_BxSxD, sel)
+
+  def _kv(self, k_BxSxF: jax.Array, v_BxSxF: jax.Array, positions_BxS: jax.Array, sel,
+          sliding) -> tuple[jax.Array, jax.Array]:
+    cfg = self.cfg
+    b, s, _ = k_BxSxF.shape
+    k = self._qk(getattr(self, 'k_norm', None), k_BxSxF, cfg.num_kv_heads, positions_BxS, sel, sliding)
+    return k, v_BxSxF.reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
+
   def project_kv(self, x_BxSxD: jax.Array, positions_BxS: jax.Array,
                  loop_onehot_BxR: jax.Array | None = None, sliding=False) -> tuple[jax.Array, jax.Array]:
     """Rotated keys and values [B, S, kv_heads, head_dim] of the inputs (after the attention norm).
-    sliding: whether this is a sliding-window layer (a bool, or a traced one in a scan over mixed layers)."""
-    cfg = self.cfg
-    b, s, _ = x_BxSxD.shape
-    k = self._qk(getattr(self, 'k_norm', None), self.k(x_BxSxD, loop_onehot_BxR), cfg.num_kv_heads, positions_BxS,
-                 loop_onehot_BxR, sliding)
-    v = self.v(x_BxSxD, loop_onehot_BxR).reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
-    return k, v
+    sliding: whether this is a sliding-window layer (a bool, or a traced one in a scan over mixed layers).
+    With fused projections the q part is computed too and dropped (slicing K/V's kernels out would copy them)."""
+    _, k, v = self._project(x_BxSxD, loop_onehot_BxR)
+    return self._kv(k, v, positions_BxS, loop_onehot_BxR, sliding)
 
   def __call__(self, x_BxSxD: jax.Array, positions_BxS: jax.Array, mask_BxSxT: jax.Array,
                cache: KVCache | None = None, loop_onehot_BxR: jax.Array | None = None,
@@ -276,8 +297,9 @@ class Attention(nn.Module):
     b, s, _ = x_BxSxD.shape
     h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     sel = loop_onehot_BxR
-    q = self._qk(getattr(self, 'q_norm', None), self.q(x_BxSxD, sel), h, positions_BxS, sel, sliding)
-    k, v = self.project_kv(x_BxSxD, positions_BxS, sel, sliding)
+    q, k, v = self._project(x_BxSxD, sel)
+    q = self._qk(getattr(self, 'q_norm', None), q, h, positions_BxS, sel, sliding)
+    k, v = self._kv(k, v, positions_BxS, sel, sliding)
     if cfg.sliding_window and sliding is not False:
       slots = None if cache is None else cache['k'].shape[CACHE_TIME_AXIS]
       keys = positions_BxS if slots is None else jnp.broadcast_to(jnp.arange(slots), (b, slots))

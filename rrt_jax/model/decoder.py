@@ -45,9 +45,16 @@ from rrt_jax.config import (
   layer_kinds,
   lora_rank_for,
 )
-from rrt_jax.model.attention import CACHE_TIME_AXIS, Attention, KVCache, cache_mask, self_mask
+from rrt_jax.model.attention import (
+    CACHE_TIME_AXIS,
+    Attention,
+    KVCache,
+    cache_mask,
+    fused_projections,
+    self_mask,
+)
 from rrt_jax.model.layers import LORA, Embed, Norm, activation, constrain, dtype_of, softcap
-from rrt_jax.model.lora import INTERMEDIATES, LoraDense, LoraSpec
+from rrt_jax.model.lora import INTERMEDIATES, LoraDense, LoraSpec, fused_dense
 
 _CHECKPOINT_POLICIES = {  # ModelConfig.remat -> jax.checkpoint policy ('none' = no remat).
     'full': None,  # Save nothing, recompute the layer.
@@ -64,6 +71,12 @@ def target_dims(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
   if cfg.has_gate:
     dims['gate'] = (cfg.d_model, cfg.mlp_dim)
   return dims
+
+
+# Projections of the same input that the per-layer serving layout runs as one matmul: {layer submodule: {fused
+# projection: its parts, in kernel order}} (a part absent from a family, e.g. GPT-NeoX's gate, fuses nothing).
+# `fused_projections(cfg)` says when; Attention and Mlp build them under these names.
+FUSED_PROJECTIONS = {'attn': {'qkv': ('q', 'k', 'v')}, 'mlp': {'gate_up': ('gate', 'up')}}
 
 
 def lora_specs(cfg: ModelConfig, rec: RecursionConfig) -> dict[str, LoraSpec]:
@@ -86,15 +99,20 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x_BxSxD: jax.Array, loop_onehot_BxR: jax.Array | None = None) -> jax.Array:
     cfg, sel = self.cfg, loop_onehot_BxR
-    dense = lambda name, features, axes: LoraDense(  # noqa: E731
-        features, axes, use_bias=cfg.mlp_bias, lora=self.lora[name], dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype, name=name)
+    dense = lambda name, features, axes, base=True: LoraDense(  # noqa: E731
+        features, axes, use_bias=cfg.mlp_bias, lora=self.lora.get(name, LoraSpec()), dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype, base=base, name=name)
     act = activation(cfg.mlp)
-    up = dense('up', cfg.mlp_dim, ('embed', 'mlp'))(x_BxSxD, sel)
-    if cfg.has_gate:  # GLU: act(gate(x)) * up(x).
+    if cfg.has_gate and fused_projections(cfg):  # One [d, 2 * mlp] matmul; each part adds its own LoRA.
+      gate, up = fused_dense(dense('gate_up', 2 * cfg.mlp_dim, ('embed', 'mlp')),
+                             [dense(n, cfg.mlp_dim, ('embed', 'mlp'), base=False) for n in ('gate', 'up')],
+                             x_BxSxD, sel)
+      hidden = act(gate) * up
+    elif cfg.has_gate:  # GLU: act(gate(x)) * up(x).
+      up = dense('up', cfg.mlp_dim, ('embed', 'mlp'))(x_BxSxD, sel)
       hidden = act(dense('gate', cfg.mlp_dim, ('embed', 'mlp'))(x_BxSxD, sel)) * up
     else:
-      hidden = act(up)
+      hidden = act(dense('up', cfg.mlp_dim, ('embed', 'mlp'))(x_BxSxD, sel))
     return dense('down', cfg.d_model, ('mlp', 'embed'))(hidden, sel)
 
 

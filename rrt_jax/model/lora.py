@@ -18,6 +18,7 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rrt_jax.model.layers import LORA, dtype_of, select_per_row
 
@@ -37,7 +38,11 @@ class LoraSpec:
 
 
 class LoraDense(nn.Module):
-  """x @ W + b with a per-depth LoRA; `axes` are the logical names of (d_in, d_out)."""
+  """x @ W + b with a per-depth LoRA; `axes` are the logical names of (d_in, d_out).
+
+  base=False: the per-depth part alone (the LoRA delta, and the bias delta of a biased projection): W and b live
+  in a fused projection that computes several projections of the same input in one matmul (the per-layer serving
+  layout, see `fused_projections`); the 'lora' variables are the same either way."""
 
   features: int
   axes: tuple[str, str]
@@ -45,6 +50,7 @@ class LoraDense(nn.Module):
   lora: LoraSpec = LoraSpec()
   dtype: str = 'float32'
   param_dtype: str = 'float32'
+  base: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, loop_onehot_BxR: jax.Array | None = None) -> jax.Array:
@@ -53,13 +59,17 @@ class LoraDense(nn.Module):
     # is mutable, so training and decoding never store it.
     self.sow(INTERMEDIATES, 'inputs', x)
     dtype, param_dtype = dtype_of(self.dtype), dtype_of(self.param_dtype)
-    kernel = self.param('kernel', nn.with_logical_partitioning(nn.initializers.lecun_normal(), self.axes),
-                        (d_in, self.features), param_dtype)
     x = x.astype(dtype)
-    y = jnp.einsum('...i,io->...o', x, kernel.astype(dtype))
+    y = jnp.zeros((), dtype)
+    if self.base:
+      kernel = self.param('kernel', nn.with_logical_partitioning(nn.initializers.lecun_normal(), self.axes),
+                          (d_in, self.features), param_dtype)
+      y = jnp.einsum('...i,io->...o', x, kernel.astype(dtype))
     if self.use_bias:
-      bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
-                        (self.features,), param_dtype)
+      bias = jnp.zeros((), param_dtype)
+      if self.base:
+        bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
+                          (self.features,), param_dtype)
       if self.lora.relax_bias:
         init = nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:])
         delta = self.variable(LORA, 'bias_delta', init, None, (self.features,), param_dtype).value
@@ -80,3 +90,12 @@ class LoraDense(nn.Module):
         delta = jnp.einsum('bslr,lro->bso', xa, b.astype(dtype))
       y = y + jnp.asarray(self.lora.scale, dtype) * delta
     return y
+
+
+def fused_dense(fused: LoraDense, parts: list[LoraDense], x: jax.Array,
+                loop_onehot_BxR: jax.Array | None = None) -> list[jax.Array]:
+  """Several projections of x in one matmul: `fused` (no LoRA) holds their kernels side by side; each part
+  (base=False, named as the projection, so its 'lora' variables are the unfused layout's) adds its own delta."""
+  y = fused(x)
+  splits = np.cumsum([p.features for p in parts])[:-1].tolist()
+  return [base + part(x, loop_onehot_BxR) for base, part in zip(jnp.split(y, splits, axis=-1), parts, strict=True)]

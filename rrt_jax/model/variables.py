@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from rrt_jax.config import CODA, PRELUDE, LayerLayout, Looping, ModelConfig, RecursionConfig
 from rrt_jax.model.attention import KVCache
-from rrt_jax.model.decoder import Decoder
+from rrt_jax.model.decoder import FUSED_PROJECTIONS, Decoder, target_dims
 from rrt_jax.model.layers import LORA, dtype_of
 
 EMBEDDING_PARAMS = (('embedder', 'embedding'), ('lm_head',))
@@ -57,14 +59,17 @@ def layer_layout(variables: dict) -> LayerLayout:
 
 def with_layer_layout(model: Decoder, variables: dict, layout: LayerLayout | str) -> tuple[Decoder, dict]:
   """(model, variables) with every stack's layers in `layout`: STACKED -> PER_LAYER splits each [K, ...] 'params'
-  leaf into K buffers and each [R, K, ...] 'lora' leaf into K [R, ...]; PER_LAYER -> STACKED stacks them back.
-  The values are equal; only the layout of the arrays (and model.cfg.layer_layout) changes. A SEQUENCE model has
+  leaf into K buffers and each [R, K, ...] 'lora' leaf into K [R, ...] (and, with model.cfg.fuse_projections,
+  joins each layer's FUSED_PROJECTIONS kernels); PER_LAYER -> STACKED splits and stacks them back. The values are
+  equal; only the layout of the arrays (and model.cfg.layer_layout) changes. A SEQUENCE model has
   no per-layer form and is returned as is."""
   layout = LayerLayout(layout)
   if model.rec.looping == Looping.SEQUENCE:
     return model, variables
   model = model.clone(cfg=model.cfg.replace(layer_layout=layout))
   if layer_layout(variables) == layout:
+    if layout == LayerLayout.PER_LAYER:  # The variables say whether they are fused.
+      model = model.clone(cfg=model.cfg.replace(fuse_projections=_is_fused(variables)))
     return model, variables
   split = layout == LayerLayout.PER_LAYER
   out = dict(variables)
@@ -72,16 +77,59 @@ def with_layer_layout(model: Decoder, variables: dict, layout: LayerLayout | str
     if collection not in variables:
       continue
     tree = variables[collection]
+    # The per-layer layout's fused projections (decoder.FUSED_PROJECTIONS) are kernels, in 'params' only.
+    fuse = _fuse_layer if collection == 'params' and model.cfg.fuse_projections else (lambda layer: layer)
+    unfuse = functools.partial(_unfuse_layer, model.cfg) if collection == 'params' else (lambda layer: layer)
     for part in _parts(model, tree):
       layers = layer_tree(tree, part)
       if split:
         count = jax.tree.leaves(layers)[0].shape[axis]
-        layers = {str(k): jax.tree.map(lambda x, k=k, axis=axis: jnp.take(x, k, axis), layers) for k in range(count)}
+        layers = {str(k): fuse(jax.tree.map(lambda x, k=k, axis=axis: jnp.take(x, k, axis), layers))
+                  for k in range(count)}
       else:
-        layers = jax.tree.map(lambda *xs, axis=axis: jnp.stack(xs, axis), *(layers[str(k)] for k in range(len(layers))))
+        layers = jax.tree.map(lambda *xs, axis=axis: jnp.stack(xs, axis),
+                              *(unfuse(layers[str(k)]) for k in range(len(layers))))
       tree = with_layer_tree(tree, layers, part)
     out[collection] = tree
   return model, out
+
+
+def _is_fused(variables: dict) -> bool:
+  """Whether per-layer `variables` hold fused projections (`_fuse_layer`)."""
+  first = layer_tree(variables['params'])['0']
+  return any(fused in first.get(module, {}) for module, groups in FUSED_PROJECTIONS.items() for fused in groups)
+
+
+def _fuse_layer(layer: dict) -> dict:
+  """One layer's 'params' with each group of FUSED_PROJECTIONS (all parts present) as one kernel (and bias) of
+  the parts' side by side."""
+  layer = dict(layer)
+  for module, groups in FUSED_PROJECTIONS.items():
+    sub = dict(layer.get(module, {}))
+    for fused, names in groups.items():
+      if all(n in sub for n in names):
+        parts = [sub.pop(n) for n in names]
+        sub[fused] = {leaf: jnp.concatenate([p[leaf] for p in parts], axis=-1) for leaf in parts[0]}
+    if sub:
+      layer[module] = sub
+  return layer
+
+
+def _unfuse_layer(cfg: ModelConfig, layer: dict) -> dict:
+  """`_fuse_layer` undone: each fused kernel (and bias) split into its parts' widths (`target_dims`)."""
+  layer = dict(layer)
+  widths = {name: dims[1] for name, dims in target_dims(cfg).items()}
+  for module, groups in FUSED_PROJECTIONS.items():
+    sub = dict(layer.get(module, {}))
+    for fused, names in groups.items():
+      if fused in sub:
+        leaves = sub.pop(fused)
+        cuts = np.cumsum([widths[n] for n in names])[:-1].tolist()
+        pieces = {leaf: jnp.split(x, cuts, axis=-1) for leaf, x in leaves.items()}
+        sub.update({n: {leaf: pieces[leaf][i] for leaf in leaves} for i, n in enumerate(names)})
+    if sub:
+      layer[module] = sub
+  return layer
 
 
 def _parts(model: Decoder, collection: dict) -> list[str]:
