@@ -8,7 +8,8 @@ In one run, median of --repeats after a warm-up (compilation):
   * ours: greedy generate() (no exit) at each --batches, in the per-layer serving layout (the default, with fused
     q/k/v and gate/up kernels), the same without the fusion (ModelConfig.fuse_projections=False) and the stacked
     training layout (what decoding read before); decode tok/s = generated tokens / (time of a
-    --new_tokens call - time of a 1-token call), so prefill and the layout conversion cancel.
+    --new_tokens call - time of a 1-token call), so prefill and the layout conversion cancel. The layouts take
+    turns within each repeat, so the machine's drift moves them together, not their ratios.
   * HF transformers LlamaForCausalLM.generate (greedy, fp32) on our exact weights, in its own process
     (experiments/hf_anchor.py), at the same batches and --hf_threads; its tokens must equal ours.
   * the bound: bytes a batch-1 token must read (parameters + KV cache) / measured bandwidth, the better of 1 and 2
@@ -21,6 +22,7 @@ In one run, median of --repeats after a warm-up (compilation):
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import time
@@ -72,30 +74,38 @@ def _prompts(ids: list[int], count: int) -> list[list[int]]:
   return [ids[s:s + _PROMPT_LEN.value] for s in starts]
 
 
-def _median_seconds(fn) -> float:
-  fn()  # Compiles.
-  times = []
-  for _ in range(_REPEATS.value):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 # The layouts ours() times: (label, layer layout, fused projections).
 LAYOUTS = (('per_layer', 'per_layer', True), ('unfused', 'per_layer', False), ('stacked', 'stacked', False))
 
 
-def ours(model: Decoder, variables: dict, prompts: list[list[int]], layout: str, fuse: bool = True) -> dict:
-  """Greedy no-exit generate(): decode tok/s (the 1-token call subtracted) and the tokens."""
-  model = model.clone(cfg=model.cfg.replace(fuse_projections=fuse))
-  gen = Generator(model, ExitConfig(threshold=1.0))
-  model, variables = serving_variables(model, variables, layout)  # Once: generate() would convert every call.
-  run = lambda n: generate(model, variables, prompts, n, generator=gen, layer_layout=layout)  # noqa: E731
-  full, first = _median_seconds(lambda: run(_NEW_TOKENS.value)), _median_seconds(lambda: run(1))
-  decode_s = full - first
-  return {'decode_tokens_per_s': len(prompts) * (_NEW_TOKENS.value - 1) / decode_s,
-          'ms_per_step': 1000 * decode_s / (_NEW_TOKENS.value - 1), 'tokens': run(_NEW_TOKENS.value).tokens}
+def ours(model: Decoder, variables: dict, prompts: list[list[int]]) -> dict:
+  """Greedy no-exit generate() in each of LAYOUTS: {label: decode tok/s (the 1-token call subtracted), ms per step
+  and the tokens}. The layouts are timed in turn within each repeat (medians of --repeats), so a change of the
+  machine's speed during the run moves all of them, not their ratios."""
+  runs = {}
+  for label, layout, fuse in LAYOUTS:
+    served = model.clone(cfg=model.cfg.replace(fuse_projections=fuse))
+    gen = Generator(served, ExitConfig(threshold=1.0))
+    served, served_vars = serving_variables(served, variables, layout)  # Once: generate() converts every call.
+    runs[label] = functools.partial(lambda n, m, v, g, lay: generate(m, v, prompts, n, generator=g,
+                                                                     layer_layout=lay),
+                                    m=served, v=served_vars, g=gen, lay=layout)
+  tokens = {label: run(_NEW_TOKENS.value).tokens for label, run in runs.items()}  # Also compiles both lengths.
+  for run in runs.values():
+    run(1)
+  times = {label: ([], []) for label in runs}
+  for _ in range(_REPEATS.value):
+    for label, run in runs.items():
+      for n, out in zip((_NEW_TOKENS.value, 1), times[label], strict=True):
+        start = time.perf_counter()
+        run(n)
+        out.append(time.perf_counter() - start)
+  rows = {}
+  for label, (full, first) in times.items():
+    decode_s = statistics.median(full) - statistics.median(first)
+    rows[label] = {'decode_tokens_per_s': len(prompts) * (_NEW_TOKENS.value - 1) / decode_s,
+                   'ms_per_step': 1000 * decode_s / (_NEW_TOKENS.value - 1), 'tokens': tokens[label]}
+  return rows
 
 
 def csb_tokens_per_s(model: Decoder, variables: dict, prompts: list[list[int]]) -> float:
@@ -131,7 +141,7 @@ def main(argv):
   batches = [int(b) for b in _BATCHES.value]
   for batch in batches:
     prompts = _prompts(ids, batch)
-    row = {label: ours(vanilla_model, vanilla, prompts, layout, fuse) for label, layout, fuse in LAYOUTS}
+    row = ours(vanilla_model, vanilla, prompts)
     assert all(row[label]['tokens'] == row['stacked']['tokens'] for label, _, _ in LAYOUTS), \
         'the layouts generated different tokens'
     results['batches'][batch] = row

@@ -130,3 +130,22 @@ def test_cli_tiny_end_to_end(tmp_path):
   text = (tmp_path / 'results.md').read_text()
   for heading in ('matched quality', 'bf16 against fp32', 'Anchors', 'Memory-bandwidth bound'):
     assert heading in text
+
+
+@pytest.mark.slow
+def test_bench_decode_tiny_times_every_layout_against_both_bounds(tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out_json = tmp_path / 'decode.json'
+  cmd = [sys.executable, '-m', 'experiments.bench_decode', '--tiny', '--new_tokens=4', '--repeats=1',
+         '--hf_threads=1', '--requests=2', '--slots=2', '--eval_tokens=64', f'--out={out_json}']
+  out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]  # The script asserts that every layout made the same tokens.
+  results = json.loads(out_json.read_text())
+  bound = results['bound']
+  assert bound['ms'] > 0 and bound['read_ms'] > 0 and bound['read_bandwidth'] > 0 and bound['copy_bandwidth'] > 0
+  for row in results['batches'].values():
+    assert {'per_layer', 'unfused', 'stacked'} <= row.keys()
+    # Finite, not positive: a tiny model's 4-token and 1-token calls differ by less than the timing noise.
+    assert all(np.isfinite(row[label]['ms_per_step']) for label in ('per_layer', 'unfused', 'stacked'))
+    assert [r['same_tokens'] for r in row['hf']] == [True]  # HF generate on our weights: the same greedy tokens.
+  assert results['csb']['ratio'] > 0 and '| 1 |' in out.stdout and 'x bound: copy, read' in out.stdout
