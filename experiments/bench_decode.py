@@ -87,9 +87,7 @@ def ours(model: Decoder, variables: dict, prompts: list[list[int]]) -> dict:
     served = model.clone(cfg=model.cfg.replace(fuse_projections=fuse))
     gen = Generator(served, ExitConfig(threshold=1.0))
     served, served_vars = serving_variables(served, variables, layout)  # Once: generate() converts every call.
-    runs[label] = functools.partial(lambda n, m, v, g, lay: generate(m, v, prompts, n, generator=g,
-                                                                     layer_layout=lay),
-                                    m=served, v=served_vars, g=gen, lay=layout)
+    runs[label] = functools.partial(generate, served, served_vars, prompts, generator=gen, layer_layout=layout)
   tokens = {label: run(_NEW_TOKENS.value).tokens for label, run in runs.items()}  # Also compiles both lengths.
   for run in runs.values():
     run(1)
