@@ -6,13 +6,14 @@ import math
 import jax
 import jax.numpy as jnp
 import pytest
+from hlo_copies import loop_copies
 from unroll import perturb
 
 from rrt_jax import Decoder, RecursionConfig, presets
 from rrt_jax.convert import to_recursive
-from rrt_jax.model import first_loops, init_variables
-from rrt_jax.serve.generate import ExitConfig, SamplingConfig, generate
-from rrt_jax.serve.speculative import speculative_generate
+from rrt_jax.model import first_loops, init_cache, init_variables
+from rrt_jax.serve.generate import ExitConfig, SamplingConfig, generate, serving_variables
+from rrt_jax.serve.speculative import speculative_decoder, speculative_generate
 
 CFG = presets.TINY_LLAMA
 PROMPTS = [[5, 17, 3], [9, 2, 44, 101, 7, 8, 300], [11]]
@@ -129,3 +130,21 @@ def test_bad_settings_get_clear_errors(relaxed):
     speculative_generate(model, variables, PROMPTS, max_new_tokens=12, draft_len=4, max_len=20)
   with pytest.raises(ValueError, match='outside the vocabulary'):
     speculative_generate(model, variables, [[CFG.vocab_size]])
+
+
+@pytest.mark.parametrize('looping', ['cycle', 'middle_cycle'])
+def test_the_rounds_write_the_cache_in_place(vanilla, looping):
+  """The compiled draft+verify loop copies no K/V buffer per round: draft and verify run the loops unrolled over
+  the per-(depth, layer) cache (per_layer_cache). Through the stacked cache and the model's scan over loops, every
+  round copied the whole cache (the draft's prefix of it, then all of it)."""
+  unique = 1 if looping == 'middle_cycle' else 0
+  rec = RecursionConfig(loops=2, looping=looping, unique_layers=unique, init='average', lora_rank=8)
+  model = Decoder(CFG, rec)
+  _, variables = serving_variables(model, jax.tree.map(jnp.asarray, to_recursive(vanilla, CFG, rec)))
+  batch, slots = 2, 64
+  decoder = speculative_decoder(model, draft_loops=1, draft_len=2)
+  hlo = decoder.decode.lower(variables, jnp.zeros((batch,), jnp.int32), jnp.full((batch,), 3, jnp.int32),
+                             init_cache(CFG, rec, batch, slots), max_new_tokens=8, stop_tokens=()).compile().as_text()
+  buffer = f'{batch},{CFG.num_kv_heads},{slots},{CFG.head_dim}'
+  assert f'f32[1,{buffer}]' in hlo, 'the per-(depth, layer) K/V buffers must be in the program'
+  assert loop_copies(hlo, buffer) == []

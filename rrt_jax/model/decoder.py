@@ -324,6 +324,10 @@ def cache_length(cache: KVCache) -> int:
   return jax.tree.leaves(cache['k'])[0].shape[CACHE_TIME_AXIS]
 
 
+def _replaced(items: tuple, index: int, item) -> tuple:
+  return items[:index] + (item,) + items[index + 1:]
+
+
 def _middle_cache(cache: KVCache | None) -> KVCache | None:
   """The looped stack's part of a cache: {'k', 'v'} of [R, K, ...]."""
   return None if cache is None else {'k': cache['k'], 'v': cache['v']}
@@ -399,6 +403,8 @@ class Decoder(nn.Module):
 
   def _prelude(self, h_BxSxD, positions_BxS, mask, cache):
     """The prelude against the cache's [1, U, ...] prelude slots -> (h, new prelude slots or None)."""
+    if cache is not None and isinstance(cache[PRELUDE]['k'], tuple):  # `per_layer_cache`: its own buffers.
+      return self.prelude(h_BxSxD, cache[PRELUDE], positions_BxS, mask, self._kinds(PRELUDE))
     slots = None if cache is None else jax.tree.map(lambda x: x[0], cache[PRELUDE])
     h, slots = self.prelude(h_BxSxD, slots, positions_BxS, mask, self._kinds(PRELUDE))
     return h, None if slots is None else jax.tree.map(lambda x: x[None], slots)
@@ -427,6 +433,11 @@ class Decoder(nn.Module):
     if not self.rec.unique_layers:
       return h_BxSxD, cache
     mask = cache_mask(positions_BxS, cache_length(cache))
+    if isinstance(cache[CODA]['k'], tuple):  # `per_layer_cache`: the exit's own buffers, put back as written.
+      slot = {name: cache[CODA][name][exit_index] for name in ('k', 'v')}
+      h, slot = self.coda(h_BxSxD[None], slot, positions_BxS, mask, self._kinds(CODA))
+      coda = {name: _replaced(cache[CODA][name], exit_index, slot[name]) for name in ('k', 'v')}
+      return h[0], {**cache, CODA: coda}
     slot = jax.tree.map(lambda x: x[exit_index:exit_index + 1], cache[CODA])
     h, slot = self.coda(h_BxSxD[None], slot, positions_BxS, mask, self._kinds(CODA))
     coda = jax.tree.map(lambda full, new: full.at[exit_index].set(new[0]), cache[CODA], slot)

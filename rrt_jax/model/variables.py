@@ -247,10 +247,20 @@ def init_cache(cfg: ModelConfig, rec: RecursionConfig, batch: int, max_len: int,
 
 
 def per_layer_cache(cache: KVCache) -> KVCache:
-  """The looped layers' {'k', 'v'} of [R, K, ...] as tuples of K buffers [R, ...], one per layer (what
-  `LayerList` reads and writes in place; a per-layer model only). Other entries (MIDDLE_CYCLE's prelude and
-  coda) are unchanged. A copy of the cache, once: a decode loop carries it in this form."""
-  return {**cache, **{name: tuple(cache[name][:, k] for k in range(cache[name].shape[1])) for name in ('k', 'v')}}
+  """The cache as one buffer per (depth, layer), what `LayerList` reads and writes in place (a per-layer model
+  only): the looped layers' {'k', 'v'} of [R, K, ...] become tuples over the R loops of tuples over the K layers
+  of [1, ...] buffers; MIDDLE_CYCLE's prelude [1, U, ...] becomes tuples over U of [...] and its coda [E, U, ...]
+  tuples over the E exits of tuples over U of [1, ...]. A decode step picks a loop's (or an exit's) tuple and puts
+  the written buffers back: no slice of a stacked buffer to concatenate or scatter back, which XLA:CPU copies whole
+  every step. A copy of the cache, once: a decode loop carries it in this form."""
+  def split(kv):  # [A, C, ...] -> A tuples of C [1, ...] buffers.
+    return tuple(tuple(kv[a:a + 1, c] for c in range(kv.shape[1])) for a in range(kv.shape[0]))
+
+  out = {**cache, **{name: split(cache[name]) for name in ('k', 'v')}}
+  if PRELUDE in cache:
+    out[PRELUDE] = {name: tuple(kv[0, u] for u in range(kv.shape[1])) for name, kv in cache[PRELUDE].items()}
+    out[CODA] = {name: split(kv) for name, kv in cache[CODA].items()}
+  return out
 
 
 def check_variables(variables: dict, cfg: ModelConfig, rec: RecursionConfig, source: str = 'variables'):

@@ -48,7 +48,7 @@ from rrt_jax.model import (
     with_layer_layout,
 )
 from rrt_jax.model.exits import ExitConfig, confidence, exits_at, first_exit, select_exit
-from rrt_jax.serve.loop_step import loop_step, write_token_kv
+from rrt_jax.serve.loop_step import join_loop_slots, loop_slots, loop_step, write_token_kv
 from rrt_jax.serve.sharding import shard_variables, sharded_cache
 from rrt_jax.serve.vmapped_decode import vmapped_step
 from rrt_jax.utils.buckets import bucket
@@ -258,7 +258,7 @@ class Generator:
         coda_in = jnp.where(exited[:, None, None], exit_h, h_next) if propagate else h_next
         return model.apply(variables, coda_in, positions, cache, b, method=Decoder.decode_coda)
 
-      slots = {name: _loop_slice(cache[name], b) for name in ('k', 'v')}
+      slots = {name: loop_slots(cache[name], b) for name in ('k', 'v')}
       step = loop_step(model, loop_vars, variables, h, prev, positions, slots, self.exit_cfg,
                        coda=coda if rec.unique_layers else None, head=early or b == rec.loops - 1)
       slots = step.slots
@@ -278,28 +278,11 @@ class Generator:
       new_k.append(slots['k'])
       new_v.append(slots['v'])
       h, prev = step.h, step.out
-    cache = {**cache, 'k': _join_loops(new_k), 'v': _join_loops(new_v)}
+    cache = {**cache, 'k': join_loop_slots(new_k), 'v': join_loop_slots(new_v)}
     if not early:
       return sample(step.logits, self.sampling, rng), jnp.full(tokens_B.shape, rec.loops, jnp.int32), cache
     token, exit_loop = self._choose(jnp.stack(logits_per_loop), jnp.stack(conf_per_loop), rng)
     return token, exit_loop, cache
-
-
-def _loop_slice(kv, b: int):
-  """Loop b's [1, ...] of a cache leaf [R, ...] (or of each of a per-layer tuple of them); all of it when R = 1
-  (no copy)."""
-  if isinstance(kv, tuple):
-    return tuple(_loop_slice(x, b) for x in kv)
-  return kv if kv.shape[0] == 1 else kv[b:b + 1]
-
-
-def _join_loops(per_loop: list):
-  """The inverse of `_loop_slice` over every loop."""
-  if len(per_loop) == 1:
-    return per_loop[0]
-  if isinstance(per_loop[0], tuple):
-    return tuple(jnp.concatenate(xs) for xs in zip(*per_loop, strict=True))
-  return jnp.concatenate(per_loop)
 
 
 def generator_for(model: Decoder, exit_cfg: ExitConfig = ExitConfig(), sampling: SamplingConfig | None = None,

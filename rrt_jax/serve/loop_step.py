@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from rrt_jax.model import Decoder, one_loop
 from rrt_jax.model.attention import KVCache, write_cache
@@ -60,4 +61,19 @@ def write_token_kv(cache_AxCxBxHxTxD: jax.Array, new_AxCxBxHx1xD: jax.Array, pos
   return over_slots(cache_AxCxBxHxTxD, new_AxCxBxHx1xD, positions_B)
 
 
-__all__ = ['LoopOut', 'loop_step', 'write_token_kv']
+def loop_slots(kv, b: int):
+  """Loop b's slots of a cache leaf: [1, ...] of a stacked [R, ...] leaf (all of it when R = 1: no copy), or loop
+  b's K-tuple of per-(loop, layer) buffers (`per_layer_cache`)."""
+  if isinstance(kv, tuple):
+    return kv[b]
+  return kv if kv.shape[0] == 1 else kv[b:b + 1]
+
+
+def join_loop_slots(per_loop: list):
+  """The inverse of `loop_slots` over every loop, in order (per-layer buffers are put back as they are)."""
+  if isinstance(per_loop[0], tuple):
+    return tuple(per_loop)
+  return per_loop[0] if len(per_loop) == 1 else jnp.concatenate(per_loop)
+
+
+__all__ = ['LoopOut', 'join_loop_slots', 'loop_slots', 'loop_step', 'write_token_kv']

@@ -38,10 +38,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rrt_jax.model import Decoder, cache_length, first_loops, init_cache, layer_layout, with_layer_layout
+from rrt_jax.config import LayerLayout
+from rrt_jax.model import Decoder, init_cache, layer_layout, loop_variables, per_layer_cache, with_layer_layout
 from rrt_jax.model.exits import ExitConfig
 from rrt_jax.serve.generate import SamplingConfig, generator_for, serving_variables, validate_prompts
+from rrt_jax.serve.loop_step import join_loop_slots, loop_slots, loop_step
 from rrt_jax.utils.buckets import bucket
+
+_NO_EXIT = ExitConfig(threshold=1.0)
 
 
 @dataclasses.dataclass
@@ -93,19 +97,34 @@ def cache_len_needed(prompt_lengths: Sequence[int], max_new_tokens: int, draft_l
   return max(prompt_lengths) + max_new_tokens + draft_len
 
 
-def _prefix(full, like):
-  """The leading-axis prefix of each cache leaf of `full` shaped like `like`'s (the draft's cache)."""
-  return jax.tree.map(lambda f, d: f[:d.shape[0]], full, like)
+def _forward(model: Decoder, variables: dict, tokens_BxS: jax.Array, positions_BxS: jax.Array, cache,
+             loops: int, every_coda: bool):
+  """[B, S] greedy tokens of `model`'s exit `loops` after each input token, and the cache with the K/V of loops
+  1..loops written (the later loops' slots untouched). The loops are unrolled, each reading and writing its own
+  slots of the cache (`loop_slots`: in place, also in the per-layer form a decode loop carries), like generate's
+  no-exit step. MIDDLE_CYCLE runs the prelude, and the coda of every exit (every_coda: the verify pass, so the
+  cache is greedy decoding's) or of exit `loops` alone (the draft: an exit's coda slots are read by that exit
+  only)."""
+  unique = model.rec.unique_layers
+  h = model.apply(variables, tokens_BxS, method=Decoder.embed)
+  h, cache = model.apply(variables, h, positions_BxS, cache, method=Decoder.decode_prelude)
+  new = {name: [] for name in ('k', 'v')}
+  for b in range(loops):
+    def coda(h_next, b=b, cache=cache):
+      return model.apply(variables, h_next, positions_BxS, cache, b, method=Decoder.decode_coda)
 
-
-def _write_prefix(full, part):
-  return jax.tree.map(lambda f, p: jax.lax.dynamic_update_slice_in_dim(f, p, 0, axis=0), full, part)
-
-
-def _greedy(model: Decoder, variables: dict, tokens_BxS: jax.Array, positions_BxS: jax.Array, cache):
-  """[B, S] greedy tokens of `model`'s last exit after each input token, and the cache with their K/V."""
-  hidden, cache = model.apply(variables, tokens_BxS, positions_BxS, cache=cache, method=Decoder.hidden_states)
-  logits = model.apply(variables, hidden[-1], method=Decoder.logits)
+    slots = {name: loop_slots(cache[name], b) for name in ('k', 'v')}
+    step = loop_step(model, loop_variables(variables, b), variables, h, h, positions_BxS, slots, _NO_EXIT,
+                     coda=coda if unique and (every_coda or b == loops - 1) else None, head=False)
+    if step.coda_aux is not None:
+      cache = step.coda_aux
+    for name in new:
+      new[name].append(step.slots[name])
+    h = step.h
+  rest = range(loops, model.rec.loops)  # Loops the draft does not run keep their slots.
+  cache = {**cache, **{name: join_loop_slots(new[name] + [loop_slots(cache[name], b) for b in rest])
+                       for name in new}}
+  logits = model.apply(variables, step.out, method=Decoder.logits)
   return jnp.argmax(logits, axis=-1).astype(jnp.int32), cache
 
 
@@ -116,32 +135,27 @@ class SpeculativeDecoder:
   def __init__(self, model: Decoder, draft_loops: int = 1, draft_len: int = 4):
     check_speculative(model, draft_loops, draft_len)
     self.model, self.draft_loops, self.draft_len = model, draft_loops, draft_len
-    self.prefill = generator_for(model, ExitConfig(threshold=1.0)).prefill  # Full-depth greedy first token.
-    self.decode = jax.jit(self._decode, static_argnames=('max_new_tokens', 'stop_tokens'), donate_argnums=(3,))
+    self.prefill = generator_for(model, _NO_EXIT).prefill  # Full-depth greedy first token.
+    self.decode = jax.jit(self._decode, static_argnames=('max_new_tokens', 'stop_tokens'))
 
   def _round(self, variables: dict, state: dict, max_new_tokens: int, stop_tokens: tuple[int, ...]) -> dict:
     """One draft+verify round for every row; rows already done keep their state (their compute is wasted)."""
     model = with_layer_layout(self.model, variables, layer_layout(variables))[0]  # The variables' layout.
     k = self.draft_len
     last, pos, cache = state['last'], state['pos'], state['cache']
-    rows = last.shape[0]
     if k:
-      draft, draft_vars = first_loops(model, variables, self.draft_loops)
-      like = jax.eval_shape(lambda: init_cache(draft.cfg, draft.rec, rows, cache_length(cache)))
-
       def draft_step(carry, _):
-        token, p, draft_cache = carry
-        nxt, draft_cache = _greedy(draft, draft_vars, token[:, None], p[:, None], draft_cache)
-        return (nxt[:, 0], p + 1, draft_cache), nxt[:, 0]
+        token, p, cache = carry
+        nxt, cache = _forward(model, variables, token[:, None], p[:, None], cache, self.draft_loops, False)
+        return (nxt[:, 0], p + 1, cache), nxt[:, 0]
 
-      (_, _, draft_cache), drafts_KxB = jax.lax.scan(draft_step, (last, pos, _prefix(cache, like)), None,
-                                                     length=k)
-      cache = _write_prefix(cache, draft_cache)
+      (_, _, cache), drafts_KxB = jax.lax.scan(draft_step, (last, pos, cache), None, length=k)
       drafts_BxK = drafts_KxB.T
     else:
-      drafts_BxK = jnp.zeros((rows, 0), jnp.int32)
+      drafts_BxK = jnp.zeros((last.shape[0], 0), jnp.int32)
     inputs = jnp.concatenate([last[:, None], drafts_BxK], axis=1)  # [B, k+1]
-    greedy_BxK1, cache = _greedy(model, variables, inputs, pos[:, None] + jnp.arange(k + 1), cache)
+    greedy_BxK1, cache = _forward(model, variables, inputs, pos[:, None] + jnp.arange(k + 1), cache,
+                                  model.rec.loops, True)
     n_B = jnp.sum(jnp.cumprod(drafts_BxK == greedy_BxK1[:, :k], axis=1), axis=1).astype(jnp.int32)
     active = ~state['done']
     count = state['count']
@@ -169,6 +183,8 @@ class SpeculativeDecoder:
     out = jnp.zeros((rows, max_new_tokens + k + 1), jnp.int32).at[:, 0].set(first_B)
     first_stops = jnp.isin(first_B, jnp.asarray(stop_tokens, jnp.int32)) if stop_tokens else \
         jnp.zeros(rows, bool)
+    if layer_layout(variables) == LayerLayout.PER_LAYER:  # Each layer's K/V in its own buffer, written in place.
+      cache = per_layer_cache(cache)
     state = dict(last=first_B, pos=lengths_B, cache=cache, out=out, count=jnp.ones(rows, jnp.int32),
                    done=first_stops | (max_new_tokens <= 1), rounds=jnp.zeros(rows, jnp.int32),
                    accepted=jnp.full((max_new_tokens, rows), -1, jnp.int32), round=jnp.int32(0))
