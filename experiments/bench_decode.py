@@ -39,6 +39,7 @@ from rrt_jax.model import init_variables
 from rrt_jax.serve.engine import Engine, EngineConfig, Request
 from rrt_jax.serve.generate import ExitConfig, Generator, generate, serving_variables
 from rrt_jax.utils.timing import machine_description
+from rrt_jax.utils.xla_cpu import prefer_ynn_dots
 
 _TINY = flags.DEFINE_bool('tiny', False, 'A random tiny Llama instead of SmolLM2 (a plumbing check).')
 _BATCHES = flags.DEFINE_list('batches', ['1', '4'], 'Rows decoded together.')
@@ -117,6 +118,7 @@ def csb_tokens_per_s(model: Decoder, variables: dict, prompts: list[list[int]]) 
 
 def main(argv):
   del argv
+  prefer_ynn_dots()  # Before the backend starts (rrt_jax.utils.xla_cpu).
   machine = machine_description()
   print(f'# decode benchmark on {machine}: prompt {_PROMPT_LEN.value}, {_NEW_TOKENS.value} new tokens, greedy, '
         f'median of {_REPEATS.value}', flush=True)

@@ -28,6 +28,7 @@ from rrt_jax.model import init_cache, init_variables
 from rrt_jax.serve.generate import DECODES, ExitConfig, Generator
 from rrt_jax.utils.buckets import bucket
 from rrt_jax.utils.timing import machine_description
+from rrt_jax.utils.xla_cpu import prefer_ynn_dots
 
 _MODELS = flags.DEFINE_list('models', ['tiny', 'smollm2'], 'tiny (random TINY_LLAMA) and/or smollm2 (packaged).')
 _BATCH = flags.DEFINE_integer('batch', 8, 'Rows decoded together.')
@@ -103,6 +104,7 @@ def _measure(model: Decoder, variables: dict, start: tuple, threshold: float) ->
 
 def main(argv):
   del argv
+  prefer_ynn_dots()  # Before the backend starts (rrt_jax.utils.xla_cpu).
   print(f'# decode benchmark on {machine_description()}: batch {_BATCH.value}, prompt {_PROMPT_LEN.value}, '
         f'{_STEPS.value} steps, median of {_REPEATS.value}, {_CONFIDENCE.value}, kv_fill={_KV_FILL.value}',
         flush=True)

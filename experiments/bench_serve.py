@@ -42,6 +42,7 @@ from rrt_jax.model import init_variables
 from rrt_jax.serve.engine import Request
 from rrt_jax.serve.precision import cast_for_serving
 from rrt_jax.utils.timing import machine_description
+from rrt_jax.utils.xla_cpu import prefer_ynn_dots
 
 _WORKDIR = flags.DEFINE_string('workdir', 'workdir/bench_serve', 'Where results, tables and plots go.')
 _PROMPT_LEN = flags.DEFINE_integer('prompt_len', 512, 'Prompt tokens per request (the paper: 512).')
@@ -134,6 +135,7 @@ def _models(cfg, vanilla) -> tuple[dict, dict, list[str]]:
 
 def main(argv):
   del argv
+  prefer_ynn_dots()  # Before the backend starts (rrt_jax.utils.xla_cpu).
   os.makedirs(_WORKDIR.value, exist_ok=True)
   machine = machine_description()
   command = shlex.join(['python', '-m', 'experiments.bench_serve'] + sys.argv[1:])

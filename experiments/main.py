@@ -47,6 +47,7 @@ from rrt_jax.serve.generate import ExitConfig, generate
 from rrt_jax.train.healing import HealingConfig, heal
 from rrt_jax.train.loop import train
 from rrt_jax.utils.timing import machine_description
+from rrt_jax.utils.xla_cpu import prefer_ynn_dots
 
 _WORKDIR = flags.DEFINE_string('workdir', 'workdir/main', 'Where results, tables and plots go.')
 _LOOPS = flags.DEFINE_integer('loops', 3, 'Loops B (must divide 30).')
@@ -136,6 +137,7 @@ def _samples(model, variables, tokenizer) -> list[dict]:
 
 def main(argv):
   del argv
+  prefer_ynn_dots()  # Before the backend starts (rrt_jax.utils.xla_cpu).
   logging.basicConfig(level=logging.INFO)
   os.makedirs(_WORKDIR.value, exist_ok=True)
   print(f'# rrt_jax main job on {machine_description()}', flush=True)

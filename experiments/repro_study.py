@@ -425,6 +425,8 @@ class Study:
 
 def main(argv):
   del argv
+  from rrt_jax.utils.xla_cpu import prefer_ynn_dots
+  prefer_ynn_dots()  # Before the backend starts.
   s = settings()
   os.makedirs(s.workdir, exist_ok=True)
   if s.tiny:  # (Before the backend starts.) A few steps each: compile time is all that counts, so compile fast.

@@ -32,6 +32,7 @@ from absl import app, flags
 
 from rrt_jax.serve.generate import ExitConfig, generate, generator_for
 from rrt_jax.serve.speculative import speculative_decoder
+from rrt_jax.utils.xla_cpu import prefer_ynn_dots
 
 FLAGS = flags.FLAGS
 NO_EXIT = ExitConfig(threshold=1.0)
@@ -173,6 +174,7 @@ def _model_and_prompts(count: int):
 
 def main(argv):
   del argv
+  prefer_ynn_dots()  # Before the backend starts (rrt_jax.utils.xla_cpu).
   from rrt_jax.serve.precision import cast_for_serving
   from rrt_jax.utils.timing import machine_description
   batches = [int(b) for b in FLAGS.batches]

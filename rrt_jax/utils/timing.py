@@ -32,5 +32,7 @@ def machine_description() -> str:
   import os
   import platform
   devices = jax.devices()
+  flags = os.environ.get('XLA_FLAGS', '').strip()
   return (f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, '
-          f'jax {jax.__version__} on {len(devices)} x {devices[0].device_kind}')
+          f'jax {jax.__version__} on {len(devices)} x {devices[0].device_kind}'
+          + (f', XLA_FLAGS={flags}' if flags else ''))
