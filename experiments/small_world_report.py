@@ -11,7 +11,7 @@ from experiments.repro_claims import judge
 from experiments.repro_report import trailing_mean, uptrain_window
 
 if TYPE_CHECKING:
-  from experiments.small_world import Settings
+  from experiments.small_world_settings import Settings
 
 
 def summarize(row: dict, corpora) -> dict:
