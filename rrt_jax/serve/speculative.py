@@ -1,12 +1,12 @@
 """Lossless self-speculative decoding: the first loops of a recursive model draft, the full depth verifies.
 
-A model whose loops are exits (CYCLE or MIDDLE_CYCLE) holds its own draft model: `first_loops(model, variables,
-j)`, the same shared weights and the first j loops' LoRA. One round per row:
+A model whose loops are exits (CYCLE or MIDDLE_CYCLE) holds its own draft model: its first j loops (what
+`first_loops(model, variables, j)` cuts out: the same shared weights and the first j loops' LoRA), read from exit
+j. One round per row:
 
-  1. draft: from the last accepted token `t` at position p, the draft model greedily proposes d_1..d_k one token
-     at a time, writing its loops' K/V for positions p..p+k-1 into the first j loops' slots of the SAME cache
-     (under MIDDLE_CYCLE also the prelude and exits 1..j's coda slots: every cache leaf of the draft is a
-     leading-axis prefix of the full model's);
+  1. draft: from the last accepted token `t` at position p, the first j loops greedily propose d_1..d_k one token
+     at a time, writing their K/V for positions p..p+k-1 into the first j loops' slots of the SAME cache (under
+     MIDDLE_CYCLE also the prelude's and exit j's coda slots: an exit's coda slots are read by that exit only);
   2. verify: ONE full-depth cached forward of the k+1 tokens [t, d_1..d_k] at positions p..p+k gives the full
      model's greedy tokens g_0..g_k (g_i follows the i-th input). The longest prefix with d_{i+1} == g_i is
      accepted (n drafts), and g_0..g_n are emitted: the n accepted drafts plus the full model's own next token,
@@ -19,8 +19,10 @@ j)`, the same shared weights and the first j loops' LoRA. One round per row:
 
 Rows accept different counts, so each row keeps its own position (the cache and positions are per row). The
 rounds run on device in one `lax.while_loop` (jitted once per batch, cache length, token budget and draft
-length); only the prefill and the final read-out touch the host. Greedy only: speculative sampling would need
-the draft's and the full model's distributions (rejection sampling), which this module does not implement.
+length) over the cache split into one buffer per (depth, layer) (`per_layer_cache`), the loops unrolled, so no
+round copies the cache; only the prefill and the final read-out touch the host. Greedy only: speculative
+sampling would need the draft's and the full model's distributions (rejection sampling), which this module does
+not implement.
 
 draft_len=0 is plain greedy no-exit decoding in the same on-device loop (one full-depth token per round): the
 baseline that isolates what speculation buys from what the on-device loop buys over `generate`'s host loop.
