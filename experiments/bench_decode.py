@@ -38,6 +38,7 @@ from rrt_jax.eval.perplexity import per_loop_perplexity, sliding_windows
 from rrt_jax.model import init_variables
 from rrt_jax.serve.engine import Engine, EngineConfig, Request
 from rrt_jax.serve.generate import ExitConfig, Generator, generate, serving_variables
+from rrt_jax.utils.buckets import bucket
 from rrt_jax.utils.timing import machine_description
 from rrt_jax.utils.xla_cpu import prefer_ynn_dots
 
@@ -109,7 +110,8 @@ def ours(model: Decoder, variables: dict, prompts: list[list[int]]) -> dict:
 
 def csb_tokens_per_s(model: Decoder, variables: dict, prompts: list[list[int]]) -> float:
   """Engine decode tok/s, sequence-wise batching, no exit: median of --repeats after a warm-up pass."""
-  engine = Engine(model, variables, EngineConfig(slots=_SLOTS.value, max_len=256, depthwise=False,
+  max_len = bucket(_PROMPT_LEN.value + _NEW_TOKENS.value)  # generate()'s cache length for these requests.
+  engine = Engine(model, variables, EngineConfig(slots=_SLOTS.value, max_len=max_len, depthwise=False,
                                                  exit=ExitConfig(threshold=1.0)))
   requests = [Request(p, _NEW_TOKENS.value) for p in prompts]
   engine.run(requests)
