@@ -32,8 +32,8 @@ pretraining stage and JSON / variable helpers this reuses; the grid's judge is e
                            slots, at the fastest threshold of --thresholds that keeps quality (>= --min_agreement of
                            the tokens of the same model's no-exit output, early-exit perplexity within
                            --max_ppl_increase of no exit): experiments/serving_benchmark.py's benchmark and rule.
-  7. speculation.json      lossless self-speculative decoding (rrt_jax.serve.speculative) of every CYCLE student at
-                           batch 1 and 4 against greedy no-exit `generate` of the same model
+  7. speculation.json      lossless self-speculative decoding (rrt_jax.serve.speculative) of every CYCLE and
+                           middle-cycle student at batch 1 and 4 against greedy no-exit `generate` of the same model
                            (experiments/speculative_bench.speculation_rows): speed, acceptance, exactness.
 Then (always, from the stage files; experiments/small_world_report.py): results.json, results.md (the table with
 quality beside every speed, the goals held / not held) and the plots pretrain_loss.png, per_loop_ppl.png,
@@ -121,8 +121,13 @@ class Student:
 
   @property
   def cycle(self) -> bool:
-    """Whether the engine and self-speculation can serve it (a CYCLE model of several loops)."""
+    """Whether the depth-wise batching engine can serve it (a CYCLE model of several loops)."""
     return self.group == 'relaxed'
+
+  @property
+  def drafts_itself(self) -> bool:
+    """Whether its first loop is a draft model for self-speculation (CYCLE or middle-cycle, several loops)."""
+    return self.group in ('relaxed', 'middle')
 
 
 def recursion(s: Settings, st: Student):
@@ -334,8 +339,9 @@ class SmallWorld:
     rows = [self.run_student(student) for student in students(s, self.cfg)]
     served = [r for r in rows if r['cycle']]
     serving = st.run('serving', st.path('serving.json'), self.serving_inputs(served), lambda: self.serve(served))
-    spec = st.run('self-speculation', st.path('speculation.json'), self.speculation_inputs(served),
-                  lambda: self.speculate(served))
+    drafting = [r for r in rows if Student(**r['spec']).drafts_itself]
+    spec = st.run('self-speculation', st.path('speculation.json'), self.speculation_inputs(drafting),
+                  lambda: self.speculate(drafting))
     return {'tokenizer': tok, 'pretrain': pre, 'teacher': teacher_eval, 'rows': rows, 'serving': serving,
             'speculation': spec}
 
@@ -441,21 +447,21 @@ class SmallWorld:
     return {'rows': rows, 'selection': {n: {k: v for k, v in x.items() if k != 'row'} for n, x in selection.items()},
             'markdown': sb.selection_markdown(selection)}
 
-  def speculation_inputs(self, served: list[dict]) -> dict:
+  def speculation_inputs(self, drafting: list[dict]) -> dict:
     s = self.s
-    return {'pretrain': self.pretrain_inputs(), 'models': [r['model'] for r in served], 'seed': s.serve_seed,
+    return {'pretrain': self.pretrain_inputs(), 'models': [r['model'] for r in drafting], 'seed': s.serve_seed,
             'uptrain_steps': s.uptrain_steps, **self.exit_inputs(), 'batches': s.spec_batches,
             'draft_lens': s.spec_draft_lens,
             'new_tokens': s.spec_new_tokens, 'prompt_len': s.serve_prompt_len, 'repeats': s.spec_repeats}
 
-  def speculate(self, served: list[dict]) -> dict:
+  def speculate(self, drafting: list[dict]) -> dict:
     from experiments.speculative_bench import speculation_rows
     s = self.s
     ids = self.heldout_ids('austen')
     starts = np.random.default_rng(1).integers(0, len(ids) - s.serve_prompt_len, max(s.spec_batches))
     prompts = [ids[i:i + s.serve_prompt_len] for i in starts]
     out = {}
-    for r in served:
+    for r in drafting:
       model, variables = self.student_model(r, s.serve_seed)
       out[r['model']] = speculation_rows(model, variables, prompts, s.spec_new_tokens, s.spec_batches, (1,),
                                          s.spec_draft_lens, s.spec_repeats)
