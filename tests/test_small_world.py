@@ -126,7 +126,8 @@ def test_tiny_study_end_to_end_then_a_rerun_skips_every_stage(tmp_path):
       assert all(math.isfinite(m) and 1 < m < 3 * 320 for m in mean) and all(d >= 0 for d in std)
   served = [r['model'] for r in results['rows'] if r['group'] == 'relaxed']
   assert set(results['serving']['selection']) == {'vanilla (teacher)', *served}
-  assert set(results['speculation']['models']) == set(served)
+  drafting = [r['model'] for r in results['rows'] if r['group'] in ('relaxed', 'middle')]  # Loop 1 drafts.
+  assert set(results['speculation']['models']) == set(drafting) and len(drafting) == 3
   for rows in results['speculation']['models'].values():
     assert rows and all(r['exact'] for r in rows)  # Lossless: every decode reproduced generate's tokens.
     assert {r['batch'] for r in rows} == {1, 2}
