@@ -433,14 +433,16 @@ class Decoder(nn.Module):
     if not self.rec.unique_layers:
       return h_BxSxD, cache
     mask = cache_mask(positions_BxS, cache_length(cache))
-    if isinstance(cache[CODA]['k'], tuple):  # `per_layer_cache`: the exit's own buffers, put back as written.
+    per_layer = isinstance(cache[CODA]['k'], tuple)  # `per_layer_cache`: the exit's own buffers, put back.
+    if per_layer:
       slot = {name: cache[CODA][name][exit_index] for name in ('k', 'v')}
-      h, slot = self.coda(h_BxSxD[None], slot, positions_BxS, mask, self._kinds(CODA))
-      coda = {name: _replaced(cache[CODA][name], exit_index, slot[name]) for name in ('k', 'v')}
-      return h[0], {**cache, CODA: coda}
-    slot = jax.tree.map(lambda x: x[exit_index:exit_index + 1], cache[CODA])
+    else:
+      slot = jax.tree.map(lambda x: x[exit_index:exit_index + 1], cache[CODA])
     h, slot = self.coda(h_BxSxD[None], slot, positions_BxS, mask, self._kinds(CODA))
-    coda = jax.tree.map(lambda full, new: full.at[exit_index].set(new[0]), cache[CODA], slot)
+    if per_layer:
+      coda = {name: _replaced(cache[CODA][name], exit_index, slot[name]) for name in ('k', 'v')}
+    else:
+      coda = jax.tree.map(lambda full, new: full.at[exit_index].set(new[0]), cache[CODA], slot)
     return h[0], {**cache, CODA: coda}
 
   def decode_stack(self, h_BxSxD: jax.Array, positions_BxS: jax.Array, cache: KVCache,
